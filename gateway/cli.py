@@ -1,0 +1,85 @@
+"""`rerank-gateway`: serve, check, plan."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gateway.config import RegistryError, cuda_device_name, detect_gpu_type, effective, load_registry
+
+DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
+
+
+def _registry_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", default=str(DEFAULT_REGISTRY), help="registry YAML (default: %(default)s)")
+
+
+def _load(path: str):
+    try:
+        return load_registry(path)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = _load(args.registry)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not registry.tenants:
+        logging.getLogger("rerank_gateway").warning(
+            "serving on %s with no tenants configured: anyone who can reach this address can use it", args.host
+        )
+    app = create_app(registry)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    registry = _load(args.registry)
+    print(f"ok: {args.registry}: {len(registry.models)} models, default {registry.default_model!r}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    registry = _load(args.registry)
+    device_name = cuda_device_name()
+    gpu_type = args.gpu or detect_gpu_type(registry, device_name)
+    print(f"device: {device_name or 'no GPU'} -> profile key {gpu_type!r}")
+    print(f"{'model':28} {'backend':9} {'load':6} {'profile':10} {'device':6} {'dtype':9} {'max_len':>7} {'batch_tok':>9} {'budget_gb':>9}")
+    for model_id, spec in registry.models.items():
+        eff = effective(spec, gpu_type)
+        budget = "-" if eff.memory_budget_gb is None else f"{eff.memory_budget_gb:g}"
+        print(
+            f"{model_id:28} {spec.backend:9} {spec.load:6} {eff.profile:10} {eff.device:6} {eff.dtype:9} "
+            f"{eff.max_length:>7} {eff.max_batch_tokens:>9} {budget:>9}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rerank-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP gateway")
+    _registry_arg(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check", help="validate a registry; exit non-zero on errors")
+    _registry_arg(check)
+    check.set_defaults(func=cmd_check)
+    plan = sub.add_parser("plan", help="show the detected GPU type and each model's profile")
+    _registry_arg(plan)
+    plan.add_argument("--gpu", help="plan for this GPU type key instead of the detected one")
+    plan.set_defaults(func=cmd_plan)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

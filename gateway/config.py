@@ -1,0 +1,258 @@
+"""The registry: one YAML file, validated into typed structs. The single source of truth for its schema.
+
+Everything the gateway serves is configuration as data: models with per-GPU-type profiles, the GPU types
+themselves, server limits, tenants and routes. A bad file is refused whole, with the key path of the
+first offending value.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+BackendKind = Literal["embedding", "flag", "gte", "qwen3"]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Registry structs refuse unknown keys: a typo in YAML must not be silently ignored."""
+
+
+class Profile(_Strict):
+    """Per-GPU-type overrides of a model's serving limits. Unset fields fall back to the model's own."""
+
+    memory_budget_gb: float | None = None
+    max_batch_tokens: int | None = None
+    max_batch_size: int | None = None
+    max_length: int | None = None
+    dtype: Dtype | None = None
+
+
+class ModelSpec(_Strict):
+    backend: BackendKind
+    source: str
+    aliases: list[str] = []
+    max_length: int = 512
+    dtype: Dtype = "auto"
+    load: Literal["eager", "lazy", "off"] = "eager"
+    trust_remote_code: bool = False
+    # Qwen3-style rerankers: the instruction used when a request gives none.
+    instruction: str | None = None
+    # Defaults for the serving limits; a profile overrides them per GPU type.
+    memory_budget_gb: float | None = None
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 256
+    # "cpu" pins a model to the CPU even when a GPU is present.
+    device: Literal["auto", "cpu"] = "auto"
+    # Measured footprints used by `rerank-gateway plan` before anything is loaded.
+    weights_gb: float | None = None
+    activation_kb_per_token: float | None = None
+    profiles: dict[str, Profile] = {}
+
+
+class GpuType(_Strict):
+    match: str  # regular expression searched in torch.cuda.get_device_name()
+    memory_gb: float
+    bf16: bool = True
+    # Dense fp16/bf16 tensor-core peak, for the benchmark's utilisation figure.
+    peak_tflops: float | None = None
+
+
+class ServerSettings(_Strict):
+    max_documents: int = 10_000
+    max_body_bytes: int = 64 * 1024 * 1024
+    request_timeout_s: float = 60.0
+    # Backpressure, per model: queued pairs and tokens past which new requests get 429.
+    max_queue_pairs: int = 50_000
+    max_queue_tokens: int = 8_000_000
+    # Cohere truncates queries at 2,048 tokens; we do the same before model-specific limits.
+    max_query_tokens: int = 2048
+
+
+class Tenant(_Strict):
+    api_key_sha256: str | list[str]
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    requests_per_minute: int | None = None
+    search_units_per_day: int | None = None
+    max_concurrent_requests: int | None = None
+    priority: float = 1.0
+
+
+class LimitsConfig(_Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    # What to do when the shared store cannot be reached: keep serving (open) or refuse (closed).
+    on_failure: Literal["open", "closed"] = "open"
+
+
+class UsageConfig(_Strict):
+    path: str = "usage.sqlite3"
+
+
+class Shadow(_Strict):
+    model: str
+    percent: float = 100.0
+
+
+class Route(_Strict):
+    split: dict[str, float]
+    sticky: Literal["tenant", "user", "none"] = "none"
+    fallback: list[str] = []
+    shadow: Shadow | None = None
+
+
+class Registry(_Strict):
+    default_model: str
+    models: dict[str, ModelSpec]
+    gpu_types: dict[str, GpuType] = {}
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    admin_api_key_sha256: str | list[str] | None = None
+    tenants: dict[str, Tenant] = {}
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
+    routes: dict[str, Route] = {}
+
+
+class RegistryError(ValueError):
+    """A registry that cannot be used. The message names the file and the key path."""
+
+
+def parse_registry(data: Any, origin: str = "registry") -> Registry:
+    try:
+        registry = msgspec.convert(data, Registry)
+    except msgspec.ValidationError as exc:
+        raise RegistryError(f"{origin}: {_key_path_message(str(exc))}") from None
+    problems = _semantic_problems(registry)
+    if problems:
+        raise RegistryError(f"{origin}: " + "; ".join(problems))
+    return registry
+
+
+def load_registry(path: str | Path) -> Registry:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML: {exc}") from None
+    registry = parse_registry(data, str(path))
+    return registry
+
+
+def _key_path_message(message: str) -> str:
+    # msgspec says "... - at `$.models.minilm.backend`"; lead with the path, which is what a user looks for.
+    match = re.search(r" - at `\$(.*)`$", message)
+    if not match:
+        return message
+    path = match.group(1).lstrip(".") or "<root>"
+    path = re.sub(r"\[(\d+)\]", r"[\1]", path)
+    return f"{path}: {message[: match.start()]}"
+
+
+def _semantic_problems(reg: Registry) -> list[str]:
+    problems: list[str] = []
+    names: dict[str, str] = {}
+    for model_id, spec in reg.models.items():
+        for name in [model_id, *spec.aliases]:
+            if name in names and names[name] != model_id:
+                problems.append(f"models.{model_id}.aliases: {name!r} is already a name of model {names[name]!r}")
+            names[name] = model_id
+        for key in spec.profiles:
+            if key != "cpu" and key not in reg.gpu_types:
+                problems.append(f"models.{model_id}.profiles.{key}: not 'cpu' and not a key of gpu_types")
+        if spec.max_length < 8:
+            problems.append(f"models.{model_id}.max_length: must be at least 8")
+    for route_name, route in reg.routes.items():
+        if route_name in names:
+            problems.append(f"routes.{route_name}: the name is already a model id or alias")
+        if not route.split:
+            problems.append(f"routes.{route_name}.split: needs at least one model")
+        for target in [*route.split, *route.fallback, *([route.shadow.model] if route.shadow else [])]:
+            if target not in names:
+                problems.append(f"routes.{route_name}: unknown model {target!r}")
+        if any(w < 0 for w in route.split.values()) or sum(route.split.values()) <= 0:
+            problems.append(f"routes.{route_name}.split: weights must be >= 0 with a positive sum")
+    if reg.default_model not in names and reg.default_model not in reg.routes:
+        problems.append(f"default_model: {reg.default_model!r} is not a model id, alias or route")
+    for name, gpu in reg.gpu_types.items():
+        try:
+            re.compile(gpu.match)
+        except re.error as exc:
+            problems.append(f"gpu_types.{name}.match: not a regular expression: {exc}")
+    for tenant_name, tenant in reg.tenants.items():
+        hashes = [tenant.api_key_sha256] if isinstance(tenant.api_key_sha256, str) else tenant.api_key_sha256
+        for h in hashes:
+            if not re.fullmatch(r"[0-9a-f]{64}", h):
+                problems.append(f"tenants.{tenant_name}.api_key_sha256: not a lowercase hex sha256")
+        for m in tenant.models:
+            if m != "*" and m not in names and m not in reg.routes:
+                problems.append(f"tenants.{tenant_name}.models: unknown model {m!r}")
+    if reg.limits.backend == "redis" and not reg.limits.url:
+        problems.append("limits.url: required when limits.backend is redis")
+    return problems
+
+
+# --- profile selection -------------------------------------------------------------------------------
+
+
+class Effective(msgspec.Struct, frozen=True, kw_only=True):
+    """A model's limits after its profile for this machine is applied: what the engine runs with."""
+
+    profile: str
+    device: str  # "cpu" or "cuda"
+    dtype: Dtype
+    max_length: int
+    max_batch_tokens: int
+    max_batch_size: int
+    memory_budget_gb: float | None
+
+
+def detect_gpu_type(reg: Registry, device_name: str | None) -> str:
+    """The profile key for a device name; "cpu" when there is no GPU, the longest matching key otherwise."""
+    if device_name is None:
+        return "cpu"
+    hits = [(len(gpu.match), key) for key, gpu in reg.gpu_types.items() if re.search(gpu.match, device_name)]
+    return max(hits)[1] if hits else "unknown-gpu"
+
+
+def cuda_device_name() -> str | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - a broken CUDA install means "no GPU" to the planner
+        return None
+    return None
+
+
+def effective(spec: ModelSpec, gpu_type: str) -> Effective:
+    device = "cpu" if gpu_type == "cpu" or spec.device == "cpu" else "cuda"
+    key = "cpu" if device == "cpu" else gpu_type
+    chosen = spec.profiles.get(key)
+    profile = chosen or Profile()
+    dtype = profile.dtype or spec.dtype
+    return Effective(
+        profile=key if chosen else "default",
+        device=device,
+        dtype=dtype,
+        max_length=profile.max_length or spec.max_length,
+        max_batch_tokens=profile.max_batch_tokens or spec.max_batch_tokens,
+        max_batch_size=profile.max_batch_size or spec.max_batch_size,
+        memory_budget_gb=profile.memory_budget_gb if profile.memory_budget_gb is not None else spec.memory_budget_gb,
+    )
+
+
+def name_index(reg: Registry) -> dict[str, str]:
+    """Every name a request may use for a model (ids and aliases) -> model id."""
+    out: dict[str, str] = {}
+    for model_id, spec in reg.models.items():
+        out[model_id] = model_id
+        for alias in spec.aliases:
+            out[alias] = model_id
+    return out

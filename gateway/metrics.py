@@ -1,0 +1,52 @@
+"""Prometheus metrics. One CollectorRegistry per app, so several apps (tests, replicas in one process)
+never share or clash."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("rerank_requests", "Rerank requests by model, status and tenant", ["model", "status", "tenant"], registry=r)
+        self.request_seconds = Histogram("rerank_request_seconds", "End-to-end request latency", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("rerank_queue_seconds", "Time from queueing to the first batch", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokenize_seconds = Histogram("rerank_tokenize_seconds", "Tokenization time per request", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("rerank_inference_seconds", "Forward time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_pairs = Histogram("rerank_batch_pairs", "Pairs per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.batch_tokens = Histogram("rerank_batch_padded_tokens", "Padded tokens per batch", ["model"], buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=r)
+        self.real_tokens = Counter("rerank_real_tokens", "Real (unpadded) tokens run through the model", ["model"], registry=r)
+        self.padded_tokens = Counter("rerank_padded_tokens", "Padded tokens run through the model", ["model"], registry=r)
+        self.padding_efficiency = Gauge("rerank_padding_efficiency", "Real / padded tokens over the model's lifetime", ["model"], registry=r)
+        self.queue_pairs = Gauge("rerank_queue_pairs", "Pairs waiting", ["model"], registry=r)
+        self.queue_tokens = Gauge("rerank_queue_tokens", "Tokens waiting", ["model"], registry=r)
+        self.oom_recoveries = Counter("rerank_oom_recoveries", "Batches split after an out-of-memory error", ["model"], registry=r)
+        self.cancelled = Counter("rerank_cancelled_requests", "Requests whose queued work was dropped (timeout, disconnect)", ["model"], registry=r)
+        self.device_memory = Gauge("rerank_device_memory_bytes", "Device memory allocated by torch", ["device"], registry=r)
+        self.search_units = Counter("rerank_search_units", "Search units served", ["model", "tenant"], registry=r)
+        self._real: dict[str, float] = {}
+        self._padded: dict[str, float] = {}
+
+    def observe_batch(self, model: str, pairs: int, real: int, padded: int, seconds: float) -> None:
+        self.inference_seconds.labels(model).observe(seconds)
+        self.batch_pairs.labels(model).observe(pairs)
+        self.batch_tokens.labels(model).observe(padded)
+        self.real_tokens.labels(model).inc(real)
+        self.padded_tokens.labels(model).inc(padded)
+        self._real[model] = self._real.get(model, 0) + real
+        self._padded[model] = self._padded.get(model, 0) + padded
+        self.padding_efficiency.labels(model).set(self._real[model] / max(self._padded[model], 1))
+
+    def render(self) -> bytes:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                for i in range(torch.cuda.device_count()):
+                    self.device_memory.labels(f"cuda:{i}").set(torch.cuda.memory_allocated(i))
+        except Exception:  # noqa: BLE001 - metrics must render even with a broken CUDA runtime
+            pass
+        return generate_latest(self.registry)

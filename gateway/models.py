@@ -1,0 +1,173 @@
+"""The model pool: which models exist, their state, and the scheduler of each loaded one.
+
+Loading happens off the event loop, so /health answers while weights load and /ready tells the truth. A
+model that cannot load (no GPU for a GPU-only model, no network for a hub id, a budget that cannot hold
+its batch) is marked unavailable with the reason; the others still serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from backends import backend_class
+from backends.engine import Scheduler
+from gateway.config import Effective, ModelSpec, Registry, effective
+from gateway.errors import ModelUnavailable
+from gateway.metrics import Metrics
+
+log = logging.getLogger("rerank_gateway")
+
+State = Literal["ready", "loading", "unavailable", "not_loaded", "off"]
+GB = 1024**3
+
+
+class BudgetError(RuntimeError):
+    pass
+
+
+@dataclass
+class ModelEntry:
+    model_id: str
+    spec: ModelSpec
+    eff: Effective
+    state: State = "not_loaded"
+    reason: str | None = None
+    scheduler: Scheduler | None = None
+    weights_bytes: int = 0
+    warmup: dict | None = None
+    load_seconds: float = 0.0
+    _loading: asyncio.Future | None = None
+
+    def describe(self) -> dict:
+        out = {
+            "id": self.model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "rerank-gateway",
+            "backend": self.spec.backend,
+            "aliases": self.spec.aliases,
+            "profile": self.eff.profile,
+            "device": self.eff.device,
+            "dtype": str(self.scheduler.backend.dtype).removeprefix("torch.") if self.scheduler else self.eff.dtype,
+            "max_length": self.eff.max_length,
+            "max_batch_tokens": self.eff.max_batch_tokens,
+            "state": self.state,
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+class ModelPool:
+    def __init__(self, registry: Registry, gpu_type: str, metrics: Metrics) -> None:
+        self.registry = registry
+        self.gpu_type = gpu_type
+        self.metrics = metrics
+        self.entries: dict[str, ModelEntry] = {}
+        for model_id, spec in registry.models.items():
+            entry = ModelEntry(model_id, spec, effective(spec, gpu_type))
+            if spec.load == "off":
+                entry.state, entry.reason = "off", "load: off in the registry"
+            self.entries[model_id] = entry
+        self._startup: asyncio.Task | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin loading eager models in the background (one at a time: peak host memory stays low)."""
+        eager = [e for e in self.entries.values() if e.spec.load == "eager"]
+        for e in eager:
+            e.state = "loading"
+
+        async def load_all() -> None:
+            for i, entry in enumerate(eager, 1):
+                log.info("loading model %s (%d/%d) from %s", entry.model_id, i, len(eager), entry.spec.source)
+                await self.ensure_loaded(entry)
+
+        self._startup = asyncio.get_running_loop().create_task(load_all())
+
+    async def wait_started(self) -> None:
+        if self._startup is not None:
+            await self._startup
+
+    @property
+    def ready(self) -> bool:
+        return all(e.state == "ready" for e in self.entries.values() if e.spec.load == "eager")
+
+    def close(self) -> None:
+        if self._startup is not None:
+            self._startup.cancel()
+        for entry in self.entries.values():
+            if entry.scheduler is not None:
+                entry.scheduler.close()
+                entry.scheduler = None
+
+    # -- access -----------------------------------------------------------------------------------------
+    async def scheduler(self, model_id: str) -> Scheduler:
+        """The scheduler of a model, loading it first if it is lazy. Raises ModelUnavailable."""
+        entry = self.entries[model_id]
+        if entry.state == "not_loaded":
+            entry.state = "loading"
+        if entry.state == "loading":
+            await self.ensure_loaded(entry)
+        if entry.state != "ready" or entry.scheduler is None:
+            raise ModelUnavailable(f"model {model_id!r} is {entry.state}: {entry.reason or 'not loaded'}")
+        return entry.scheduler
+
+    async def ensure_loaded(self, entry: ModelEntry) -> None:
+        if entry._loading is None:
+            entry._loading = asyncio.get_running_loop().run_in_executor(None, self._load, entry)
+        await asyncio.shield(entry._loading)
+
+    def _load(self, entry: ModelEntry) -> None:
+        start = time.perf_counter()
+        entry.state = "loading"
+        try:
+            backend = backend_class(entry.spec.backend)(entry.model_id, entry.spec, entry.eff)
+            if backend.device.type == "cuda":
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise RuntimeError("the profile needs a CUDA GPU and none is available")
+            backend.load()
+            entry.weights_bytes = backend.weights_bytes()
+            scheduler = Scheduler(
+                backend,
+                max_batch_tokens=entry.eff.max_batch_tokens,
+                max_batch_size=entry.eff.max_batch_size,
+                max_queue_pairs=self.registry.server.max_queue_pairs,
+                max_queue_tokens=self.registry.server.max_queue_tokens,
+                metrics=self.metrics,
+            )
+            try:
+                entry.warmup = scheduler.warmup(entry.eff.max_length)
+                self._check_budget(entry)
+            except BaseException:
+                scheduler.close()
+                raise
+            entry.scheduler = scheduler
+            entry.state, entry.reason = "ready", None
+            entry.load_seconds = time.perf_counter() - start
+            log.info(
+                "model %s ready in %.1f s (%s, %s, %.2f GB weights)",
+                entry.model_id, entry.load_seconds, backend.device, backend.dtype, entry.weights_bytes / GB,
+            )
+        except Exception as exc:  # noqa: BLE001 - any load failure makes this one model unavailable
+            entry.state, entry.reason = "unavailable", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            log.warning("model %s unavailable: %s", entry.model_id, entry.reason)
+
+    def _check_budget(self, entry: ModelEntry) -> None:
+        budget = entry.eff.memory_budget_gb
+        if budget is None or entry.eff.device != "cuda" or entry.warmup is None:
+            return
+        need = entry.weights_bytes + entry.warmup["activation_bytes"]
+        if need > budget * GB:
+            raise BudgetError(
+                f"model {entry.model_id}: weights {entry.weights_bytes / GB:.2f} GB + one batch of "
+                f"{entry.eff.max_batch_tokens} tokens {entry.warmup['activation_bytes'] / GB:.2f} GB = "
+                f"{need / GB:.2f} GB exceeds its memory_budget_gb {budget:g} (profile {entry.eff.profile}); "
+                f"lower max_batch_tokens or raise the budget"
+            )

@@ -1,0 +1,1 @@
+"""One module per API dialect, each mapping its wire format onto gateway.types."""

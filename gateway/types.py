@@ -1,0 +1,37 @@
+"""The internal request and result types. Every API dialect maps onto these at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class RerankRequest:
+    query: str
+    texts: list[str]  # what is ranked, one per document, already extracted from objects / rank_fields
+    model: str | None = None
+    top_n: int | None = None
+    raw_scores: bool = False
+    max_tokens_per_doc: int | None = None
+    max_chunks_per_doc: int | None = None
+    priority: int = 0
+    instruction: str | None = None
+    user: str | None = None
+
+
+@dataclass(slots=True)
+class RerankResult:
+    model: str  # the model id that answered
+    indices: list[int]  # document positions in the request, best first
+    scores: list[float]
+    total_tokens: int
+    scored_units: int  # documents, counting each chunk of a chunked document
+    queue_s: float = 0.0
+    tokenize_s: float = 0.0
+    inference_s: float = 0.0
+    route: str | None = None
+
+
+def search_units(scored_units: int) -> int:
+    """Cohere's billing unit: one query with up to 100 documents (chunks counted)."""
+    return max(1, -(-scored_units // 100))
