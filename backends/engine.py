@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from backends.base import Backend, Encoded, Prepared
-from gateway.errors import InferenceFailed, Timeout, TooManyRequests
+from gateway.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
 
 log = logging.getLogger("rerank_gateway.engine")
 
@@ -116,7 +116,7 @@ class FairQueue:
             pos -= 1
         tq.works.insert(pos, work)
         self.pairs += work.n_items
-        self.tokens += work.prepared.tokens
+        self.tokens += sum(len(item.input_ids) for item in work.prepared.items)
 
     def _min_vtime(self) -> float:
         active = [tq.vtime for tq in self.tenants.values() if tq.works]
@@ -258,7 +258,7 @@ class Scheduler:
             if waiter in done:
                 return waiter.result()
             if disconnected in done:
-                raise asyncio.CancelledError("client disconnected")
+                raise ClientClosedRequest(f"client disconnected; its pairs for model {self.name!r} were dropped")
             raise TimeoutError
         except TimeoutError:
             self.cancel(work)

@@ -62,6 +62,12 @@ class InferenceFailed(GatewayError):
     status_code = 503
 
 
+class ClientClosedRequest(GatewayError):
+    """The client went away; nobody reads this answer (nginx's 499), it only labels logs and metrics."""
+
+    status_code = 499
+
+
 class Timeout(GatewayError):
     status_code = 504
 
