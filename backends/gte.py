@@ -122,7 +122,12 @@ class GteBackend(Backend):
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         else:
             config = load_gte_config(path)
-            model = GteForSequenceClassification.from_pretrained(path, config=config, dtype=self.dtype)
+            model, info = GteForSequenceClassification.from_pretrained(
+                path, config=config, dtype=self.dtype, output_loading_info=True
+            )
+            # A tensor the conversion table did not map would stay randomly initialised: refuse.
+            if info.get("missing_keys"):
+                raise RuntimeError(f"checkpoint lacks weights: {sorted(info['missing_keys'])[:5]}")
             # Passing the config keeps AutoTokenizer from reading config.json, whose auto_map would ask
             # for the remote code.
             self.tokenizer = AutoTokenizer.from_pretrained(path, config=config)

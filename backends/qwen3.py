@@ -89,14 +89,17 @@ class Qwen3Backend(Backend):
         tok = self.tokenizer
         instruction = instruction or self.spec.instruction or DEFAULT_INSTRUCTION
         budget = max(1, max_length - len(self.prefix_ids) - len(self.suffix_ids))
-        q_ids = tok(cut_text(query, budget), add_special_tokens=False)["input_ids"]
+        # split_special_tokens: "<|im_end|>" inside user text stays plain text, so a document cannot close
+        # the user turn and answer "yes" for the model.
+        text_kw = {"add_special_tokens": False, "split_special_tokens": True}
+        q_ids = tok(cut_text(query, budget), **text_kw)["input_ids"]
         if len(q_ids) > budget * 3 // 4:
             query = tok.decode(q_ids[: budget * 3 // 4])
         items: list[Encoded] = []
         doc_index: list[int] = []
         if max_chunks <= 1:
             texts = [pair_text(instruction, query, cut_text(d, budget)) for d in documents]
-            enc = tok(texts, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
+            enc = tok(texts, truncation=True, max_length=budget, **text_kw)["input_ids"]
             for k, middle in enumerate(enc):
                 items.append(Encoded(self.prefix_ids + middle + self.suffix_ids))
                 doc_index.append(k)
@@ -104,9 +107,9 @@ class Qwen3Backend(Backend):
             # Chunks: the instruction and query head every window of the document. The head ends at
             # "<Document>:" and each document starts with its space, which is where the byte-level
             # pre-tokenizer splits anyway, so a one-chunk document tokenizes as the whole text would.
-            head = tok(pair_text(instruction, query, "")[:-1], add_special_tokens=False)["input_ids"]
+            head = tok(pair_text(instruction, query, "")[:-1], **text_kw)["input_ids"]
             window = max(1, budget - len(head))
-            docs = tok([" " + cut_text(d, window * max_chunks) for d in documents], add_special_tokens=False)["input_ids"]
+            docs = tok([" " + cut_text(d, window * max_chunks) for d in documents], **text_kw)["input_ids"]
             for k, ids in enumerate(docs):
                 for start in range(0, max(len(ids), 1), window)[:max_chunks]:
                     items.append(Encoded(self.prefix_ids + head + ids[start : start + window] + self.suffix_ids))
