@@ -122,6 +122,15 @@ def test_flag_float32_equals_flagreranker(client, flag_reranker):
     assert ranking(got.tolist()) == ranking(expected.tolist())
 
 
+def test_flag_long_query_is_cut_as_flagreranker_cuts_it(client, flag_reranker):
+    """A query past 3/4 of max_length is cut to that many tokens before pairing, as FlagReranker does."""
+    query = " ".join(tm.sentences(6, seed=17, min_words=12, max_words=12))
+    docs = documents(8, seed=19)
+    expected = sigmoid(flag_reranker.compute_score([[query, d] for d in docs]))
+    got = torch.tensor(rerank(client, "flag", query, docs), dtype=torch.float64)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
 def test_flag_bfloat16_stays_close_to_flagreranker(client, flag_reranker):
     # Documents whose reference scores are at least 0.025 apart: a random model's scores cluster, and
     # a top-3 decided by 0.0005 is not defined at bfloat16 precision (~0.01 here).
