@@ -11,7 +11,16 @@ activation_kb_per_token.
     python bench/gpu_models.py --tiny          # CPU smoke test with the test suite's tiny models
 
 JSON goes to $OUT/gpu_models.json when OUT is set (or --json PATH). Exits 1 if Qwen3 nf4 at 16,384
-tokens peaks at 6 GB or more. Imports torch, transformers, bitsandbytes and this repository only.
+tokens peaks at 6 GB or more. Imports torch, transformers, bitsandbytes and this repository only; but
+backends.engine imports gateway.errors, which imports litestar. A GPU machine without them can be given
+the wheels (about 57 MB, fetched here for its Python, e.g. 3.12):
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform any -d wheels \
+        transformers==5.23.0 bitsandbytes==0.50.2 msgspec litestar litestar-htmx multipart polyfactory \
+        faker rich-click sniffio
+    # there: pip install --no-deps --no-index --target /tmp/site wheels/*.whl
+    #        PYTHONPATH=/tmp/site:. python bench/gpu_models.py
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 # Weight quantization: "nf4" is bitsandbytes 4-bit NormalFloat with double quantization; compute runs in `dtype`.
 Quantization = Literal["none", "nf4"]
 BackendKind = Literal["embedding", "flag", "gte", "qwen3"]
+# Backends that load weights through bitsandbytes when asked for `quantization: nf4`.
+QUANTIZABLE_BACKENDS = ("qwen3",)
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -172,6 +174,9 @@ def _semantic_problems(reg: Registry) -> list[str]:
                 problems.append(f"models.{model_id}.profiles.{key}: not 'cpu' and not a key of gpu_types")
             elif key != "cpu" and (profile.dtype or spec.dtype) == "bfloat16" and not reg.gpu_types[key].bf16:
                 problems.append(f"models.{model_id}.profiles.{key}.dtype: bfloat16 on a GPU type without bf16")
+        quantized = [spec.quantization, *(p.quantization for p in spec.profiles.values())]
+        if "nf4" in quantized and spec.backend not in QUANTIZABLE_BACKENDS:
+            problems.append(f"models.{model_id}.quantization: nf4 is supported by the {', '.join(QUANTIZABLE_BACKENDS)} backend only")
         if spec.max_length < 8:
             problems.append(f"models.{model_id}.max_length: must be at least 8")
     for route_name, route in reg.routes.items():

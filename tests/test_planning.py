@@ -117,3 +117,10 @@ def test_lazy_hub_models_are_unavailable_with_the_reason_not_a_crash():
         for model_id in HUB_MODELS:
             assert states[model_id]["state"] == "unavailable" and states[model_id]["reason"]
         assert client.get("/health").status_code == 200
+
+
+def test_nf4_on_a_backend_that_cannot_quantize_is_refused():
+    data = yaml.safe_load(SHIPPED.read_text())
+    data["models"]["bge-reranker-large"]["profiles"]["T4"]["quantization"] = "nf4"
+    with pytest.raises(RegistryError, match=r"bge-reranker-large\.quantization"):
+        parse_registry(data)
