@@ -18,6 +18,7 @@ from gateway.config import parse_registry
 from tests import tiny_models as tm
 
 QUERY = "kalo mira river energy"
+RIVERS = "Judge passages about rivers"
 MAX_BATCH_TOKENS = 2048
 
 
@@ -63,6 +64,7 @@ def client(xlmr_dir, gte_dir, gte_original_dir, qwen3_dir):
                 "gte-original": _model("gte", gte_original_dir, max_length=2048, dtype="float32"),
                 "qwen3": _model("qwen3", qwen3_dir, max_length=128, dtype="float32"),
                 "qwen3-nf4": _model("qwen3", qwen3_dir, max_length=128, dtype="float32", quantization="nf4"),
+                "qwen3-rivers": _model("qwen3", qwen3_dir, max_length=128, dtype="float32", instruction=RIVERS),
             },
         }
     )
@@ -291,12 +293,16 @@ def test_qwen3_equals_the_official_formula(client, qwen3_dir):
 
 def test_qwen3_per_request_instruction(client, qwen3_dir):
     docs = documents(10, seed=43)
-    instruction = "Judge passages about rivers"
-    got = torch.tensor(rerank(client, "qwen3", QUERY, docs, instruction=instruction), dtype=torch.float64)
-    expected = official_qwen3_scores(qwen3_dir, QUERY, docs, instruction=instruction, max_length=128)
+    got = torch.tensor(rerank(client, "qwen3", QUERY, docs, instruction=RIVERS), dtype=torch.float64)
+    expected = official_qwen3_scores(qwen3_dir, QUERY, docs, instruction=RIVERS, max_length=128)
     assert (got - expected).abs().max().item() <= 1e-5
     default = torch.tensor(rerank(client, "qwen3", QUERY, docs), dtype=torch.float64)
     assert (got - default).abs().max().item() > 1e-4
+    # The registry's instruction is the model's default; a request's own still wins.
+    registry_default = torch.tensor(rerank(client, "qwen3-rivers", QUERY, docs), dtype=torch.float64)
+    assert (registry_default - expected).abs().max().item() <= 1e-5
+    overridden = torch.tensor(rerank(client, "qwen3-rivers", QUERY, docs, instruction="Find music"), dtype=torch.float64)
+    assert (overridden - registry_default).abs().max().item() > 1e-4
 
 
 def test_qwen3_nf4_is_4bit_and_keeps_the_ranking(client):
