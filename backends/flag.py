@@ -1,5 +1,12 @@
-"""`flag`: Hugging Face sequence-classification cross-encoders (bge-reranker-large and friends), loaded
-through FlagEmbedding's FlagReranker so a model dir that works there works here."""
+"""`flag`: Hugging Face sequence-classification cross-encoders (bge-reranker-large and friends), scored as
+FlagEmbedding's FlagReranker scores them.
+
+FlagReranker's own loading is AutoTokenizer + AutoModelForSequenceClassification on the model path; its
+tokenization is the pair format with only the document truncated after the query is cut to 3/4 of
+max_length (backends.base.pair_items). We do the same steps directly rather than import FlagEmbedding at
+serve time: that would pull datasets, peft and pandas into the server, and load the weights in float32
+before casting (twice the host memory). tests/test_backends.py holds the scores equal to FlagReranker's.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +19,14 @@ class FlagBackend(Backend):
     score_transform = "sigmoid"
 
     def load(self) -> None:
-        from FlagEmbedding import FlagReranker
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        reranker = FlagReranker(
-            resolve_source(self.spec.source),
-            use_fp16=False,
-            devices=[str(self.device)],
-            max_length=self.eff.max_length,
-            trust_remote_code=self.spec.trust_remote_code,
-        )
-        # FlagReranker only does the loading; batching, precision and placement are the engine's.
-        self.tokenizer = reranker.tokenizer
-        self.model = reranker.model.to(self.device, self.dtype).eval()
+        path = resolve_source(self.spec.source)
+        trust = self.spec.trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust, dtype=self.dtype)
+        # Batching, precision and placement are the engine's: float16 on GPUs unless the profile says otherwise.
+        self.model = model.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
         self.query_max_length = self.eff.max_length * 3 // 4
 

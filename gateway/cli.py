@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gateway.config import RegistryError, cuda_device_name, detect_gpu_type, effective, load_registry
+from gateway.config import RegistryError, cuda_device_name, detect_gpu_type, load_registry
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
 
@@ -47,19 +47,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from gateway.planning import plan, render
+
     registry = _load(args.registry)
     device_name = cuda_device_name()
     gpu_type = args.gpu or detect_gpu_type(registry, device_name)
+    if args.gpu and args.gpu != "cpu" and args.gpu not in registry.gpu_types:
+        print(f"error: --gpu {args.gpu!r}: not 'cpu' and not one of {', '.join(registry.gpu_types)}", file=sys.stderr)
+        return 2
     print(f"device: {device_name or 'no GPU'} -> profile key {gpu_type!r}")
-    print(f"{'model':28} {'backend':9} {'load':6} {'profile':10} {'device':6} {'dtype':9} {'max_len':>7} {'batch_tok':>9} {'budget_gb':>9}")
-    for model_id, spec in registry.models.items():
-        eff = effective(spec, gpu_type)
-        budget = "-" if eff.memory_budget_gb is None else f"{eff.memory_budget_gb:g}"
-        print(
-            f"{model_id:28} {spec.backend:9} {spec.load:6} {eff.profile:10} {eff.device:6} {eff.dtype:9} "
-            f"{eff.max_length:>7} {eff.max_batch_tokens:>9} {budget:>9}"
-        )
-    return 0
+    card = plan(registry, gpu_type)
+    print(render(card))
+    return 0 if card.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a registry; exit non-zero on errors")
     _registry_arg(check)
     check.set_defaults(func=cmd_check)
-    plan = sub.add_parser("plan", help="show the detected GPU type and each model's profile")
+    plan = sub.add_parser(
+        "plan", help="each model's profile and memory (weights + one full batch) on the detected or named GPU type"
+    )
     _registry_arg(plan)
-    plan.add_argument("--gpu", help="plan for this GPU type key instead of the detected one")
+    plan.add_argument("--gpu", help="plan for this GPU type key (or 'cpu') instead of the detected one; exit 1 if it does not fit")
     plan.set_defaults(func=cmd_plan)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -16,7 +16,11 @@ import msgspec
 import yaml
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+# Weight quantization: "nf4" is bitsandbytes 4-bit NormalFloat with double quantization; compute runs in `dtype`.
+Quantization = Literal["none", "nf4"]
 BackendKind = Literal["embedding", "flag", "gte", "qwen3"]
+# Backends that load weights through bitsandbytes when asked for `quantization: nf4`.
+QUANTIZABLE_BACKENDS = ("qwen3",)
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -31,6 +35,7 @@ class Profile(_Strict):
     max_batch_size: int | None = None
     max_length: int | None = None
     dtype: Dtype | None = None
+    quantization: Quantization | None = None
 
 
 class ModelSpec(_Strict):
@@ -39,6 +44,7 @@ class ModelSpec(_Strict):
     aliases: list[str] = []
     max_length: int = 512
     dtype: Dtype = "auto"
+    quantization: Quantization = "none"
     load: Literal["eager", "lazy", "off"] = "eager"
     trust_remote_code: bool = False
     # Qwen3-style rerankers: the instruction used when a request gives none.
@@ -49,7 +55,8 @@ class ModelSpec(_Strict):
     max_batch_size: int = 256
     # "cpu" pins a model to the CPU even when a GPU is present.
     device: Literal["auto", "cpu"] = "auto"
-    # Measured footprints used by `rerank-gateway plan` before anything is loaded.
+    # Footprints on a GPU at the profiles' precision, used by `rerank-gateway plan` before anything is
+    # loaded: weights (GiB) and peak activation per token of a full batch (KiB).
     weights_gb: float | None = None
     activation_kb_per_token: float | None = None
     profiles: dict[str, Profile] = {}
@@ -181,9 +188,14 @@ def _semantic_problems(reg: Registry) -> list[str]:
             if name in names and names[name] != model_id:
                 problems.append(f"models.{model_id}.aliases: {name!r} is already a name of model {names[name]!r}")
             names[name] = model_id
-        for key in spec.profiles:
+        for key, profile in spec.profiles.items():
             if key != "cpu" and key not in reg.gpu_types:
                 problems.append(f"models.{model_id}.profiles.{key}: not 'cpu' and not a key of gpu_types")
+            elif key != "cpu" and (profile.dtype or spec.dtype) == "bfloat16" and not reg.gpu_types[key].bf16:
+                problems.append(f"models.{model_id}.profiles.{key}.dtype: bfloat16 on a GPU type without bf16")
+        quantized = [spec.quantization, *(p.quantization for p in spec.profiles.values())]
+        if "nf4" in quantized and spec.backend not in QUANTIZABLE_BACKENDS:
+            problems.append(f"models.{model_id}.quantization: nf4 is supported by the {', '.join(QUANTIZABLE_BACKENDS)} backend only")
         if spec.max_length < 8:
             problems.append(f"models.{model_id}.max_length: must be at least 8")
     for route_name, route in reg.routes.items():
@@ -225,6 +237,7 @@ class Effective(msgspec.Struct, frozen=True, kw_only=True):
     profile: str
     device: str  # "cpu" or "cuda"
     dtype: Dtype
+    quantization: Quantization
     max_length: int
     max_batch_tokens: int
     max_batch_size: int
@@ -260,6 +273,7 @@ def effective(spec: ModelSpec, gpu_type: str) -> Effective:
         profile=key if chosen else "default",
         device=device,
         dtype=dtype,
+        quantization=profile.quantization or spec.quantization,
         max_length=profile.max_length or spec.max_length,
         max_batch_tokens=profile.max_batch_tokens or spec.max_batch_tokens,
         max_batch_size=profile.max_batch_size or spec.max_batch_size,

@@ -1,0 +1,233 @@
+"""Real-size memory and speed of the three GPU reranker backends, with random weights (no download).
+
+Builds bge-reranker-large's XLM-R large, gte-multilingual-reranker-base's GTE and Qwen3-Reranker-4B's
+Qwen3-4B (quantized to nf4 on load, as the registry serves it) at their real sizes with random weights,
+saves each as an ordinary checkpoint, loads it through the real backend class, and runs the engine's
+warm-up (one batch at the full token budget) through `Scheduler.warmup`. Reports weights, peak memory,
+activation memory per token and tokens/s: the figures `registry.yaml` wants as weights_gb and
+activation_kb_per_token.
+
+    python bench/gpu_models.py                 # on a GPU; markdown table on stdout
+    python bench/gpu_models.py --tiny          # CPU smoke test with the test suite's tiny models
+
+JSON goes to $OUT/gpu_models.json when OUT is set (or --json PATH). Exits 1 if Qwen3 nf4 at 16,384
+tokens peaks at 6 GB or more. Imports torch, transformers, bitsandbytes and this repository only; but
+backends.engine imports gateway.errors, which imports litestar. A GPU machine without them can be given
+the wheels (about 57 MB, fetched here for its Python, e.g. 3.12):
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform any -d wheels \
+        transformers==5.23.0 bitsandbytes==0.50.2 msgspec litestar litestar-htmx multipart polyfactory \
+        faker rich-click sniffio
+    # there: pip install --no-deps --no-index --target /tmp/site wheels/*.whl
+    #        PYTHONPATH=/tmp/site:. python bench/gpu_models.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backends import backend_class  # noqa: E402
+from backends.engine import Scheduler  # noqa: E402
+from gateway.config import ModelSpec, effective  # noqa: E402
+from tests import tiny_models  # noqa: E402  (seeded tokenizers, tiny builders)
+
+GIB = 1024**3
+QWEN3_PEAK_LIMIT_GB = 6.0
+
+
+@dataclass
+class Row:
+    model: str
+    backend: str
+    precision: str
+    length: int
+    pairs: int
+    tokens: int
+    weights_gb: float
+    peak_gb: float
+    activation_kb_per_token: float
+    tokens_per_s: float
+
+
+# --- real-size architectures (configs from shared/notes/models.md) --------------------------------------
+
+
+def build_xlmr_large(path: Path) -> Path:
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    config = XLMRobertaConfig(
+        vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=1,
+    )
+    return _save(XLMRobertaForSequenceClassification, config, torch.float16, tiny_models.xlmr_tokenizer(), path)
+
+
+def build_gte_multilingual_base(path: Path) -> Path:
+    from transformers import GteConfig, GteForSequenceClassification
+
+    head_dim = 768 // 12
+    config = GteConfig(
+        vocab_size=250048, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=8192, type_vocab_size=1, pad_token_id=1, num_labels=1,
+        rope_parameters={"rope_type": "linear", "rope_theta": 20000.0 * 8, "factor": 8.0 ** (2 / head_dim)},
+    )
+    return _save(GteForSequenceClassification, config, torch.float16, tiny_models.xlmr_tokenizer(), path)
+
+
+def build_qwen3_4b(path: Path) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tiny_models.qwen_tokenizer()
+    config = Qwen3Config(
+        vocab_size=151669, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000.0,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    # Saved in bf16; the backend quantizes to nf4 while loading, as it does the real checkpoint.
+    return _save(Qwen3ForCausalLM, config, torch.bfloat16, tokenizer, path)
+
+
+def _save(cls, config, dtype: torch.dtype, tokenizer, path: Path) -> Path:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    del model
+    _free()
+    return path
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- measurement -------------------------------------------------------------------------------------------
+
+
+def measure(name: str, kind: str, path: Path, *, dtype: str, quantization: str, lengths: list[int], max_batch_tokens: int, device: str) -> list[Row]:
+    spec = ModelSpec(
+        backend=kind, source=str(path), dtype=dtype, quantization=quantization,  # type: ignore[arg-type]
+        max_length=max(lengths), max_batch_tokens=max_batch_tokens, max_batch_size=4096,
+    )
+    eff = effective(spec, "cpu" if device == "cpu" else "gpu")
+    backend = backend_class(kind)(name, spec, eff)
+    backend.load()
+    weights = backend.weights_bytes()
+    scheduler = Scheduler(
+        backend, max_batch_tokens=max_batch_tokens, max_batch_size=4096, max_queue_pairs=1, max_queue_tokens=1
+    )
+    rows = []
+    try:
+        for length in lengths:
+            scheduler.warmup(length)  # first run: kernels, allocator
+            runs = [scheduler.warmup(length) for _ in range(3)]
+            best = min(runs, key=lambda r: r["seconds"])
+            peak = max(r["peak_bytes"] for r in runs)
+            activation = max(r["activation_bytes"] for r in runs)
+            tokens = int(best["pairs"] * best["length"])
+            precision = str(backend.dtype).removeprefix("torch.") + (f" + {quantization}" if quantization != "none" else "")
+            rows.append(
+                Row(
+                    model=name, backend=kind, precision=precision, length=int(best["length"]), pairs=int(best["pairs"]),
+                    tokens=tokens, weights_gb=weights / GIB, peak_gb=peak / GIB,
+                    activation_kb_per_token=activation / tokens / 1024, tokens_per_s=tokens / best["seconds"],
+                )
+            )
+            print(f"  {name} @ {length}: {rows[-1]}", file=sys.stderr, flush=True)
+    finally:
+        scheduler.close()
+        del scheduler, backend
+        _free()
+    return rows
+
+
+def table(rows: list[Row], device_name: str, *, tiny: bool) -> str:
+    sizes = "tiny test models" if tiny else "random weights at real size"
+    out = [
+        f"Device: {device_name}; torch {torch.__version__}; {sizes}; one warm-up batch at the full token budget "
+        "(best of 3).",
+        "",
+        "| model | backend | precision | pairs x length | weights GB | peak GB | activation KB/token | tokens/s |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r.model} | {r.backend} | {r.precision} | {r.pairs} x {r.length} | {r.weights_gb:.2f} | "
+            f"{r.peak_gb:.2f} | {r.activation_kb_per_token:.1f} | {r.tokens_per_s:,.0f} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke test of this script")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="default 16384 (1024 with --tiny)")
+    parser.add_argument("--models", default="bge-reranker-large,gte-multilingual-reranker-base,qwen3-reranker-4b")
+    parser.add_argument("--workdir", help="where the random checkpoints go (default: a temporary directory)")
+    parser.add_argument("--json", help="write the rows as JSON here (default: $OUT/gpu_models.json when OUT is set)")
+    args = parser.parse_args(argv)
+
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not args.tiny:
+        print("no CUDA GPU: run with --tiny for the CPU smoke test", file=sys.stderr)
+        return 2
+    budget = args.max_batch_tokens or (1024 if args.tiny else 16384)
+    device_name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+    half = "auto" if args.tiny else "float16"
+    # (registry id, backend kind, builder, dtype, quantization, lengths)
+    plans = [
+        ("bge-reranker-large", "flag", build_xlmr_large, tiny_models.build_xlmr_reranker, half, "none", [512]),
+        ("gte-multilingual-reranker-base", "gte", build_gte_multilingual_base, tiny_models.build_gte_reranker, half, "none", [512, 8192]),
+        ("qwen3-reranker-4b", "qwen3", build_qwen3_4b, tiny_models.build_qwen3_reranker, "auto", "nf4", [512, 8192]),
+    ]
+    wanted = set(args.models.split(","))
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.workdir or tmp)
+        for name, kind, real, tiny, dtype, quant, lengths in plans:
+            if name not in wanted:
+                continue
+            lengths = [min(n, budget) for n in (lengths if not args.tiny else [64, 256])]
+            print(f"building {name} ({'tiny' if args.tiny else 'real size'})", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            try:
+                path = (tiny if args.tiny else real)(root / name)
+            except (ImportError, AttributeError) as exc:  # e.g. a transformers without GTE
+                print(f"  skipped {name}: {exc}", file=sys.stderr)
+                continue
+            print(f"  built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            rows += measure(name, kind, path, dtype=dtype, quantization=quant, lengths=lengths, max_batch_tokens=budget, device=device)
+
+    print(table(rows, device_name, tiny=args.tiny))
+    json_path = args.json or (os.path.join(os.environ["OUT"], "gpu_models.json") if os.environ.get("OUT") else None)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"device": device_name, "max_batch_tokens": budget, "rows": [asdict(r) for r in rows]}, indent=2))
+    qwen = [r for r in rows if r.backend == "qwen3"]
+    if device == "cuda" and budget == 16384 and qwen:
+        worst = max(r.peak_gb for r in qwen)
+        verdict = "PASS" if worst < QWEN3_PEAK_LIMIT_GB else "FAIL"
+        print(f"\n{verdict}: Qwen3 nf4 at {budget} tokens peaks at {worst:.2f} GB (limit {QWEN3_PEAK_LIMIT_GB:g} GB)")
+        return 0 if verdict == "PASS" else 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
