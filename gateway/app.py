@@ -13,7 +13,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from gateway.config import Registry, cuda_device_name, detect_gpu_type
-from gateway.errors import EXCEPTION_HANDLERS, error_body
+from gateway.http_errors import EXCEPTION_HANDLERS
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
 from gateway.protocol import cohere
@@ -122,5 +122,3 @@ def create_app(registry: Registry, *, gpu_type: str | None = None, wait_for_mode
         openapi_config=OpenAPIConfig(title="rerank-gateway", version="0.1.0", path="/schema"),
     )
 
-
-__all__ = ["create_app", "error_body"]
