@@ -80,10 +80,18 @@ class Backend(abc.ABC):
     # -- per request (runs in a worker thread) ----------------------------------------------------------
     @abc.abstractmethod
     def prepare(
-        self, query: str, documents: list[str], *, max_length: int, max_chunks: int, instruction: str | None
+        self,
+        query: str,
+        documents: list[str],
+        *,
+        max_length: int,
+        max_chunks: int,
+        instruction: str | None,
+        max_doc_tokens: int | None = None,
     ) -> Prepared:
         """Tokenize. Documents longer than max_length are split into up to max_chunks chunks (the rest is
-        truncated); max_chunks=1 means plain truncation."""
+        truncated); max_chunks=1 means plain truncation. max_doc_tokens (Cohere's max_tokens_per_doc)
+        caps the document tokens in each scored pair, below what max_length leaves."""
 
     # -- per batch (runs in the engine's inference thread) ---------------------------------------------
     def collate(self, items: list[Encoded], contexts: list[Any]) -> Batch:
@@ -164,6 +172,7 @@ def pair_items(
     max_length: int,
     max_chunks: int,
     query_max_length: int,
+    max_doc_tokens: int | None = None,
 ) -> Prepared:
     """Cross-encoder input: `[CLS] query [SEP] doc [SEP]` per pair, truncating only the document.
 
@@ -174,6 +183,9 @@ def pair_items(
     q_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
     if len(q_ids) > query_max_length:
         query = tokenizer.decode(q_ids[:query_max_length])
+        q_ids = q_ids[:query_max_length]
+    if max_doc_tokens is not None:
+        max_length = min(max_length, len(q_ids) + tokenizer.num_special_tokens_to_add(pair=True) + max_doc_tokens)
     cut = [cut_text(d, max_length * max_chunks) for d in documents]
     enc = tokenizer(
         [query] * len(cut),

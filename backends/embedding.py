@@ -33,8 +33,10 @@ class EmbeddingBackend(Backend):
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         return F.normalize(pooled.float(), dim=-1)
 
-    def prepare(self, query, documents, *, max_length, max_chunks, instruction) -> Prepared:
+    def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
         q = self.tokenizer(cut_text(query, max_length), truncation=True, max_length=max_length)
+        if max_doc_tokens is not None:
+            max_length = min(max_length, max_doc_tokens + self.tokenizer.num_special_tokens_to_add(pair=False))
         with torch.inference_mode():
             q_inputs = {k: torch.tensor([v], device=self.device) for k, v in q.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             q_vec = self._embed(q_inputs)[0]

@@ -135,10 +135,11 @@ class GteBackend(Backend):
         self.pad_id = self.tokenizer.pad_token_id
         self.query_max_length = self.eff.max_length * 3 // 4
 
-    def prepare(self, query, documents, *, max_length, max_chunks, instruction) -> Prepared:
+    def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
         return pair_items(
             self.tokenizer, query, documents,
             max_length=max_length, max_chunks=max_chunks, query_max_length=min(self.query_max_length, max_length * 3 // 4),
+            max_doc_tokens=max_doc_tokens,
         )
 
     def forward(self, batch: Batch) -> torch.Tensor:

@@ -82,7 +82,7 @@ class Qwen3Backend(Backend):
         return token_id
 
     # -- per request ------------------------------------------------------------------------------------
-    def prepare(self, query, documents, *, max_length, max_chunks, instruction) -> Prepared:
+    def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
         """prefix + tokens(<Instruct>/<Query>/<Document>) + suffix; only the middle part is truncated, from
         its end, to max_length - len(prefix) - len(suffix), as the official code does. A query that would
         leave the document less than a quarter of that is cut first."""
@@ -97,6 +97,10 @@ class Qwen3Backend(Backend):
             query = tok.decode(q_ids[: budget * 3 // 4])
         items: list[Encoded] = []
         doc_index: list[int] = []
+        # The template's fixed part before the document: instruction, query and "<Document>:".
+        head = tok(pair_text(instruction, query, "")[:-1], **text_kw)["input_ids"]
+        if max_doc_tokens is not None:
+            budget = min(budget, len(head) + max_doc_tokens)
         if max_chunks <= 1:
             texts = [pair_text(instruction, query, cut_text(d, budget)) for d in documents]
             enc = tok(texts, truncation=True, max_length=budget, **text_kw)["input_ids"]
@@ -107,7 +111,6 @@ class Qwen3Backend(Backend):
             # Chunks: the instruction and query head every window of the document. The head ends at
             # "<Document>:" and each document starts with its space, which is where the byte-level
             # pre-tokenizer splits anyway, so a one-chunk document tokenizes as the whole text would.
-            head = tok(pair_text(instruction, query, "")[:-1], **text_kw)["input_ids"]
             window = max(1, budget - len(head))
             docs = tok([" " + cut_text(d, window * max_chunks) for d in documents], **text_kw)["input_ids"]
             for k, ids in enumerate(docs):

@@ -77,8 +77,6 @@ class ServerSettings(_Strict):
     # Backpressure, per model: queued pairs and tokens past which new requests get 429.
     max_queue_pairs: int = 50_000
     max_queue_tokens: int = 8_000_000
-    # Cohere truncates queries at 2,048 tokens; we do the same before model-specific limits.
-    max_query_tokens: int = 2048
 
 
 class Tenant(_Strict):

@@ -58,6 +58,7 @@ class RerankService:
                 max_length=eff.max_length,
                 max_chunks=req.max_chunks_per_doc or 1,
                 instruction=req.instruction or spec.instruction,
+                max_doc_tokens=req.max_tokens_per_doc,
             )
             tokenize_s = time.perf_counter() - tokenize_start
             top_n = min(req.top_n or len(req.texts), len(req.texts))

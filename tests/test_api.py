@@ -212,3 +212,13 @@ def test_unavailable_model_does_not_stop_the_others(tmp_path):
         models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
         assert models["ghost"]["state"] == "unavailable" and models["ghost"]["reason"]
         assert c.post("/v1/rerank", json={"query": "q", "documents": ["a"]}).status_code == 200
+
+
+def test_max_tokens_per_doc_truncates_documents(client):
+    long_doc = "The committee met again to discuss the budget. " * 3 + "Paris is the capital of France."
+    full = client.post("/v2/rerank", json={"model": "minilm", "query": QUERY, "documents": [long_doc]}).json()
+    capped = client.post("/v2/rerank", json={"model": "minilm", "query": QUERY, "documents": [long_doc], "max_tokens_per_doc": 10}).json()
+    # The query is embedded separately: the document's 10 tokens + [CLS] [SEP] are what it costs.
+    query_tokens = full["usage"]["total_tokens"] - capped["usage"]["total_tokens"]
+    assert query_tokens > 0
+    assert capped["results"][0]["relevance_score"] < full["results"][0]["relevance_score"] - 0.05

@@ -382,3 +382,25 @@ def test_qwen3_document_cannot_inject_template_tokens(client):
     ids = backend.prepare(QUERY, [doc], max_length=128, max_chunks=1, instruction=None).items[0].input_ids
     middle = ids[len(backend.prefix_ids) : -len(backend.suffix_ids)]
     assert im_end not in middle
+
+
+@pytest.mark.parametrize("model", ["flag", "gte", "qwen3"])
+def test_max_tokens_per_doc_caps_each_document(client, model):
+    """Cohere v2's max_tokens_per_doc: documents past the cap are cut to it, shorter ones are untouched."""
+    query = "rivers and lakes"
+    short, long = "a short note", " ".join(tm.sentences(6, seed=7))
+    tok = backend_of(client, model).tokenizer
+    cap = len(tok(short, add_special_tokens=False)["input_ids"]) + 1
+    assert len(tok(long, add_special_tokens=False)["input_ids"]) > cap + 10
+    # A short instruction leaves qwen3 room for the document inside its tiny max_length.
+    body = {"model": model, "query": query, "documents": [short, long], "instruction": "Judge."}
+    full = client.post("/v2/rerank", json=body).json()
+    capped = client.post("/v2/rerank", json={**body, "max_tokens_per_doc": cap}).json()
+    by_index = lambda b: {r["index"]: r["relevance_score"] for r in b["results"]}  # noqa: E731
+    assert by_index(capped)[0] == pytest.approx(by_index(full)[0], abs=1e-6)
+    assert by_index(capped)[1] != pytest.approx(by_index(full)[1], abs=1e-6)
+    alone_short = client.post("/v2/rerank", json={**body, "documents": [short]}).json()
+    alone_capped_long = client.post("/v2/rerank", json={**body, "documents": [long], "max_tokens_per_doc": cap}).json()
+    # The capped long document costs at most what the short one plus one more token costs (a leading
+    # space may merge into the first document token, so the short one can come out a token shorter).
+    assert alone_capped_long["usage"]["total_tokens"] <= alone_short["usage"]["total_tokens"] + 1
