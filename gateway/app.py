@@ -14,9 +14,9 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
-from gateway.config import Registry, cuda_device_name, detect_gpu_type
 from gateway import routing
 from gateway.auth import require_admin
+from gateway.config import Registry, cuda_device_name, detect_gpu_type
 from gateway.errors import EXCEPTION_HANDLERS, NotFound, error_body
 from gateway.metrics import Metrics
 from gateway.models import ModelPool

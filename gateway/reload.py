@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from litestar.datastructures import State
 
@@ -25,6 +25,9 @@ from gateway.config import RegistryError, load_registry
 from gateway.errors import BadRequest
 from gateway.models import ModelEntry, ModelPool
 from gateway.service import RerankService
+
+if TYPE_CHECKING:
+    from backends.engine import Scheduler
 
 log = logging.getLogger("rerank_gateway.reload")
 
@@ -98,24 +101,24 @@ class Reloader:
             await asyncio.sleep(DRAIN_POLL_S)
             if entry.active == 0 or time.monotonic() > deadline:
                 break
-        self._close_entry(entry)
-        scheduler = entry.scheduler
-        entry.scheduler = None
+        scheduler = _switch_off(entry)
         if scheduler is not None:
             await asyncio.to_thread(scheduler.close)
             log.info("model %s unloaded after a reload", entry.model_id)
-
-    @staticmethod
-    def _close_entry(entry: ModelEntry) -> None:
-        entry.state, entry.reason = "off", "removed or replaced by a registry reload"
 
     def close(self) -> None:
         """At shutdown: close what is still draining, now."""
         for task, entry in list(self._retiring.items()):
             task.cancel()
-            self._close_entry(entry)
-            if entry.scheduler is not None:
-                entry.scheduler.close()
-                entry.scheduler = None
+            scheduler = _switch_off(entry)
+            if scheduler is not None:
+                scheduler.close()
         for task in list(self._background):
             task.cancel()
+
+
+def _switch_off(entry: ModelEntry) -> Scheduler | None:
+    """Mark a retired entry off and detach its scheduler, which the caller closes."""
+    entry.state, entry.reason = "off", "removed or replaced by a registry reload"
+    scheduler, entry.scheduler = entry.scheduler, None
+    return scheduler
