@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from litestar import Litestar, MediaType, Request, Response, get, post
@@ -12,12 +14,17 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
+from gateway import routing
+from gateway.auth import require_admin
 from gateway.config import Registry, cuda_device_name, detect_gpu_type
+from gateway.errors import NotFound
 from gateway.http_errors import EXCEPTION_HANDLERS
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
 from gateway.protocol import cohere
+from gateway.reload import Reloader
 from gateway.service import Caller, RerankService
+from gateway.shadow import ShadowRecorder
 from gateway.types import RerankResult
 
 log = logging.getLogger("rerank_gateway")
@@ -38,14 +45,23 @@ async def _wait_disconnect(request: Request) -> None:
 
 async def _run_rerank(request: Request, service: RerankService, data: cohere.CohereRerankRequest, api_version: str) -> Response:
     internal = cohere.to_internal(data, max_documents=service.registry.server.max_documents)
-    model_id = service.resolve(internal.model)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        result = await service.rerank(internal, model_id, caller=Caller(), disconnected=watcher)
+        routed = await routing.rerank_routed(
+            service,
+            request.app.state.shadows,
+            internal,
+            caller=Caller(),
+            user=request.headers.get(routing.USER_HEADER),
+            variant=request.headers.get(routing.VARIANT_HEADER),
+            # Open gateway: anyone may force any variant. The tenant's model allow-list plugs in here.
+            allowed=lambda model_id: True,
+            disconnected=watcher,
+        )
     finally:
         watcher.cancel()
-    body = cohere.to_response(data, result, api_version=api_version)
-    return Response(body, headers=_timing_headers(result), media_type=MediaType.JSON)
+    body = cohere.to_response(data, routed.result, api_version=api_version)
+    return Response(body, headers=_timing_headers(routed.result) | routed.headers(), media_type=MediaType.JSON)
 
 
 def _timing_headers(result: RerankResult) -> dict[str, str]:
@@ -74,6 +90,20 @@ async def list_models(service: RerankService) -> dict[str, Any]:
     return {"object": "list", "data": [e.describe() for e in service.pool.entries.values()]}
 
 
+@get("/v1/routes/{name:str}/report", summary="A route's traffic, fallbacks and shadow agreement")
+async def route_report(request: Request, service: RerankService, name: str) -> dict[str, Any]:
+    route = service.registry.routes.get(name)
+    if route is None:
+        raise NotFound(f"route {name!r} not found; routes: {', '.join(sorted(service.registry.routes)) or 'none'}")
+    return request.app.state.shadows.report(name, route)
+
+
+@post("/admin/reload", status_code=200, summary="Reload the registry file; refused whole when invalid")
+async def admin_reload(request: Request, service: RerankService) -> dict[str, Any]:
+    require_admin(request, service.registry)
+    return await request.app.state.reloader.reload(request.app.state)
+
+
 @get("/health", summary="The process is alive")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
@@ -96,8 +126,16 @@ async def metrics(service: RerankService) -> bytes:
     return service.metrics.render()
 
 
-def create_app(registry: Registry, *, gpu_type: str | None = None, wait_for_models: bool = False) -> Litestar:
-    """Build the app for a validated registry. `gpu_type` overrides detection (tests, `plan --gpu`)."""
+def create_app(
+    registry: Registry,
+    *,
+    gpu_type: str | None = None,
+    wait_for_models: bool = False,
+    registry_path: str | Path | None = None,
+    reload_on_sighup: bool = False,
+) -> Litestar:
+    """Build the app for a validated registry. `gpu_type` overrides detection (tests, `plan --gpu`).
+    `registry_path` is the file POST /admin/reload (and SIGHUP, with `reload_on_sighup`) re-reads."""
     gpu_type = gpu_type or detect_gpu_type(registry, cuda_device_name())
 
     @asynccontextmanager
@@ -105,16 +143,25 @@ def create_app(registry: Registry, *, gpu_type: str | None = None, wait_for_mode
         metrics = Metrics()
         pool = ModelPool(registry, gpu_type, metrics)
         app.state.service = RerankService(registry, pool, metrics)
+        app.state.shadows = ShadowRecorder(metrics)
+        app.state.reloader = reloader = Reloader(str(registry_path) if registry_path else None, gpu_type)
+        loop = asyncio.get_running_loop()
+        if reload_on_sighup:
+            loop.add_signal_handler(signal.SIGHUP, reloader.reload_in_background, app.state)
         pool.start()
         if wait_for_models:
             await pool.wait_started()
         try:
             yield
         finally:
-            pool.close()
+            if reload_on_sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await app.state.shadows.close()
+            reloader.close()
+            app.state.service.pool.close()
 
     return Litestar(
-        route_handlers=[rerank_v1, rerank_v2, list_models, health, ready, metrics],
+        route_handlers=[rerank_v1, rerank_v2, list_models, route_report, admin_reload, health, ready, metrics],
         dependencies={"service": Provide(_service, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,

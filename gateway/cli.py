@@ -35,7 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("rerank_gateway").warning(
             "serving on %s with no tenants configured: anyone who can reach this address can use it", args.host
         )
-    app = create_app(registry)
+    # SIGHUP re-reads the registry file (as does POST /admin/reload).
+    app = create_app(registry, registry_path=args.registry, reload_on_sighup=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

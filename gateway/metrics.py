@@ -6,6 +6,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+AGREEMENT_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
+# The first bound is 0, not negative: prometheus_client drops a histogram's _sum when a bound is below 0.
+CORRELATION_BUCKETS = (0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 class Metrics:
@@ -27,6 +30,17 @@ class Metrics:
         self.cancelled = Counter("rerank_cancelled_requests", "Requests whose queued work was dropped (timeout, disconnect)", ["model"], registry=r)
         self.device_memory = Gauge("rerank_device_memory_bytes", "Device memory allocated by torch", ["device"], registry=r)
         self.search_units = Counter("rerank_search_units", "Search units served", ["model", "tenant"], registry=r)
+        # Routes and shadow traffic (gateway.routing, gateway.shadow).
+        self.route_requests = Counter("rerank_route_requests", "Requests answered through a route, by the model that answered", ["route", "model"], registry=r)
+        self.route_fallbacks = Counter("rerank_route_fallbacks", "Models a route passed over, by cause (unavailable, loading, overloaded, failed)", ["route", "model", "cause"], registry=r)
+        self.shadow_requests = Counter("rerank_shadow_requests", "Shadow requests by outcome (compared, dropped_busy, dropped_overloaded, dropped_unavailable, dropped_backlog, failed)", ["route", "shadow", "outcome"], registry=r)
+        self.shadow_comparisons = Counter("rerank_shadow_comparisons", "Primary/shadow ranking comparisons", ["route", "primary", "shadow"], registry=r)
+        self.shadow_top1_agreements = Counter("rerank_shadow_top1_agreements", "Comparisons whose top-1 document was the same for both models", ["route", "primary", "shadow"], registry=r)
+        self.shadow_overlap = Histogram("rerank_shadow_overlap", "overlap@k of the two models' top-k sets", ["route", "primary", "shadow", "k"], buckets=AGREEMENT_BUCKETS, registry=r)
+        self.shadow_kendall_tau = Histogram("rerank_shadow_kendall_tau", "Kendall tau-b of the two full rankings", ["route", "primary", "shadow"], buckets=CORRELATION_BUCKETS, registry=r)
+        self.shadow_spearman = Histogram("rerank_shadow_spearman", "Spearman rho of the two full rankings", ["route", "primary", "shadow"], buckets=CORRELATION_BUCKETS, registry=r)
+        self.shadow_agreement = Gauge("rerank_shadow_agreement", "Running mean of each agreement statistic (top1, overlap_at_1/3/10, kendall_tau, spearman)", ["route", "primary", "shadow", "stat"], registry=r)
+        self.shadow_score = Gauge("rerank_shadow_score", "Relevance score distribution of each side of a shadow comparison", ["route", "model", "role", "stat"], registry=r)
         self._real: dict[str, float] = {}
         self._padded: dict[str, float] = {}
 

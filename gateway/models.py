@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
+
 from backends import backend_class
 from backends.engine import Scheduler
 from gateway.config import Effective, ModelSpec, Registry, effective
@@ -40,6 +42,9 @@ class ModelEntry:
     weights_bytes: int = 0
     warmup: dict | None = None
     load_seconds: float = 0.0
+    # Requests inside RerankService.rerank for this model: a reload that removes the model closes its
+    # scheduler only once this drops to zero.
+    active: int = 0
     _loading: asyncio.Future | None = None
 
     def describe(self) -> dict:
@@ -78,7 +83,8 @@ class ModelPool:
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
         """Begin loading eager models in the background (one at a time: peak host memory stays low)."""
-        eager = [e for e in self.entries.values() if e.spec.load == "eager"]
+        # After a reload, entries carried over from the previous pool may already be loaded.
+        eager = [e for e in self.entries.values() if e.spec.load == "eager" and e.state in ("not_loaded", "loading")]
         for e in eager:
             e.state = "loading"
 
@@ -97,9 +103,13 @@ class ModelPool:
     def ready(self) -> bool:
         return all(e.state == "ready" for e in self.entries.values() if e.spec.load == "eager")
 
-    def close(self) -> None:
+    def stop_startup(self) -> None:
+        """Stop starting new loads (a reload hands the remaining ones to the next pool)."""
         if self._startup is not None:
             self._startup.cancel()
+
+    def close(self) -> None:
+        self.stop_startup()
         for entry in self.entries.values():
             if entry.scheduler is not None:
                 entry.scheduler.close()
@@ -116,6 +126,32 @@ class ModelPool:
         if entry.state != "ready" or entry.scheduler is None:
             raise ModelUnavailable(f"model {model_id!r} is {entry.state}: {entry.reason or 'not loaded'}")
         return entry.scheduler
+
+    def start_loading(self, model_id: str) -> None:
+        """Begin loading a lazy model without waiting for it (a route falls back meanwhile)."""
+        entry = self.entries[model_id]
+        if entry.state == "not_loaded" and entry._loading is None:
+            entry.state = "loading"
+            entry._loading = asyncio.get_running_loop().run_in_executor(None, self._load, entry)
+
+    def carry_over(self, old: ModelPool) -> list[ModelEntry]:
+        """Take over the previous pool's entries whose model is unchanged, loaded or not; return the old
+        entries this pool no longer uses (removed, switched off, or changed in a way that needs a reload).
+
+        Aliases, instructions and planning figures change nothing that is loaded; the eager/lazy switch
+        neither. Everything else (source, backend, dtype, limits, profiles) loads the model afresh."""
+        retired: list[ModelEntry] = []
+        for model_id, previous in old.entries.items():
+            entry = self.entries.get(model_id)
+            if entry is None or entry.spec.load == "off" or not _same_model(previous, entry):
+                retired.append(previous)
+                continue
+            previous.spec = entry.spec
+            if previous.scheduler is not None:
+                previous.scheduler.max_queue_pairs = self.registry.server.max_queue_pairs
+                previous.scheduler.max_queue_tokens = self.registry.server.max_queue_tokens
+            self.entries[model_id] = previous
+        return retired
 
     async def ensure_loaded(self, entry: ModelEntry) -> None:
         if entry._loading is None:
@@ -171,3 +207,11 @@ class ModelPool:
                 f"{need / GB:.2f} GB exceeds its memory_budget_gb {budget:g} (profile {entry.eff.profile}); "
                 f"lower max_batch_tokens or raise the budget"
             )
+
+
+def _same_model(old: ModelEntry, new: ModelEntry) -> bool:
+    # A model that failed to load gets a fresh attempt: the reload may be the operator's fix.
+    if old.state in ("off", "unavailable") or old.eff != new.eff:
+        return False
+    ignore = {"aliases": [], "instruction": None, "load": "eager", "weights_gb": None, "activation_kb_per_token": None}
+    return msgspec.structs.replace(old.spec, **ignore) == msgspec.structs.replace(new.spec, **ignore)

@@ -11,6 +11,7 @@ from gateway.config import Registry, name_index
 from gateway.errors import GatewayError, NotFound
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
+from gateway.routing import RouteTable
 from gateway.types import RerankRequest, RerankResult
 
 
@@ -28,6 +29,7 @@ class RerankService:
         self.pool = pool
         self.metrics = metrics
         self.names = name_index(registry)
+        self.routes = RouteTable(registry, self.names)
 
     def resolve(self, name: str | None) -> str:
         """The model id a requested name refers to (the default when none is given). 404 when unknown."""
@@ -47,6 +49,8 @@ class RerankService:
     ) -> RerankResult:
         started = time.perf_counter()
         status = "200"
+        entry = self.pool.entries[model_id]
+        entry.active += 1
         try:
             scheduler = await self.pool.scheduler(model_id)
             eff = self.pool.entries[model_id].eff
@@ -93,5 +97,6 @@ class RerankService:
             status = "500"
             raise
         finally:
+            entry.active -= 1
             self.metrics.requests.labels(model_id, status, caller.tenant).inc()
             self.metrics.request_seconds.labels(model_id).observe(time.perf_counter() - started)
