@@ -27,6 +27,9 @@ class Metrics:
         self.cancelled = Counter("rerank_cancelled_requests", "Requests whose queued work was dropped (timeout, disconnect)", ["model"], registry=r)
         self.device_memory = Gauge("rerank_device_memory_bytes", "Device memory allocated by torch", ["device"], registry=r)
         self.search_units = Counter("rerank_search_units", "Search units served", ["model", "tenant"], registry=r)
+        self.documents = Counter("rerank_documents", "Documents reranked", ["model", "tenant"], registry=r)
+        self.billed_tokens = Counter("rerank_billed_tokens", "Tokens of answered requests", ["model", "tenant"], registry=r)
+        self.limited = Counter("rerank_limited_requests", "Requests refused by a tenant limit", ["tenant", "limit"], registry=r)
         self._real: dict[str, float] = {}
         self._padded: dict[str, float] = {}
 
