@@ -143,7 +143,7 @@ async def my_usage(caller: Caller, usage: UsageStore, since: str | None = None, 
     return {"object": "usage", "tenant": caller.tenant, "data": rows, "total": total(rows)}
 
 
-@get("/admin/usage", guards=[admin_guard], exclude_from_auth=True, summary="Every tenant's usage (admin key)")
+@get("/admin/usage", guards=[admin_guard], summary="Every tenant's usage (admin key)")
 async def all_usage(
     usage: UsageStore, tenant: str | None = None, since: str | None = None, until: str | None = None
 ) -> dict[str, Any]:
@@ -216,7 +216,8 @@ def create_app(registry: Registry, *, gpu_type: str | None = None, wait_for_mode
             "limiter": Provide(_limiter, sync_to_thread=False),
             "usage": Provide(_usage, sync_to_thread=False),
         },
-        middleware=[DefineMiddleware(ApiKeyAuth, exclude=["^/schema"])],
+        # Admin routes take the admin key instead (admin_guard / auth.require_admin).
+        middleware=[DefineMiddleware(ApiKeyAuth, exclude=["^/schema", "^/admin/"])],
         lifespan=[tenancy, lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=registry.server.max_body_bytes,
