@@ -26,7 +26,9 @@ check: $(STAMP)
 plan: $(STAMP)
 	$(VENV)/bin/rerank-gateway plan --registry $(REGISTRY)
 
+# The limits tests start a real redis-server (Debian package) on 127.0.0.1; install it when missing.
 test: $(STAMP)
+	command -v redis-server >/dev/null 2>&1 || apt-get install -y -q redis-server || { apt-get update -q && apt-get install -y -q redis-server; }
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -18,6 +18,8 @@ import collections
 import concurrent.futures
 import itertools
 import logging
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,10 +32,28 @@ from gateway.errors import ClientClosedRequest, InferenceFailed, Timeout, TooMan
 
 log = logging.getLogger("rerank_gateway.engine")
 
+# Tokenizers' Rust batch encoder shares one global thread pool that runs jobs in order: a 20-document
+# request's encode would wait for another tenant's 10,000-document encode to finish. Requests already run on
+# threads of their own, so the library's inner parallelism only costs fairness here.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 # A window of queued pairs this many batches deep is sorted by length when a batch is built.
 WINDOW_BATCHES = 2
 # After an OOM the model's token budget is lowered to what fitted, for this long.
 OOM_COOLDOWN_S = 60.0
+# Requests with at most this many documents are tokenized on a lane of their own, so a 20-document search
+# never waits behind another tenant's 10,000-document tokenization (seconds on a CPU).
+SMALL_REQUEST_DOCS = 256
+
+
+def _bulk_thread_priority() -> None:
+    """Big requests are tokenized at the lowest CPU priority (Linux thread niceness): they use the cores
+    the inference thread and small requests leave idle, instead of taking an equal share from them."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
 
 
 @dataclass(eq=False)
@@ -71,7 +91,9 @@ class Slot:
     work: Work
     item: int
     length: int
-    seq: int  # pull order: the oldest slot in the window anchors the next batch
+    seq: int  # pull order, to break ties between equal tags
+    # Virtual start time in the fair queue: the slot with the smallest tag anchors the next batch.
+    tag: float = 0.0
 
 
 @dataclass
@@ -101,6 +123,10 @@ class FairQueue:
         self.tenants: dict[str, _TenantQueue] = {}
         self.pairs = 0
         self.tokens = 0
+        # Virtual time of the work in service (the tag of the last batch's anchor). Pulls run up to two
+        # batches ahead of it, so a newly active tenant starts here, not where the busiest tenant's
+        # pulls have got to: otherwise it would queue behind everything already pulled into the window.
+        self.vnow = 0.0
 
     def push(self, work: Work, weight: float) -> None:
         tq = self.tenants.get(work.tenant)
@@ -109,7 +135,7 @@ class FairQueue:
         tq.weight = weight
         if not tq.works:
             # An idle tenant starts at the current virtual time: idleness banks no credit.
-            tq.vtime = max(tq.vtime, self._min_vtime())
+            tq.vtime = max(tq.vtime, self.vnow)
         # Lower priority value first; FIFO among equals.
         pos = len(tq.works)
         while pos > 0 and tq.works[pos - 1].priority > work.priority and tq.works[pos - 1].cursor == 0:
@@ -118,13 +144,9 @@ class FairQueue:
         self.pairs += work.n_items
         self.tokens += sum(len(item.input_ids) for item in work.prepared.items)
 
-    def _min_vtime(self) -> float:
-        active = [tq.vtime for tq in self.tenants.values() if tq.works]
-        return min(active) if active else 0.0
-
-    def pull(self, budget_tokens: int) -> list[tuple[Work, int]]:
+    def pull(self, budget_tokens: int) -> list[tuple[Work, int, float]]:
         """Take pairs in fair order until about budget_tokens real tokens are taken or the queue is empty."""
-        taken: list[tuple[Work, int]] = []
+        taken: list[tuple[Work, int, float]] = []
         spent = 0
         while spent < budget_tokens:
             active = [(tq.vtime, name) for name, tq in self.tenants.items() if tq.works]
@@ -139,7 +161,7 @@ class FairQueue:
                 item = work.order[work.cursor]
                 work.cursor += 1
                 length = len(work.prepared.items[item].input_ids)
-                taken.append((work, item))
+                taken.append((work, item, tq.vtime + run_tokens / tq.weight))
                 run_tokens += length
                 self.pairs -= 1
                 self.tokens -= length
@@ -189,7 +211,10 @@ class Scheduler:
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._stopping = False
-        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(tokenize_threads, thread_name_prefix=f"tok-{self.name}")
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(
+            tokenize_threads, thread_name_prefix=f"tok-{self.name}", initializer=_bulk_thread_priority
+        )
+        self._small_tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tok-small-{self.name}")
         self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
         # Throughput estimate (real tokens/s) for Retry-After.
         self._tokens_per_s = 5_000.0
@@ -210,9 +235,8 @@ class Scheduler:
     async def prepare(self, query: str, documents: list[str], **kwargs: Any) -> Prepared:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        prepared = await loop.run_in_executor(
-            self._tokenizer_pool, lambda: self.backend.prepare(query, documents, **kwargs)
-        )
+        pool = self._small_tokenizer_pool if len(documents) <= SMALL_REQUEST_DOCS else self._tokenizer_pool
+        prepared = await loop.run_in_executor(pool, lambda: self.backend.prepare(query, documents, **kwargs))
         if self.metrics:
             self.metrics.tokenize_seconds.labels(self.name).observe(time.perf_counter() - start)
         return prepared
@@ -283,6 +307,7 @@ class Scheduler:
             self._cv.notify_all()
         self._thread.join(timeout=10)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self._small_tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- warm-up: the budget is proven at start, not in production --------------------------------------
     def warmup(self, length: int) -> dict[str, float]:
@@ -318,15 +343,28 @@ class Scheduler:
                 window_tokens = sum(s.length for s in self._window)
                 want = WINDOW_BATCHES * budget - window_tokens
                 if want > 0:
-                    for work, item in self._queue.pull(want):
-                        self._window.append(Slot(work, item, len(work.prepared.items[item].input_ids), next(self._seq)))
+                    for work, item, tag in self._queue.pull(want):
+                        self._window.append(Slot(work, item, len(work.prepared.items[item].input_ids), next(self._seq), tag))
                 if self._window:
                     return self._take_batch(budget)
                 self._cv.wait()
 
     def _take_batch(self, budget: int) -> list[Slot]:
+        first = min(self._window, key=lambda s: (s.tag, s.seq))
+        self._queue.vnow = max(self._queue.vnow, first.tag)
+        own = [s for s in self._window if s.work is first.work]
+        width = max(s.length for s in own)
+        if len(own) < len(self._window) and len(own) <= self.max_batch_size and width * len(own) <= budget:
+            # The anchor's request fits one batch: it goes whole, so a small search is not spread over
+            # several batches of another tenant's work. Others' pairs no longer than it fill the rest.
+            room = min(self.max_batch_size, budget // width) - len(own)
+            filler = sorted((s for s in self._window if s.work is not first.work and s.length <= width), key=lambda s: (s.tag, s.seq))
+            batch = own + filler[: max(room, 0)]
+            taken = {id(s) for s in batch}
+            self._window = [s for s in self._window if id(s) not in taken]
+            return batch
         window = sorted(self._window, key=lambda s: s.length)
-        anchor = min(range(len(window)), key=lambda i: window[i].seq)
+        anchor = next(i for i, s in enumerate(window) if s is first)
         lo = hi = anchor  # inclusive bounds of the run in length order; window[hi] is its widest pair
         # Grow the run by whichever neighbour is nearer in length, while the padded size fits the budget.
         while hi - lo + 1 < self.max_batch_size:

@@ -1,4 +1,4 @@
-"""`rerank-gateway`: serve, check, plan."""
+"""`rerank-gateway`: serve, check, plan, keys."""
 
 from __future__ import annotations
 
@@ -62,6 +62,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if card.ok else 1
 
 
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    import secrets
+
+    from gateway.auth import key_sha256
+
+    key = "rg-" + secrets.token_urlsafe(32)
+    digest = key_sha256(key)
+    who = "the admin endpoints" if args.admin else f"tenant {args.tenant!r}"
+    print(f"# API key for {who}; shown only this once, store it now:")
+    print(key)
+    print("# Paste into the registry (the gateway keeps only the hash):")
+    if args.admin:
+        print(f"admin_api_key_sha256: {digest}")
+    else:
+        print("tenants:")
+        print(f"  {args.tenant}:")
+        print(f"    api_key_sha256: {digest}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rerank-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,7 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     _registry_arg(plan)
     plan.add_argument("--gpu", help="plan for this GPU type key (or 'cpu') instead of the detected one; exit 1 if it does not fit")
     plan.set_defaults(func=cmd_plan)
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    new = keys.add_parser("new", help="print a fresh random key and the api_key_sha256 line for the registry")
+    new.add_argument("tenant", nargs="?", help="the tenant the key is for")
+    new.add_argument("--admin", action="store_true", help="a key for the admin endpoints (admin_api_key_sha256)")
+    new.set_defaults(func=cmd_keys_new)
     args = parser.parse_args(argv)
+    if args.command == "keys" and not args.admin and not args.tenant:
+        parser.error("keys new: name a tenant, or pass --admin")
     return args.func(args)
 
 

@@ -93,10 +93,15 @@ class LimitsConfig(_Strict):
     url: str | None = None
     # What to do when the shared store cannot be reached: keep serving (open) or refuse (closed).
     on_failure: Literal["open", "closed"] = "open"
+    # The windows behind "per minute" and "per day" (fixed windows aligned to the epoch, so a day is a UTC
+    # day). Only tests shorten them.
+    rate_window_s: float = 60.0
+    quota_window_s: float = 86400.0
 
 
 class UsageConfig(_Strict):
-    path: str = "usage.sqlite3"
+    # SQLite file of the usage ledger; null turns metering off.
+    path: str | None = "usage.sqlite3"
 
 
 class Shadow(_Strict):
@@ -213,17 +218,39 @@ def _semantic_problems(reg: Registry) -> list[str]:
             re.compile(gpu.match)
         except re.error as exc:
             problems.append(f"gpu_types.{name}.match: not a regular expression: {exc}")
-    for tenant_name, tenant in reg.tenants.items():
-        hashes = [tenant.api_key_sha256] if isinstance(tenant.api_key_sha256, str) else tenant.api_key_sha256
-        for h in hashes:
+    key_owner: dict[str, str] = {}
+    for owner, value in [("admin_api_key_sha256", reg.admin_api_key_sha256)] + [
+        (f"tenants.{name}.api_key_sha256", t.api_key_sha256) for name, t in reg.tenants.items()
+    ]:
+        for h in key_hashes(value):
             if not re.fullmatch(r"[0-9a-f]{64}", h):
-                problems.append(f"tenants.{tenant_name}.api_key_sha256: not a lowercase hex sha256")
+                problems.append(f"{owner}: not a lowercase hex sha256")
+            elif h in key_owner and key_owner[h] != owner:
+                problems.append(f"{owner}: the same key hash is already in {key_owner[h]}")
+            key_owner.setdefault(h, owner)
+    for tenant_name, tenant in reg.tenants.items():
+        if not key_hashes(tenant.api_key_sha256):
+            problems.append(f"tenants.{tenant_name}.api_key_sha256: needs at least one hash")
         for m in tenant.models:
             if m != "*" and m not in names and m not in reg.routes:
                 problems.append(f"tenants.{tenant_name}.models: unknown model {m!r}")
+        if tenant.priority <= 0:
+            problems.append(f"tenants.{tenant_name}.priority: must be > 0 (it is a fair-share weight)")
+        for field in ("requests_per_minute", "search_units_per_day", "max_concurrent_requests"):
+            if (getattr(tenant, field) or 0) < 0:
+                problems.append(f"tenants.{tenant_name}.{field}: must be >= 0")
     if reg.limits.backend == "redis" and not reg.limits.url:
         problems.append("limits.url: required when limits.backend is redis")
+    if reg.limits.rate_window_s <= 0 or reg.limits.quota_window_s <= 0:
+        problems.append("limits: rate_window_s and quota_window_s must be > 0")
     return problems
+
+
+def key_hashes(value: str | list[str] | None) -> list[str]:
+    """An `api_key_sha256` value (one hash or several, for key rotation) as a list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 # --- profile selection -------------------------------------------------------------------------------

@@ -68,5 +68,15 @@ class Timeout(GatewayError):
     status_code = 504
 
 
+class ServiceUnavailable(GatewayError):
+    """A part the gateway needs besides the model is down (the shared limits store under a fail-closed
+    policy, the usage ledger)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after_s + 0.999)))})
+
+
 def error_body(message: str) -> dict[str, str]:
     return {"id": str(uuid.uuid4()), "message": message}

@@ -41,6 +41,9 @@ class Metrics:
         self.shadow_spearman = Histogram("rerank_shadow_spearman", "Spearman rho of the two full rankings", ["route", "primary", "shadow"], buckets=CORRELATION_BUCKETS, registry=r)
         self.shadow_agreement = Gauge("rerank_shadow_agreement", "Running mean of each agreement statistic (top1, overlap_at_1/3/10, kendall_tau, spearman)", ["route", "primary", "shadow", "stat"], registry=r)
         self.shadow_score = Gauge("rerank_shadow_score", "Relevance score distribution of each side of a shadow comparison", ["route", "model", "role", "stat"], registry=r)
+        self.documents = Counter("rerank_documents", "Documents reranked", ["model", "tenant"], registry=r)
+        self.billed_tokens = Counter("rerank_billed_tokens", "Tokens of answered requests", ["model", "tenant"], registry=r)
+        self.limited = Counter("rerank_limited_requests", "Requests refused by a tenant limit", ["tenant", "limit"], registry=r)
         self._real: dict[str, float] = {}
         self._padded: dict[str, float] = {}
 

@@ -12,15 +12,17 @@ from gateway.errors import GatewayError, NotFound
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
 from gateway.routing import RouteTable
-from gateway.types import RerankRequest, RerankResult
+from gateway.types import RerankRequest, RerankResult, search_units
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is asking: the tenant name ("" when the gateway runs open) and its fair-share weight."""
+    """Who is asking: the tenant name ("" when the gateway runs open), its fair-share weight, and the
+    model names (ids, aliases, routes) it may use; None means all."""
 
     tenant: str = ""
     weight: float = 1.0
+    models: frozenset[str] | None = None
 
 
 class RerankService:
@@ -77,6 +79,9 @@ class RerankService:
                 disconnected=disconnected,
             )
             self.metrics.queue_seconds.labels(model_id).observe(done.queue_s)
+            self.metrics.search_units.labels(model_id, caller.tenant).inc(search_units(len(prepared.items)))
+            self.metrics.documents.labels(model_id, caller.tenant).inc(len(req.texts))
+            self.metrics.billed_tokens.labels(model_id, caller.tenant).inc(prepared.tokens)
             return RerankResult(
                 model=model_id,
                 indices=done.indices,

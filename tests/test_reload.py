@@ -68,7 +68,7 @@ def test_reload_needs_the_admin_key(gateway) -> None:
     client, _ = gateway
     assert client.post("/admin/reload").status_code == 401
     r = client.post("/admin/reload", headers={"Authorization": "Bearer not-the-key"})
-    assert r.status_code == 401 and r.json()["message"] == "admin endpoint: invalid admin key"
+    assert r.status_code == 401 and "invalid" in r.json()["message"]
     r = client.post("/admin/reload", headers=ADMIN)
     assert r.status_code == 200
     assert r.json()["models"] == {"added": [], "removed": [], "reloaded": [], "kept": ["a", "b", "c"]}

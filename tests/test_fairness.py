@@ -1,0 +1,154 @@
+"""Fair scheduling across tenants, measured end to end on a real uvicorn server.
+
+While tenant A keeps 10,000-document requests queued, tenant B's 20-document requests must complete with
+a p99 latency within 3x of their p99 on the idle gateway.
+
+The model is the tiny BERT with a CPU-sized batch budget (1,024 tokens): on a CPU a batch cannot be
+interrupted, so any other tenant's request waits for the batch in flight; the bound only makes sense when
+one batch costs about as much as B's own request. The machine running the tests is shared, so one
+measurement can catch a neighbour's burst; the test measures again (idle and loaded both) before it
+fails, and reports every attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from gateway.auth import key_sha256
+from tests.tenant_fixtures import KEYS, free_port, tiny_bert_dir
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = "the quick brown fox jumps over the lazy dog while cats sleep on warm sofas in the afternoon sun and birds sing".split()
+SAMPLES = 100
+ATTEMPTS = 3
+
+
+def _docs(n: int, seed: int) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + seed + j) % len(WORDS)] for j in range(10 + i % 30)) for i in range(n)]
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fairness")
+    model = tiny_bert_dir(tmp_path_factory.getbasetemp())
+    registry = {
+        "default_model": "tiny",
+        "models": {"tiny": {"backend": "embedding", "source": str(model), "max_length": 128, "max_batch_tokens": 1024, "max_batch_size": 128}},
+        "tenants": {
+            "alpha": {"api_key_sha256": key_sha256(KEYS["alpha"])},
+            "beta": {"api_key_sha256": key_sha256(KEYS["beta"])},
+        },
+        "usage": {"path": str(base / "usage.sqlite3")},
+    }
+    (base / "registry.yaml").write_text(yaml.safe_dump(registry))
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(base / "registry.yaml"), "--port", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (base / "server.log").read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    else:
+        pytest.fail("gateway did not become ready")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+async def _metric(client: httpx.AsyncClient, name: str) -> int:
+    text = (await client.get("/metrics")).text
+    match = re.search(rf'^{name}\{{model="tiny"\}} ([0-9.e+]+)$', text, re.M)
+    return int(float(match.group(1))) if match else 0
+
+
+async def _measure(url: str) -> dict:
+    small = {"query": "where do cats sleep", "documents": _docs(20, 1)}
+    big = json.dumps({"query": "where do cats sleep", "documents": _docs(10_000, 2), "top_n": 100}).encode()
+    beta = {"Authorization": f"Bearer {KEYS['beta']}"}
+    alpha = {"Authorization": f"Bearer {KEYS['alpha']}", "Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+
+        async def beta_latencies(n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                start = time.perf_counter()
+                r = await client.post("/v1/rerank", json=small, headers=beta)
+                out.append(time.perf_counter() - start)
+                assert r.status_code == 200, r.text
+                await asyncio.sleep(0.005)
+            return out
+
+        await beta_latencies(5)  # warm
+        idle = await beta_latencies(SAMPLES)
+
+        async def alpha_keeps_queueing() -> None:
+            while True:
+                r = await client.post("/v1/rerank", content=big, headers=alpha)
+                assert r.status_code == 200, r.text
+
+        tokenized_before = await _metric(client, "rerank_tokenize_seconds_count")
+        alpha_tasks = [asyncio.create_task(alpha_keeps_queueing()) for _ in range(4)]
+        try:
+            # Measure in the steady state, once A's first four requests are tokenized and queued: the
+            # burst of 40,000 documents arriving at once is not what "keeps requests queued" means. A's
+            # loops go on resubmitting, so its tokenization still runs during the measurement.
+            deadline = time.monotonic() + 120
+            while await _metric(client, "rerank_tokenize_seconds_count") < tokenized_before + 4:
+                assert time.monotonic() < deadline, "tenant A's requests were never tokenized"
+                await asyncio.sleep(0.1)
+            loaded: list[float] = []
+            queue_samples: list[int] = []
+            for _ in range(SAMPLES // 10):
+                loaded += await beta_latencies(10)
+                queue_samples.append(await _metric(client, "rerank_queue_pairs"))
+        finally:
+            for task in alpha_tasks:
+                task.cancel()  # the server cancels their queued pairs when the connections drop
+            await asyncio.gather(*alpha_tasks, return_exceptions=True)
+    return {"idle_p99": _p99(idle), "loaded_p99": _p99(loaded), "loaded_p50": sorted(loaded)[len(loaded) // 2], "min_queue": min(queue_samples)}
+
+
+def test_small_tenant_keeps_its_latency_while_another_floods_the_queue(server):
+    attempts = []
+    for _ in range(ATTEMPTS):
+        result = asyncio.run(_measure(server))
+        # Tenant A really was queued the whole time B was measured.
+        assert result["min_queue"] > 1_000, result
+        attempts.append(result)
+        if result["loaded_p99"] <= 3 * result["idle_p99"]:
+            break
+        time.sleep(1.0)  # let the cancelled work drain before measuring again
+    report = "; ".join(
+        f"idle p99 {a['idle_p99'] * 1e3:.0f} ms, loaded p50 {a['loaded_p50'] * 1e3:.0f} ms p99 {a['loaded_p99'] * 1e3:.0f} ms "
+        f"({a['loaded_p99'] / a['idle_p99']:.2f}x), A queued >= {a['min_queue']} pairs"
+        for a in attempts
+    )
+    print(report)
+    assert attempts[-1]["loaded_p99"] <= 3 * attempts[-1]["idle_p99"], report
