@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from gateway.config import Registry, name_index
-from gateway.errors import GatewayError, NotFound
+from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
 from gateway.routing import RouteTable
@@ -32,14 +32,6 @@ class RerankService:
         self.metrics = metrics
         self.names = name_index(registry)
         self.routes = RouteTable(registry, self.names)
-
-    def resolve(self, name: str | None) -> str:
-        """The model id a requested name refers to (the default when none is given). 404 when unknown."""
-        name = name or self.registry.default_model
-        model_id = self.names.get(name)
-        if model_id is None:
-            raise NotFound(f"model {name!r} not found; available: {', '.join(sorted(self.names))}")
-        return model_id
 
     async def rerank(
         self,
