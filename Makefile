@@ -26,6 +26,10 @@ check: $(STAMP)
 plan: $(STAMP)
 	$(VENV)/bin/rerank-gateway plan --registry $(REGISTRY)
 
+# The rerank benchmark (bench/rerank_bench.py): ~10 min on 2 cores; BENCH_ARGS=--quick for a smoke run.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.rerank_bench $(BENCH_ARGS)
+
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 SEED = 1234
+# Padded-token budget of one batch on a CPU, for the gateway's cpu profile and the ceiling loop alike. On
+# this model small batches cost no more per token than large ones, and pad less (bench/rerank_bench.py).
+CPU_BATCH_TOKENS = 1024
 
 
 def build_minilm_cross_encoder(out_dir: str | Path, seed: int = SEED) -> Path:

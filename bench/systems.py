@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
+from bench.models import CPU_BATCH_TOKENS
 from bench.workload import Request, big_request, small_requests, vocabulary
 
-# Padded-token budget of one batch in the ceiling loop; the gateway's CPU profile uses the same.
-CEILING_BATCH_TOKENS = 4096
 MAX_LENGTH = 512
 
 
@@ -71,32 +70,43 @@ class CrossEncoderSystem:
 
 
 class CeilingSystem:
-    """The ceiling: tokenize, sort by length, cut into batches under a padded-token budget, run each in
-    the best dtype for this CPU. No queue, no HTTP, no scheduling."""
+    """The ceiling: tokenize, sort by length, cut into batches under a padded-token budget and run them in
+    the best dtype for this CPU, on the same CPU streams as the gateway (backends.base.CPU_STREAMS
+    single-threaded workers taking batches in turn). No queue, no HTTP, no scheduling."""
 
     def __init__(self, model_dir: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from backends.base import resolve_dtype
+        from backends.base import configure_cpu_streams, resolve_dtype
 
         self.dtype = resolve_dtype("auto", torch.device("cpu"))
-        self.label = f"length-sorted token-budget loop ({str(self.dtype).removeprefix('torch.')}, ceiling)"
+        streams = configure_cpu_streams()
+        self.pool = ThreadPoolExecutor(streams)
+        self.label = (
+            f"length-sorted token-budget loop ({str(self.dtype).removeprefix('torch.')}, "
+            f"{streams} x {torch.get_num_threads()} threads, ceiling)"
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(self.dtype).eval()
         self.padding = PaddingCounter(self.model)
 
-    @torch.inference_mode()
     def score(self, req: Request) -> list[float]:
         enc = self.tokenizer([req.query] * len(req.documents), req.documents, truncation="only_second", max_length=MAX_LENGTH)
         ids, types = enc["input_ids"], enc["token_type_ids"]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        scores = torch.empty(len(ids))
+        batches: list[list[int]] = []
         start = 0
         while start < len(order):
             end = start + 1
-            while end < len(order) and len(ids[order[end]]) * (end - start + 1) <= CEILING_BATCH_TOKENS:
+            while end < len(order) and len(ids[order[end]]) * (end - start + 1) <= CPU_BATCH_TOKENS:
                 end += 1
-            rows = order[start:end]
+            batches.append(order[start:end])
+            start = end
+
+        @torch.inference_mode()
+        def forward(rows: list[int]) -> torch.Tensor:
             width = len(ids[rows[-1]])
             input_ids = torch.zeros((len(rows), width), dtype=torch.long)
             token_types = torch.zeros_like(input_ids)
@@ -106,9 +116,11 @@ class CeilingSystem:
                 input_ids[r, :n] = torch.tensor(ids[i])
                 token_types[r, :n] = torch.tensor(types[i])
                 mask[r, :n] = 1
-            logits = self.model(input_ids=input_ids, token_type_ids=token_types, attention_mask=mask).logits
-            scores[torch.tensor(rows)] = logits.view(-1).float()
-            start = end
+            return self.model(input_ids=input_ids, token_type_ids=token_types, attention_mask=mask).logits.view(-1).float()
+
+        scores = torch.empty(len(ids))
+        for rows, logits in zip(batches, self.pool.map(forward, batches)):
+            scores[torch.tensor(rows)] = logits
         return torch.sigmoid(scores).tolist()
 
 
