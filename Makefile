@@ -26,6 +26,10 @@ check: $(STAMP)
 plan: $(STAMP)
 	$(VENV)/bin/rerank-gateway plan --registry $(REGISTRY)
 
+# The rerank benchmark (bench/rerank_bench.py): ~10 min on 2 cores; BENCH_ARGS=--quick for a smoke run.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.rerank_bench $(BENCH_ARGS)
+
 # The limits tests start a real redis-server (Debian package) on 127.0.0.1; install it when missing.
 test: $(STAMP)
 	command -v redis-server >/dev/null 2>&1 || apt-get install -y -q redis-server || { apt-get update -q && apt-get install -y -q redis-server; }

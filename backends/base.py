@@ -8,6 +8,7 @@ budgets, OOM recovery and top-k.
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -139,6 +140,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+# Inference streams per model on a CPU (backends.engine): each runs whole batches on cores // streams
+# intra-op threads.
+CPU_STREAMS = 2
+
+
+def configure_cpu_streams(wanted: int = CPU_STREAMS) -> int:
+    """Split this process's cores among `wanted` CPU inference streams: sets torch's intra-op threads
+    (process-wide, so every CPU model shares the policy; threads started later pick it up) and returns
+    the number of streams."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    streams = max(1, min(wanted, cores))
+    torch.set_num_threads(max(1, cores // streams))
+    return streams
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -6,9 +6,13 @@ so one tenant's 10,000-document job cannot hold back another's 20-document searc
 of queued pairs, a batch is built around the oldest pair from the pairs nearest it in length: padding stays
 low and no long document waits forever.
 
-One inference thread per model runs the forward passes (torch releases the GIL); tokenization runs in a
-small thread pool when a request arrives, overlapping the batch in flight. Scores stay on the device until
-a request's last pair is scored, then top-k runs on the device and one copy brings the result back.
+Inference threads ("streams") run the forward passes (torch releases the GIL): one on a GPU; on a CPU
+several, each running whole batches on its share of the cores. Small encoder GEMMs scale poorly across
+OpenMP threads, and one preempted thread stalls every barrier of an op, so on a CPU that other processes
+share, two single-threaded streams beat one two-threaded stream by far (bench/, docs/benchmark.md).
+Tokenization runs in a small thread pool when a request arrives, overlapping the batches in flight.
+Scores stay on the device until a request's last pair is scored, then top-k runs on the device and one
+copy brings the result back.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from backends.base import Backend, Encoded, Prepared
+from backends.base import CPU_STREAMS, Backend, Encoded, Prepared, configure_cpu_streams
 from gateway.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
 
 log = logging.getLogger("rerank_gateway.engine")
@@ -37,8 +41,10 @@ log = logging.getLogger("rerank_gateway.engine")
 # threads of their own, so the library's inner parallelism only costs fairness here.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# A window of queued pairs this many batches deep is sorted by length when a batch is built.
-WINDOW_BATCHES = 2
+# A window of queued pairs this many batches deep is sorted by length when a batch is built. Deeper windows
+# pad less when many small requests mix (8 x a 1,024-token budget: ~93% on 16 clients x 20 mixed-length
+# documents, against ~83% at 2) at the cost of a newcomer waiting behind up to this many batches.
+WINDOW_BATCHES = 8
 # After an OOM the model's token budget is lowered to what fitted, for this long.
 OOM_COOLDOWN_S = 60.0
 # Requests with at most this many documents are tokenized on a lane of their own, so a 20-document search
@@ -181,7 +187,7 @@ class FairQueue:
 
 
 class Scheduler:
-    """Owns one backend: its queue, its inference thread, its budgets."""
+    """Owns one backend: its queue, its inference streams, its budgets."""
 
     def __init__(
         self,
@@ -193,6 +199,7 @@ class Scheduler:
         max_queue_tokens: int,
         metrics: Any = None,
         tokenize_threads: int = 2,
+        streams: int | None = None,
     ) -> None:
         self.backend = backend
         self.name = backend.name
@@ -215,12 +222,26 @@ class Scheduler:
             tokenize_threads, thread_name_prefix=f"tok-{self.name}", initializer=_bulk_thread_priority
         )
         self._small_tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tok-small-{self.name}")
-        self._thread = threading.Thread(target=self._run, name=f"infer-{self.name}", daemon=True)
-        # Throughput estimate (real tokens/s) for Retry-After.
+        if streams is None:
+            streams = 1 if backend.device.type != "cpu" else configure_cpu_streams(CPU_STREAMS)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"infer-{self.name}-{k}", daemon=True) for k in range(streams)
+        ]
+        # Throughput estimate (real tokens/s of one stream) for Retry-After.
         self._tokens_per_s = 5_000.0
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     # -- public, called from the event loop ------------------------------------------------------------
+    @property
+    def streams(self) -> int:
+        """Inference threads running batches of this model (one on a GPU)."""
+        return len(self._threads)
+
+    @property
+    def running(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
+
     @property
     def token_budget(self) -> int:
         if self._cap_until and time.monotonic() > self._cap_until:
@@ -248,7 +269,7 @@ class Scheduler:
         if pairs and (pairs + len(prepared.items) > self.max_queue_pairs or tokens + prepared.tokens > self.max_queue_tokens):
             raise TooManyRequests(
                 f"model {self.name!r} is overloaded ({pairs} pairs queued); retry later",
-                retry_after_s=tokens / max(self._tokens_per_s, 1.0),
+                retry_after_s=tokens / max(self._tokens_per_s * len(self._threads), 1.0),
             )
 
     async def submit(
@@ -273,7 +294,7 @@ class Scheduler:
         else:
             with self._cv:
                 self._queue.push(work, weight)
-                self._cv.notify()
+                self._cv.notify_all()  # every idle stream: a big request has batches for all of them
         waiter = asyncio.wrap_future(work.future)
         try:
             if disconnected is None:
@@ -305,7 +326,8 @@ class Scheduler:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         self._small_tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -409,7 +431,7 @@ class Scheduler:
             if self.metrics:
                 padded = len(batch) * max(s.length for s in batch)
                 self.metrics.observe_batch(self.name, len(batch), real, padded, elapsed)
-            with torch.inference_mode():
+            with self._cv, torch.inference_mode():
                 self._scatter(results, elapsed / len(batch))
 
     def _score(self, batch: list[Slot]) -> list[tuple[list[Slot], torch.Tensor | None, str | None]]:

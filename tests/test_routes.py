@@ -300,19 +300,22 @@ def test_fallback_while_the_model_is_loading(client: TestClient) -> None:
 
 
 def test_fallback_when_the_model_is_overloaded(client: TestClient) -> None:
-    entered, release = threading.Event(), threading.Event()
+    release = threading.Event()
+    entered = threading.Semaphore(0)
 
     def block(pairs: int, tokens: int) -> None:
-        entered.set()
+        entered.release()
         release.wait(30)
 
     sched = _scheduler(client, "a")
     limit = sched.max_queue_pairs
-    with ThreadPoolExecutor(2) as pool, _fault(client, "a", block):
+    with ThreadPoolExecutor(sched.streams + 1) as pool, _fault(client, "a", block):
         sched.max_queue_pairs = 4
         try:
-            in_forward = pool.submit(rerank, client, "a")
-            assert entered.wait(30)
+            # Hold every inference stream of `a` in a forward pass, then queue one more request.
+            in_forward = [pool.submit(rerank, client, "a") for _ in range(sched.streams)]
+            for _ in range(sched.streams):
+                assert entered.acquire(timeout=30)
             queued = pool.submit(rerank, client, "a")
             wait_for(lambda: sched.queue_depth()[0] > 0, what="a queued request")
             r = rerank(client, "a-then-b")
@@ -324,7 +327,7 @@ def test_fallback_when_the_model_is_overloaded(client: TestClient) -> None:
         finally:
             release.set()
             sched.max_queue_pairs = limit
-        assert in_forward.result().status_code == 200 and queued.result().status_code == 200
+        assert all(f.result().status_code == 200 for f in in_forward) and queued.result().status_code == 200
 
 
 def test_fallback_when_the_model_fails(client: TestClient) -> None:
@@ -350,12 +353,11 @@ def test_shadow_never_delays_the_primary(client: TestClient) -> None:
         start = time.perf_counter()
         assert rerank(client, "alias").status_code == 200
         baseline.append(time.perf_counter() - start)
-    slow_once = threading.Event()
+    held, release = threading.Event(), threading.Event()
 
     def slow_shadow(pairs: int, tokens: int) -> None:
-        if not slow_once.is_set():  # the first shadow batch takes 1.5 s; the others queue behind it
-            slow_once.set()
-            time.sleep(1.5)
+        held.set()
+        release.wait(1.5)  # every shadow batch, on every stream, is held while the primaries answer
 
     with _fault(client, "b", slow_shadow):
         latencies = []
@@ -364,11 +366,12 @@ def test_shadow_never_delays_the_primary(client: TestClient) -> None:
             r = rerank(client, "shadowed", top_n=3)
             latencies.append(time.perf_counter() - start)
             assert r.status_code == 200 and r.headers["x-rerank-model"] == "a" and len(r.json()["results"]) == 3
-        # Every answer came back while the shadow was still sleeping in its first forward pass.
+        # Every answer came back while the shadow was still held in its forward pass.
         assert _report(client, "shadowed")["shadow"]["requests"].get("compared", 0) == 0
+        release.set()
         _drain_shadows(client)
     assert _report(client, "shadowed")["shadow"]["requests"] == {"compared": 5}
-    assert slow_once.is_set() and max(latencies) < 1.0, latencies
+    assert held.is_set() and max(latencies) < 1.0, latencies
     assert statistics.median(latencies) < statistics.median(baseline) + 0.3, (latencies, baseline)
 
 

