@@ -1,0 +1,36 @@
+"""The benchmark still runs end to end: `python -m bench.rerank_bench --quick` against a real
+`rerank-gateway serve` subprocess and the in-process ceiling, on a tiny workload (~20 s).
+
+FlagReranker and CrossEncoder are left out here: they are the slow part, and `make bench` runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_runs_gateway_and_ceiling(tmp_path: Path) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.rerank_bench", "--quick", "--systems", "ceiling,gateway",
+         "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "out")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "rerank_bench_quick.json").read_text())
+    gateway, ceiling = res["systems"]["gateway"], res["systems"]["ceiling"]
+    for system in (gateway, ceiling):
+        for workload in ("big", "concurrent"):
+            assert system[workload]["pairs_per_s"] > 0
+            assert 0 < system[workload]["padding_efficiency"] <= 1
+        assert system["peak_rss_mb"] > 100
+    # The gateway's padding figure comes from its own /metrics, and it served every request.
+    assert gateway["concurrent"]["requests"] == res["workload"]["concurrent"]["requests_gateway_per_round"]
+    # Same model, same dtype: the gateway ranks the documents as the plain loop does.
+    assert res["score_agreement"]["gateway"]["spearman"] > 0.99
+    assert "| target |" in (tmp_path / "out" / "rerank_bench_quick.md").read_text()
