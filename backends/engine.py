@@ -9,7 +9,7 @@ low and no long document waits forever.
 Inference threads ("streams") run the forward passes (torch releases the GIL): one on a GPU; on a CPU
 several, each running whole batches on its share of the cores. Small encoder GEMMs scale poorly across
 OpenMP threads, and one preempted thread stalls every barrier of an op, so on a CPU that other processes
-share, two single-threaded streams beat one two-threaded stream by far (bench/, docs/benchmark.md).
+share, two single-threaded streams beat one two-threaded stream by far (bench/, the README benchmark).
 Tokenization runs in a small thread pool when a request arrives, overlapping the batches in flight.
 Scores stay on the device until a request's last pair is scored, then top-k runs on the device and one
 copy brings the result back.
@@ -376,9 +376,11 @@ class Scheduler:
         self._queue.vnow = max(self._queue.vnow, first.tag)
         own = [s for s in self._window if s.work is first.work]
         width = max(s.length for s in own)
-        if len(own) < len(self._window) and len(own) <= self.max_batch_size and width * len(own) <= budget:
+        other_tenants = any(s.work.tenant != first.work.tenant for s in self._window)
+        if other_tenants and len(own) <= self.max_batch_size and width * len(own) <= budget:
             # The anchor's request fits one batch: it goes whole, so a small search is not spread over
             # several batches of another tenant's work. Others' pairs no longer than it fill the rest.
+            # Within one tenant the plain length run below pads less, and fairness is not at stake.
             room = min(self.max_batch_size, budget // width) - len(own)
             filler = sorted((s for s in self._window if s.work is not first.work and s.length <= width), key=lambda s: (s.tag, s.seq))
             batch = own + filler[: max(room, 0)]
