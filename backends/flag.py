@@ -28,12 +28,11 @@ class FlagBackend(Backend):
         # Batching, precision and placement are the engine's: float16 on GPUs unless the profile says otherwise.
         self.model = model.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
-        self.query_max_length = self.eff.max_length * 3 // 4
 
     def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
         return pair_items(
             self.tokenizer, query, documents,
-            max_length=max_length, max_chunks=max_chunks, query_max_length=min(self.query_max_length, max_length * 3 // 4),
+            max_length=max_length, max_chunks=max_chunks, query_max_length=max_length * 3 // 4,
             max_doc_tokens=max_doc_tokens,
         )
 

@@ -16,9 +16,8 @@ import json
 import logging
 from typing import Any
 
-import torch
-
-from backends.base import Backend, Batch, Prepared, pair_items, resolve_source
+from backends.base import resolve_source
+from backends.flag import FlagBackend
 
 log = logging.getLogger("rerank_gateway.gte")
 
@@ -109,8 +108,8 @@ def load_gte_config(source: str):
     raise UnsupportedGteConfig(f"model_type {model_type!r}: the gte backend loads 'gte' or 'new' checkpoints")
 
 
-class GteBackend(Backend):
-    score_transform = "sigmoid"
+class GteBackend(FlagBackend):
+    """A cross-encoder like `flag` (same pair format, same sigmoid score); only the loading differs."""
 
     def load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer, GteForSequenceClassification
@@ -133,15 +132,3 @@ class GteBackend(Backend):
             self.tokenizer = AutoTokenizer.from_pretrained(path, config=config)
         self.model = model.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
-        self.query_max_length = self.eff.max_length * 3 // 4
-
-    def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
-        return pair_items(
-            self.tokenizer, query, documents,
-            max_length=max_length, max_chunks=max_chunks, query_max_length=min(self.query_max_length, max_length * 3 // 4),
-            max_doc_tokens=max_doc_tokens,
-        )
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        logits = self.model(**batch.inputs, return_dict=True).logits
-        return logits.view(-1).float()
