@@ -479,7 +479,7 @@ def markdown(res: dict[str, Any]) -> str:
     sz = res["sizes"]
     big_name, conc_name = workload_names(sz)
     lines = [
-        f"| system | workload | pairs/s | p50 ms | p99 ms | padding eff. | peak RSS MB |",
+        "| system | workload | pairs/s | p50 ms | p99 ms | padding eff. | peak RSS MB |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, sysres in res["systems"].items():

