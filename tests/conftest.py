@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
-from typing import Any, Iterator
+from pathlib import Path
+from typing import IO, Any, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 import uvicorn  # noqa: E402
 from litestar.testing import TestClient  # noqa: E402
@@ -48,6 +52,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def serve_process(registry_path: Path, *, log: IO[str] | None = None, ready_timeout_s: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`rerank-gateway serve` as a real subprocess on a free loopback port; yields (url, process) once
+    /ready answers 200, and stops it afterwards. Output goes to `log` (a file) or is kept for errors."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = log if log is not None else subprocess.PIPE
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry_path), "--port", str(port)],
+        cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stdout.read() if proc.stdout else 'see its log'}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server not ready in time")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 class LiveServer:

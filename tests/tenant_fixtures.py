@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway.auth import key_sha256
 from gateway.config import Registry, parse_registry
+from tests.conftest import free_port
 
 # One key per tenant; the registry only ever sees their hashes.
 KEYS = {"alpha": "key-alpha-0123456789", "beta": "key-beta-0123456789", "gamma": "key-gamma-0123456789"}
@@ -85,12 +86,6 @@ def ensure_redis_server() -> str:
         path = shutil.which("redis-server")
     assert path, "redis-server is not installed and could not be installed"
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
