@@ -200,6 +200,7 @@ class Scheduler:
         metrics: Any = None,
         tokenize_threads: int = 2,
         streams: int | None = None,
+        cpu_streams: int = CPU_STREAMS,
     ) -> None:
         self.backend = backend
         self.name = backend.name
@@ -223,7 +224,7 @@ class Scheduler:
         )
         self._small_tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tok-small-{self.name}")
         if streams is None:
-            streams = 1 if backend.device.type != "cpu" else configure_cpu_streams(CPU_STREAMS)
+            streams = 1 if backend.device.type != "cpu" else configure_cpu_streams(cpu_streams)
         self._threads = [
             threading.Thread(target=self._run, name=f"infer-{self.name}-{k}", daemon=True) for k in range(streams)
         ]

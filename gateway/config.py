@@ -55,6 +55,10 @@ class ModelSpec(_Strict):
     max_batch_size: int = 256
     # "cpu" pins a model to the CPU even when a GPU is present.
     device: Literal["auto", "cpu"] = "auto"
+    # Inference threads on a CPU, each single-threaded (one on a GPU). Two give the most throughput on a
+    # 2-core machine (README benchmark); one keeps tail latency lower for small models whose forward is
+    # mostly Python, where a second stream competes with the event loop for the GIL.
+    cpu_streams: int = 2
     # Footprints on a GPU at the profiles' precision, used by `rerank-gateway plan` before anything is
     # loaded: weights (GiB) and peak activation per token of a full batch (KiB).
     weights_gb: float | None = None
@@ -199,6 +203,8 @@ def _semantic_problems(reg: Registry) -> list[str]:
         quantized = [spec.quantization, *(p.quantization for p in spec.profiles.values())]
         if "nf4" in quantized and spec.backend not in QUANTIZABLE_BACKENDS:
             problems.append(f"models.{model_id}.quantization: nf4 is supported by the {', '.join(QUANTIZABLE_BACKENDS)} backend only")
+        if spec.cpu_streams < 1:
+            problems.append(f"models.{model_id}.cpu_streams: must be at least 1")
         if spec.max_length < 8:
             problems.append(f"models.{model_id}.max_length: must be at least 8")
     for route_name, route in reg.routes.items():

@@ -178,6 +178,7 @@ class ModelPool:
                 max_queue_pairs=self.registry.server.max_queue_pairs,
                 max_queue_tokens=self.registry.server.max_queue_tokens,
                 metrics=self.metrics,
+                cpu_streams=entry.spec.cpu_streams,
             )
             try:
                 entry.warmup = scheduler.warmup(entry.eff.max_length)

@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
 from gateway.auth import key_sha256
-from tests.tenant_fixtures import KEYS, free_port, tiny_bert_dir
+from tests.conftest import serve_process
+from tests.tenant_fixtures import KEYS, tiny_bert_dir
 
-REPO = Path(__file__).resolve().parent.parent
 WORDS = "the quick brown fox jumps over the lazy dog while cats sleep on warm sofas in the afternoon sun and birds sing".split()
 SAMPLES = 100
 ATTEMPTS = 3
@@ -49,7 +45,10 @@ def server(tmp_path_factory):
     model = tiny_bert_dir(tmp_path_factory.getbasetemp())
     registry = {
         "default_model": "tiny",
-        "models": {"tiny": {"backend": "embedding", "source": str(model), "max_length": 128, "max_batch_tokens": 1024, "max_batch_size": 128}},
+        "models": {"tiny": {"backend": "embedding", "source": str(model), "max_length": 128, "max_batch_tokens": 1024, "max_batch_size": 128,
+                            # This tests the scheduler's fairness; with a tiny model the forward is mostly
+                            # Python, and a second CPU stream adds GIL contention with the event loop.
+                            "cpu_streams": 1}},
         "tenants": {
             "alpha": {"api_key_sha256": key_sha256(KEYS["alpha"])},
             "beta": {"api_key_sha256": key_sha256(KEYS["beta"])},
@@ -57,29 +56,8 @@ def server(tmp_path_factory):
         "usage": {"path": str(base / "usage.sqlite3")},
     }
     (base / "registry.yaml").write_text(yaml.safe_dump(registry))
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(base / "registry.yaml"), "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (base / "server.log").read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        pytest.fail("gateway did not become ready")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    with open(base / "server.log", "w") as log, serve_process(base / "registry.yaml", log=log, ready_timeout_s=120) as (url, _):
+        yield url
 
 
 async def _metric(client: httpx.AsyncClient, name: str) -> int:
