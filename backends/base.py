@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from gateway.config import Effective, ModelSpec
+from core.config import Effective, ModelSpec
 
 # Longest characters-per-token ratio we expect from any tokenizer we serve. Documents are cut at
 # max_length * this many characters before tokenizing, so a multi-megabyte document costs the tokenizer

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from backends.base import CPU_STREAMS, Backend, Encoded, Prepared, configure_cpu_streams
-from gateway.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
+from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
 
 log = logging.getLogger("rerank_gateway.engine")
 

@@ -19,8 +19,8 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from litestar.openapi import OpenAPIConfig
 
 from gateway import auth, routing
-from gateway.config import Registry, cuda_device_name, detect_gpu_type
-from gateway.errors import BadRequest, NotFound
+from core.config import Registry, cuda_device_name, detect_gpu_type
+from core.errors import BadRequest, NotFound
 from gateway.http_errors import EXCEPTION_HANDLERS
 from gateway.limits import Limiter, OverLimit, build_limiter
 from gateway.metrics import Metrics

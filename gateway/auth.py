@@ -12,8 +12,8 @@ import hashlib
 import hmac
 from typing import Iterable, Mapping, TypeVar
 
-from gateway.config import Registry, Tenant, key_hashes
-from gateway.errors import Forbidden, NotFound, Unauthorized
+from core.config import Registry, Tenant, key_hashes
+from core.errors import Forbidden, NotFound, Unauthorized
 from gateway.service import Caller
 
 T = TypeVar("T")

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gateway.config import RegistryError, cuda_device_name, detect_gpu_type, load_registry
+from core.config import RegistryError, cuda_device_name, detect_gpu_type, load_registry
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
 

@@ -1,4 +1,4 @@
-"""Litestar exception handlers: every error leaves as the one shape in gateway.errors.error_body."""
+"""Litestar exception handlers: every error leaves as the one shape in core.errors.error_body."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 
-from gateway.errors import GatewayError, error_body
+from core.errors import GatewayError, error_body
 
 log = logging.getLogger("rerank_gateway")
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
-from gateway.config import LimitsConfig, Tenant
-from gateway.errors import ServiceUnavailable, TooManyRequests
+from core.config import LimitsConfig, Tenant
+from core.errors import ServiceUnavailable, TooManyRequests
 
 log = logging.getLogger("rerank_gateway.limits")
 

@@ -18,8 +18,8 @@ import msgspec
 
 from backends import backend_class
 from backends.engine import Scheduler
-from gateway.config import Effective, ModelSpec, Registry, effective
-from gateway.errors import ModelUnavailable
+from core.config import Effective, ModelSpec, Registry, effective
+from core.errors import ModelUnavailable
 from gateway.metrics import Metrics
 
 log = logging.getLogger("rerank_gateway")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.config import Registry, effective
+from core.config import Registry, effective
 
 GIB = 1024**3
 KIB = 1024

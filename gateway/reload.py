@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from litestar.datastructures import State
 
-from gateway.config import RegistryError, load_registry
-from gateway.errors import BadRequest
+from core.config import RegistryError, load_registry
+from core.errors import BadRequest
 from gateway.models import ModelEntry, ModelPool
 from gateway.service import RerankService
 

@@ -17,8 +17,8 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from gateway.config import Registry
-from gateway.errors import BadRequest, Forbidden, GatewayError, InferenceFailed, ModelUnavailable, NotFound, TooManyRequests
+from core.config import Registry
+from core.errors import BadRequest, Forbidden, GatewayError, InferenceFailed, ModelUnavailable, NotFound, TooManyRequests
 from gateway.types import RerankRequest, RerankResult
 
 if TYPE_CHECKING:

@@ -7,8 +7,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from gateway.config import Registry, name_index
-from gateway.errors import GatewayError
+from core.config import Registry, name_index
+from core.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
 from gateway.routing import RouteTable

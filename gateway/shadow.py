@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gateway.agreement import OVERLAP_KS, Agreement, ScoreSummary, compare
-from gateway.config import Route
-from gateway.errors import ModelUnavailable, TooManyRequests
+from core.config import Route
+from core.errors import ModelUnavailable, TooManyRequests
 from gateway.metrics import Metrics
 from gateway.service import Caller
 from gateway.types import RerankRequest, RerankResult

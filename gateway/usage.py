@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.errors import ServiceUnavailable
+from core.errors import ServiceUnavailable
 
 log = logging.getLogger("rerank_gateway.usage")
 

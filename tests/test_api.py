@@ -193,7 +193,7 @@ def test_invalid_utf8_is_a_400(client):
 
 def test_unavailable_model_does_not_stop_the_others(tmp_path):
     reg = minilm_registry()
-    from gateway.config import parse_registry
+    from core.config import parse_registry
 
     data = {
         "default_model": "minilm",

@@ -14,7 +14,7 @@ import torch
 from litestar.testing import TestClient
 
 from gateway.app import create_app
-from gateway.config import parse_registry
+from core.config import parse_registry
 from tests import tiny_models as tm
 
 QUERY = "kalo mira river energy"

@@ -13,7 +13,7 @@ from backends.base import CPU_STREAMS
 from backends.engine import Scheduler
 from backends.flag import FlagBackend
 from bench.models import build_minilm_cross_encoder
-from gateway.config import ModelSpec, effective
+from core.config import ModelSpec, effective
 
 
 @pytest.fixture(scope="module")

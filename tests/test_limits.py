@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.config import LimitsConfig, Tenant
+from core.config import LimitsConfig, Tenant
 from gateway.limits import MemoryLimiter, OverLimit
 
 

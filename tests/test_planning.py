@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from gateway.cli import main
-from gateway.config import RegistryError, load_registry, parse_registry
+from core.config import RegistryError, load_registry, parse_registry
 from gateway.planning import plan, usable_gb
 
 SHIPPED = Path(__file__).resolve().parent.parent / "registry.yaml"

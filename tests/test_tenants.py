@@ -13,7 +13,7 @@ from litestar.testing import TestClient
 
 from gateway.app import create_app
 from gateway.cli import main as cli_main
-from gateway.config import RegistryError, parse_registry
+from core.config import RegistryError, parse_registry
 from tests.tenant_fixtures import ADMIN_KEY, KEYS, bearer, key_sha256, registry, rerank_body, tiny_bert_dir
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.errors import BadRequest
+from core.errors import BadRequest
 from gateway.types import RerankRequest, RerankResult, search_units
 
 
