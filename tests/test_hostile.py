@@ -180,7 +180,7 @@ def test_content_length_lies(server):
     assert short.startswith(b"HTTP/1.1 408 ") and BODY_TIMEOUT_S - 0.5 < time.monotonic() - started < BODY_TIMEOUT_S + 1.5
     # Claims less than it sends: the rest is a malformed next request, refused with a 400, never a 5xx.
     body = b'{"query": "q", "documents": ["a"]}'
-    extra = _raw(port, b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n" + body)
+    extra = _raw(port, b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n" + body, until=b'"}')
     statuses = [int(line.split(b" ")[1]) for line in extra.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
     assert statuses and all(400 <= s < 500 for s in statuses), extra[:300]
     # Claims more than the server accepts: 413 before the body is read.
