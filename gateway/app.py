@@ -258,13 +258,14 @@ def _date(value: str | None, name: str) -> str | None:
         raise BadRequest(f"invalid request: {name} must be a date as YYYY-MM-DD, got {value[:40]!r}") from None
 
 
-@get("/health", exclude_from_auth=True, summary="The process is alive")
+# Probes and metrics need no key: `security=[{}]` says so in the OpenAPI document.
+@get("/health", exclude_from_auth=True, security=[{}], summary="The process is alive")
 async def health() -> schemas.Health:
     return schemas.Health(status="ok")
 
 
 @get(
-    "/ready", exclude_from_auth=True, summary="Every eagerly loaded model is ready, and the server is not draining",
+    "/ready", exclude_from_auth=True, security=[{}], summary="Every eagerly loaded model is ready, and the server is not draining",
     responses={503: ResponseSpec(schemas.Readiness, description="Not ready: a model is loading or failed, or the server is draining")},
 )
 async def ready(request: Request, service: RerankService, limiter: Limiter) -> Response[schemas.Readiness]:
@@ -276,7 +277,7 @@ async def ready(request: Request, service: RerankService, limiter: Limiter) -> R
     return Response(body, status_code=200 if ok else 503, media_type=MediaType.JSON)
 
 
-@get("/metrics", exclude_from_auth=True, media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
+@get("/metrics", exclude_from_auth=True, security=[{}], media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
 async def metrics(service: RerankService) -> bytes:
     for model_id, entry in service.pool.entries.items():
         if entry.scheduler is not None:
