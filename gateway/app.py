@@ -198,7 +198,7 @@ def _is_admin(request: Request, registry: Registry) -> bool:
 # Authenticated inside (not by ApiKeyAuth): the admin key, which is no tenant's key, sees every route.
 @get(
     "/v1/routes/{name:str}/report", exclude_from_auth=True, summary="A route's traffic, fallbacks and shadow agreement",
-    responses=error_responses(401, 404),
+    responses=error_responses(400, 401, 404),
 )
 async def route_report(request: Request, service: RerankService, name: str) -> schemas.RouteReport:
     registry = service.registry

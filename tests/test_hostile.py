@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import resource
 import signal
 import socket
@@ -380,3 +381,35 @@ def test_drain_deadline_fails_queued_work_with_503_and_a_second_signal_exits_at_
         sent = time.monotonic()
         assert proc.wait(timeout=5) == 1 and time.monotonic() - sent < 1.5
         thread.join(timeout=10)
+
+
+# --- the OpenAPI document is the wire ----------------------------------------------------------------------
+
+
+def test_openapi_documents_the_error_body_and_every_status_and_the_readme_agrees(server):
+    from gateway.http_errors import STATUS_MEANING
+
+    doc = httpx.get(f"{server}/schema/openapi.json", timeout=10).json()
+    schemas = doc["components"]["schemas"]
+    assert schemas["ErrorBody"]["required"] == ["id", "message"]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = dict(re.findall(r"^\| (\d{3}) \| (.+?) \|$", readme, flags=re.M))
+    assert {int(k): v for k, v in table.items()} == STATUS_MEANING
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            assert "200" in op["responses"], (method, path)
+            ok = op["responses"]["200"].get("content", {}).get("application/json", {}).get("schema", {})
+            assert path == "/metrics" or "$ref" in ok, (method, path, ok)  # a typed body, never {}
+            for status, response in op["responses"].items():
+                if status == "200" or (path == "/ready" and status == "503"):
+                    continue
+                assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
+                assert response["description"] == table[status], (path, status)
+    rerank = doc["paths"]["/v1/rerank"]["post"]["responses"]
+    assert set(rerank) == {"200", "400", "401", "403", "404", "413", "429", "503", "504"}
+    request = schemas["CohereRerankRequest"]["properties"]
+    assert request["query"]["minLength"] == 1 and request["documents"]["minItems"] == 1
+    assert request["priority"]["maximum"] == 999 and request["top_n"]["minimum"] == 1
+    # And the wire: an error is exactly that body.
+    assert set(_post(server, b"{}").json()) == {"id", "message"}
+    assert set(httpx.get(f"{server}/no/such/path", timeout=5).json()) == {"id", "message"}

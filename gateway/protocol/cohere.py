@@ -31,7 +31,8 @@ class CohereRerankRequest(msgspec.Struct, kw_only=True):
     return_documents: bool = False
     max_chunks_per_doc: PositiveInt | None = None
     max_tokens_per_doc: PositiveInt | None = None
-    priority: Annotated[int, msgspec.Meta(ge=0, le=999)] | None = None
+    # gt=-1, not ge=0: Litestar's OpenAPI generator drops a bound of 0.
+    priority: Annotated[int, msgspec.Meta(gt=-1, le=999)] | None = None
     # Extensions: TEI's raw_scores, Qwen3's instruction, and a user id for sticky A/B splits.
     raw_scores: bool = False
     instruction: str | None = None
