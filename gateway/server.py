@@ -30,10 +30,12 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import h11
+import msgspec
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from core.config import ServerSettings
+from core.errors import error_body
 from gateway.lifecycle import Lifecycle
 
 log = logging.getLogger("rerank_gateway")
@@ -49,7 +51,8 @@ SPARE_FDS = 256
 
 
 def _raw_response(status: int, reason: str, message: str, extra_headers: bytes = b"") -> bytes:
-    body = ('{"message": "%s"}' % message).encode()
+    """An answer written before (or instead of) the app: the same error body as every route's default."""
+    body = msgspec.json.encode(error_body(message))
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n%s\r\n"
         % (status, reason.encode(), len(body), extra_headers)
@@ -144,6 +147,12 @@ class GuardedH11Protocol(H11Protocol):
             self._refuse_head(f"more than {self.settings.max_headers} request headers")
             return False
         return True
+
+    def send_400_response(self, msg: str) -> None:
+        # The parser refused the request (malformed head, bad chunking): say so in the error shape.
+        self._disarm()
+        self.transport.write(_raw_response(400, "Bad Request", f"invalid HTTP request: {msg}"))
+        self.transport.close()
 
     def _refuse_head(self, message: str) -> None:
         self._disarm()

@@ -54,7 +54,8 @@ def server(tmp_path_factory) -> Iterator[str]:
     # More connections than the 2,000 stalled ones, fewer than the 2,000 + 300 the cap test opens.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
-    with _serve(tmp_path_factory.mktemp("hostile"), {"max_connections": 2100, "max_documents": 10_000}) as (url, _):
+    settings = {"max_connections": 2100, "max_documents": 10_000, "keep_alive_timeout_s": 1}
+    with _serve(tmp_path_factory.mktemp("hostile"), settings) as (url, _):
         yield url
 
 
@@ -229,7 +230,7 @@ def test_2000_stalled_connections_do_not_starve_a_normal_request(server):
             s.settimeout(2)
             with contextlib.suppress(socket.timeout, ConnectionResetError):
                 data = s.recv(65536)
-                refused += data.startswith(b"HTTP/1.1 503 ") and b"too many open connections" in data
+                refused += data.startswith(b"HTTP/1.1 503 ") and b'"message":"too many open connections' in data
             s.close()
         assert refused >= 150, refused
         # Every stalled connection is closed by the server within the header timeout.
@@ -258,6 +259,21 @@ def test_trickled_headers_are_closed_at_the_header_deadline(server):
             assert data == b"" or data.startswith(b"HTTP/1.1 408 ")
             break
         assert closed_after is not None and closed_after < HEADER_TIMEOUT_S + 1
+
+
+def test_idle_keep_alive_connections_are_closed(server):
+    with socket.create_connection(("127.0.0.1", _port(server)), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        assert _closed_by_server(s, 5) and time.monotonic() - started < 2.5
+
+
+def test_malformed_http_is_a_400_in_the_error_shape(server):
+    answer = _raw(_port(server), b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert set(json.loads(answer.split(b"\r\n\r\n", 1)[1])) == {"id", "message"}
+    _alive(server)
 
 
 # --- what one tenant may see of another ---------------------------------------------------------------------
