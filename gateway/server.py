@@ -15,7 +15,8 @@ Shutdown (SIGTERM or SIGINT): /ready answers 503 at once (Lifecycle.draining), t
 (new connections are refused), idle connections close, a connection part-way through its headers has
 DRAIN_HEADER_GRACE_S to finish them, requests in flight get `drain_timeout_s`. Past that, requests still
 waiting on a model are failed with a 503 (Lifecycle.expire), and after RESPONSE_GRACE_S every remaining
-connection is closed; the process exits 0. A second SIGTERM or SIGINT exits at once, with status 1.
+connection is closed; the process exits 0, at the latest EXIT_DEADLINE_S after the drain deadline. A
+second SIGTERM or SIGINT exits at once, with status 1.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ DRAIN_HEADER_GRACE_S = 1.0
 RESPONSE_GRACE_S = 1.0
 # The app's own shutdown (models, usage ledger) after the connections are gone.
 LIFESPAN_SHUTDOWN_S = 5.0
+# Past drain_timeout_s + this, the process exits 0 whatever is still running: an inference thread in the
+# middle of a long batch (joined by the app's shutdown) must not hold the exit past the promised bound.
+EXIT_DEADLINE_S = 1.9
 # File descriptors the process needs besides its client connections (models, logs, sqlite, redis).
 SPARE_FDS = 256
 
@@ -241,6 +245,10 @@ class GatewayServer(uvicorn.Server):
     async def shutdown(self, sockets: list | None = None) -> None:
         state = self.server_state
         loop = asyncio.get_running_loop()
+        # A thread, so it fires even while the event loop is blocked (e.g. joining an inference thread).
+        watchdog = threading.Timer(self.settings.drain_timeout_s + EXIT_DEADLINE_S, _exit_now)
+        watchdog.daemon = True
+        watchdog.start()
         for server in self.servers:
             server.close()  # new connections are refused from here
         for connection in list(state.connections):
@@ -266,6 +274,11 @@ class GatewayServer(uvicorn.Server):
             await asyncio.wait_for(self.lifespan.shutdown(), LIFESPAN_SHUTDOWN_S)
         except asyncio.TimeoutError:
             log.warning("application shutdown did not finish in %g s", LIFESPAN_SHUTDOWN_S)
+
+
+def _exit_now() -> None:
+    os.write(2, b"drain: shutdown overran drain_timeout_s; exiting now\n")
+    os._exit(0)
 
 
 def raise_fd_limit(max_connections: int) -> None:
