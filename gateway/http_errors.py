@@ -44,7 +44,7 @@ COHERE = ErrorDialect(ErrorBody, lambda _status, message: error_body(message))
 STATUS_MEANING = {
     400: "Invalid request: malformed or empty body, wrong types, values out of range, JSON nested too deep",
     401: "Missing or unknown API key (when tenants are configured)",
-    403: "The API key may not use this model, or is not the admin key",
+    403: "Not the admin key (admin routes), or a forced variant (X-Rerank-Variant) the key may not use",
     404: "No such model, route or path (names listed are only those the caller may use)",
     405: "Method not allowed on this path",
     408: "The request headers or body were not received within the server's timeouts",
