@@ -63,7 +63,8 @@ def test_schemathesis_finds_nothing(tmp_path, tenants):
         ]
         if SEED != "random":
             command += ["--seed", SEED]
-        run = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "NO_COLOR": "1"})
+        # cwd: schemathesis keeps a cache (.schemathesis/) where it runs; not in the repository.
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"})
     out = run.stdout + run.stderr
     generated = re.search(r"(\d+) generated", out)
     print(f"\nschemathesis ({'tenants' if tenants else 'open'}): {generated.group(0) if generated else '?'}; exit {run.returncode}")
