@@ -140,6 +140,9 @@ def test_60_mb_bodies(server):
     resp = _post(server, b'{"query": "q", "documents": ["a", "b"], "pad": "' + pad + b'"}')
     assert resp.status_code == 200 and len(resp.json()["results"]) == 2
     _error(_post(server, b'{"pad": "' + pad + b'x' * 10_000_000 + b'"}'), 413)
+    # The same without a Content-Length (chunked): counted as it streams, refused at the limit.
+    chunks = (b'{"pad": "' if i == 0 else b"x" * 1_000_000 for i in range(80))
+    _error(httpx.post(f"{server}/v1/rerank", content=chunks, headers={"content-type": "application/json"}, timeout=60), 413)
     assert time.monotonic() - started < 30
     _alive(server)
 
