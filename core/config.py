@@ -81,6 +81,19 @@ class ServerSettings(_Strict):
     # Backpressure, per model: queued pairs and tokens past which new requests get 429.
     max_queue_pairs: int = 50_000
     max_queue_tokens: int = 8_000_000
+    # Strict input: JSON nesting deeper than this is refused (400) before the body is decoded.
+    max_json_depth: int = 32
+    # Connection hygiene, enforced by gateway/server.py (README "Behind a proxy"). A connection must send
+    # its request head within header_timeout_s of opening (or of its next request's first byte) and its
+    # body within body_timeout_s of the head; beyond max_connections new ones get a 503 and are closed.
+    max_connections: int = 4096
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    # SIGTERM: in-flight requests get this long to finish; then queued work is failed with 503.
+    drain_timeout_s: float = 30.0
 
 
 class Tenant(_Strict):
@@ -245,6 +258,15 @@ def _semantic_problems(reg: Registry) -> list[str]:
         for field in ("requests_per_minute", "search_units_per_day", "max_concurrent_requests"):
             if (getattr(tenant, field) or 0) < 0:
                 problems.append(f"tenants.{tenant_name}.{field}: must be >= 0")
+    server = reg.server
+    for field in ("max_json_depth", "max_connections", "max_header_bytes", "max_headers", "max_documents", "max_body_bytes"):
+        if getattr(server, field) < 1:
+            problems.append(f"server.{field}: must be at least 1")
+    for field in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "request_timeout_s"):
+        if getattr(server, field) <= 0:
+            problems.append(f"server.{field}: must be > 0")
+    if server.drain_timeout_s < 0:
+        problems.append("server.drain_timeout_s: must be >= 0")
     if reg.limits.backend == "redis" and not reg.limits.url:
         problems.append("limits.url: required when limits.backend is redis")
     if reg.limits.rate_window_s <= 0 or reg.limits.quota_window_s <= 0:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import datetime
 import signal
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator
+
+import msgspec
 
 from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.connection import ASGIConnection
@@ -17,11 +19,16 @@ from litestar.di import Provide
 from litestar.handlers import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.params import Parameter
 
 from gateway import auth, routing
 from core.config import Registry, cuda_device_name, detect_gpu_type
-from core.errors import BadRequest, NotFound
-from gateway.http_errors import EXCEPTION_HANDLERS
+from core.errors import BadRequest, ClientClosedRequest, Forbidden, NotFound, ServiceUnavailable, Unauthorized
+from gateway import schemas, strict_json
+from gateway.http_errors import EXCEPTION_HANDLERS, error_responses
+from gateway.lifecycle import Lifecycle
 from gateway.limits import Limiter, OverLimit, build_limiter
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
@@ -60,17 +67,37 @@ def _usage(state: State) -> UsageStore:
     return state.usage
 
 
+def _max_json_depth(request: Request) -> int:
+    return request.app.state.service.registry.server.max_json_depth
+
+
+# The statuses each kind of route can answer besides its success (OpenAPI, README error table).
+AUTH_ERRORS = (401,)
+RERANK_ERRORS = (400, 401, 403, 404, 413, 429, 503, 504)
+ADMIN_ERRORS = (401, 403)
+
+
 def admin_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     auth.require_admin(connection, connection.app.state.service.registry)
 
 
 async def _wait_disconnect(request: Request) -> None:
-    """Resolves when the client goes away. The body is already read, so the next ASGI message on this
-    connection is the disconnect."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+    """Resolves when the client goes away, or when the server's drain deadline passes (then the request's
+    queued pairs are dropped as for a disconnect, and it is answered 503). The body is already read, so
+    the next ASGI message on this connection is the disconnect."""
+
+    async def disconnect() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    waiters = {asyncio.ensure_future(disconnect()), asyncio.ensure_future(request.app.state.lifecycle.expired.wait())}
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def _run_rerank(
@@ -110,6 +137,10 @@ async def _run_rerank(
     except OverLimit as exc:
         service.metrics.limited.labels(exc.tenant, exc.which).inc()
         raise
+    except ClientClosedRequest:
+        if request.app.state.lifecycle.expired.is_set():
+            raise ServiceUnavailable("the server is shutting down and dropped this request's queued work; retry on another replica") from None
+        raise
     finally:
         watcher.cancel()
     body = cohere.to_response(data, result, api_version=api_version)
@@ -127,74 +158,126 @@ def _timing_headers(result: RerankResult) -> dict[str, str]:
     }
 
 
-@post(["/v1/rerank", "/rerank"], status_code=200, summary="Rerank (Cohere v1 / Jina)")
+_STRICT_RERANK = strict_json.strict_body(cohere.CohereRerankRequest, _max_json_depth)
+
+
+@post(
+    ["/v1/rerank", "/rerank"], status_code=200, summary="Rerank (Cohere v1 / Jina)",
+    before_request=_STRICT_RERANK, responses=error_responses(*RERANK_ERRORS),
+)
 async def rerank_v1(
     request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore, data: cohere.CohereRerankRequest
-) -> Response:
+) -> Response[cohere.CohereRerankResponse]:
     return await _run_rerank(request, service, data, "1", caller=caller, limiter=limiter, usage=usage)
 
 
-@post("/v2/rerank", status_code=200, summary="Rerank (Cohere v2)")
+@post(
+    "/v2/rerank", status_code=200, summary="Rerank (Cohere v2)",
+    before_request=_STRICT_RERANK, responses=error_responses(*RERANK_ERRORS),
+)
 async def rerank_v2(
     request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore, data: cohere.CohereRerankRequest
-) -> Response:
+) -> Response[cohere.CohereRerankResponse]:
     return await _run_rerank(request, service, data, "2", caller=caller, limiter=limiter, usage=usage)
 
 
-@get("/v1/models", summary="Models the caller may use, with their state")
-async def list_models(service: RerankService, caller: Caller) -> dict[str, Any]:
+@get("/v1/models", summary="Models the caller may use, with their state", responses=error_responses(*AUTH_ERRORS))
+async def list_models(service: RerankService, caller: Caller) -> schemas.ModelList:
     entries = [e for e in service.pool.entries.values() if auth.may_use(caller, e.model_id)]
-    return {"object": "list", "data": [e.describe() for e in entries]}
+    return schemas.ModelList(object="list", data=[msgspec.convert(e.describe(), schemas.ModelInfo) for e in entries])
 
 
-@get("/v1/routes/{name:str}/report", summary="A route's traffic, fallbacks and shadow agreement")
-async def route_report(request: Request, service: RerankService, name: str) -> dict[str, Any]:
-    route = service.registry.routes.get(name)
-    if route is None:
-        raise NotFound(f"route {name!r} not found; routes: {', '.join(sorted(service.registry.routes)) or 'none'}")
-    return request.app.state.shadows.report(name, route)
+def _is_admin(request: Request, registry: Registry) -> bool:
+    try:
+        auth.require_admin(request, registry)
+    except (Unauthorized, Forbidden):
+        return False
+    return True
 
 
-@post("/admin/reload", guards=[admin_guard], status_code=200, summary="Reload the registry file; refused whole when invalid")
-async def admin_reload(request: Request) -> dict[str, Any]:
-    return await request.app.state.reloader.reload(request.app.state)
+# Authenticated inside (not by ApiKeyAuth): the admin key, which is no tenant's key, sees every route.
+@get(
+    "/v1/routes/{name:str}/report", exclude_from_auth=True, summary="A route's traffic, fallbacks and shadow agreement",
+    responses=error_responses(400, 401, 404),
+)
+async def route_report(request: Request, service: RerankService, name: str) -> schemas.RouteReport:
+    registry = service.registry
+    if _is_admin(request, registry):
+        visible = sorted(registry.routes)
+    else:
+        caller = auth.authenticate(request.headers, registry)
+        visible = sorted(r for r in registry.routes if caller.models is None or r in caller.models)
+    # A route the caller may not use answers exactly as one that does not exist.
+    if name not in visible:
+        raise NotFound(f"route {name!r} not found; routes: {', '.join(visible) or 'none'}")
+    return msgspec.convert(request.app.state.shadows.report(name, registry.routes[name]), schemas.RouteReport)
 
 
-@get("/v1/usage", summary="The caller's usage by day and model")
-async def my_usage(caller: Caller, usage: UsageStore, since: str | None = None, until: str | None = None) -> dict[str, Any]:
+@post(
+    "/admin/reload", guards=[admin_guard], status_code=200, summary="Reload the registry file; refused whole when invalid",
+    responses=error_responses(400, *ADMIN_ERRORS),
+)
+async def admin_reload(request: Request) -> schemas.ReloadOutcome:
+    return msgspec.convert(await request.app.state.reloader.reload(request.app.state), schemas.ReloadOutcome)
+
+
+DateParameter = Parameter(description="A UTC day, YYYY-MM-DD (inclusive)", schema_extra={"format": "date"})
+
+
+@get("/v1/usage", summary="The caller's usage by day and model", responses=error_responses(400, *AUTH_ERRORS))
+async def my_usage(
+    caller: Caller,
+    usage: UsageStore,
+    since: Annotated[str | None, DateParameter] = None,
+    until: Annotated[str | None, DateParameter] = None,
+) -> schemas.TenantUsage:
     rows = await usage.rows(caller.tenant, _date(since, "since"), _date(until, "until"))
-    return {"object": "usage", "tenant": caller.tenant, "data": rows, "total": total(rows)}
+    return schemas.TenantUsage(object="usage", tenant=caller.tenant, data=rows, total=total(rows))
 
 
-@get("/admin/usage", guards=[admin_guard], summary="Every tenant's usage (admin key)")
+@get("/admin/usage", guards=[admin_guard], summary="Every tenant's usage (admin key)", responses=error_responses(400, *ADMIN_ERRORS))
 async def all_usage(
-    usage: UsageStore, tenant: str | None = None, since: str | None = None, until: str | None = None
-) -> dict[str, Any]:
+    usage: UsageStore,
+    tenant: str | None = None,
+    since: Annotated[str | None, DateParameter] = None,
+    until: Annotated[str | None, DateParameter] = None,
+) -> schemas.AllUsage:
     rows = await usage.rows(tenant, _date(since, "since"), _date(until, "until"))
-    return {"object": "usage", "data": rows, "total": total(rows)}
+    return schemas.AllUsage(object="usage", data=rows, total=total(rows))
 
 
 def _date(value: str | None, name: str) -> str | None:
-    if value is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-        raise BadRequest(f"invalid request: {name} must be a date as YYYY-MM-DD")
-    return value
+    """A real calendar day as YYYY-MM-DD (2020-13-45 is not one)."""
+    if value is None:
+        return None
+    try:
+        if len(value) != 10:
+            raise ValueError
+        return datetime.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise BadRequest(f"invalid request: {name} must be a date as YYYY-MM-DD, got {value[:40]!r}") from None
 
 
-@get("/health", exclude_from_auth=True, summary="The process is alive")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+# Probes and metrics need no key: `security=[{}]` says so in the OpenAPI document.
+@get("/health", exclude_from_auth=True, security=[{}], summary="The process is alive")
+async def health() -> schemas.Health:
+    return schemas.Health(status="ok")
 
 
-@get("/ready", exclude_from_auth=True, summary="Every eagerly loaded model is ready")
-async def ready(service: RerankService, limiter: Limiter) -> Response:
+@get(
+    "/ready", exclude_from_auth=True, security=[{}], summary="Every eagerly loaded model is ready, and the server is not draining",
+    responses={503: ResponseSpec(schemas.Readiness, description="Not ready: a model is loading or failed, or the server is draining")},
+)
+async def ready(request: Request, service: RerankService, limiter: Limiter) -> Response[schemas.Readiness]:
     models = {e.model_id: e.state for e in service.pool.entries.values() if e.spec.load == "eager"}
-    ok = service.pool.ready
+    draining = request.app.state.lifecycle.draining
+    ok = service.pool.ready and not draining
     # Limits degrade without making the gateway unready: on_failure says whether it still serves.
-    body = {"ready": ok, "models": models, "limits": await limiter.status()}
+    body = schemas.Readiness(ready=ok, draining=draining, models=models, limits=await limiter.status())
     return Response(body, status_code=200 if ok else 503, media_type=MediaType.JSON)
 
 
-@get("/metrics", exclude_from_auth=True, media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
+@get("/metrics", exclude_from_auth=True, security=[{}], media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
 async def metrics(service: RerankService) -> bytes:
     for model_id, entry in service.pool.entries.items():
         if entry.scheduler is not None:
@@ -204,6 +287,12 @@ async def metrics(service: RerankService) -> bytes:
     return service.metrics.render()
 
 
+_SECURITY_SCHEMES = {
+    "bearer": SecurityScheme(type="http", scheme="bearer", description="Authorization: Bearer <API key>"),
+    "api_key": SecurityScheme(type="apiKey", name="X-API-Key", security_scheme_in="header"),
+}
+
+
 def create_app(
     registry: Registry,
     *,
@@ -211,6 +300,7 @@ def create_app(
     wait_for_models: bool = False,
     registry_path: str | Path | None = None,
     reload_on_sighup: bool = False,
+    lifecycle: Lifecycle | None = None,
 ) -> Litestar:
     """Build the app for a validated registry. `gpu_type` overrides detection (tests, `plan --gpu`).
     `registry_path` is the file POST /admin/reload (and SIGHUP, with `reload_on_sighup`) re-reads."""
@@ -223,6 +313,8 @@ def create_app(
         app.state.service = RerankService(registry, pool, metrics)
         app.state.shadows = ShadowRecorder(metrics)
         app.state.reloader = reloader = Reloader(str(registry_path) if registry_path else None, gpu_type)
+        # Driven by gateway.server on SIGTERM; a fresh one (never draining) under any other server.
+        app.state.lifecycle = lifecycle or Lifecycle()
         loop = asyncio.get_running_loop()
         if reload_on_sighup:
             loop.add_signal_handler(signal.SIGHUP, reloader.reload_in_background, app.state)
@@ -263,6 +355,13 @@ def create_app(
         lifespan=[tenancy, lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=registry.server.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="rerank-gateway", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="rerank-gateway",
+            version="0.1.0",
+            path="/schema",
+            # Only when tenants are configured does a route need a key (ApiKeyAuth; admin routes: admin key).
+            components=Components(security_schemes=_SECURITY_SCHEMES if registry.tenants else None),
+            security=[{"bearer": []}, {"api_key": []}] if registry.tenants else None,
+        ),
     )
 

@@ -84,13 +84,11 @@ def may_use(caller: Caller, model_id: str) -> bool:
 
 
 def check_model_access(caller: Caller, name: str, registry: Registry) -> None:
-    """403 for a model (or route) the caller may not use. A name that does not exist at all is 404, and
-    the 404 lists only the caller's own models, so other tenants' models are never revealed."""
+    """404 for a model (or route) the caller may not use, exactly as for a name that does not exist, and
+    the 404 lists only the caller's own names: another tenant's models and routes are never revealed, not
+    even that they exist."""
     if caller.models is None or name in caller.models:
         return
-    known = name in registry.routes or any(name == mid or name in spec.aliases for mid, spec in registry.models.items())
-    if known:
-        raise Forbidden(f"this API key may not use model {name!r}")
     raise NotFound(f"model {name!r} not found; available: {', '.join(sorted(caller.models))}")
 
 

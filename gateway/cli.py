@@ -25,9 +25,9 @@ def _load(path: str):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from gateway import server
     from gateway.app import create_app
+    from gateway.lifecycle import Lifecycle
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = _load(args.registry)
@@ -36,8 +36,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "serving on %s with no tenants configured: anyone who can reach this address can use it", args.host
         )
     # SIGHUP re-reads the registry file (as does POST /admin/reload).
-    app = create_app(registry, registry_path=args.registry, reload_on_sighup=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # SIGTERM drains (bounded by server.drain_timeout_s) and exits 0; see gateway/server.py.
+    lifecycle = Lifecycle()
+    app = create_app(registry, registry_path=args.registry, reload_on_sighup=True, lifecycle=lifecycle)
+    server.serve(app, host=args.host, port=args.port, settings=registry.server, lifecycle=lifecycle)
     return 0
 
 

@@ -1,22 +1,85 @@
-"""Litestar exception handlers: every error leaves as the one shape in core.errors.error_body."""
+"""Litestar exception handlers and the error bodies they write.
+
+Every error leaves in the error shape of the route's dialect: a route handler names its `ErrorDialect` in
+`opt={ERROR_DIALECT: ...}` (see `dialect_opt`), and routes without one (and paths that match no route)
+answer in Cohere's `{"id", "message"}` (core.errors.error_body). The same dialect gives the OpenAPI
+document its error schema (`error_responses`), so the document and the wire cannot disagree."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import msgspec
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
+from litestar.openapi.datastructures import ResponseSpec
 
 from core.errors import GatewayError, error_body
 
 log = logging.getLogger("rerank_gateway")
 
-
-def gateway_error_handler(_: Request, exc: GatewayError) -> Response:
-    return Response(error_body(exc.message), status_code=exc.status_code, headers=exc.headers, media_type=MediaType.JSON)
+ERROR_DIALECT = "error_dialect"
 
 
-def http_exception_handler(_: Request, exc: HTTPException) -> Response:
+class ErrorBody(msgspec.Struct):
+    """Cohere's error body; `id` is unique per error, for support requests."""
+
+    id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ErrorDialect:
+    """How one API dialect writes an error: the body type (for OpenAPI) and how to build it."""
+
+    body_type: type
+    build: Callable[[int, str], Any]  # (status, message) -> body
+
+
+COHERE = ErrorDialect(ErrorBody, lambda _status, message: error_body(message))
+
+# What each status means on this gateway: the OpenAPI descriptions and the README's error table.
+STATUS_MEANING = {
+    400: "Invalid request: malformed or empty body, wrong types, values out of range, JSON nested too deep",
+    401: "Missing or unknown API key (when tenants are configured)",
+    403: "Not the admin key (admin routes), or a forced variant (X-Rerank-Variant) the key may not use",
+    404: "No such model, route or path (names listed are only those the caller may use)",
+    405: "Method not allowed on this path",
+    408: "The request headers or body were not received within the server's timeouts",
+    413: "Request body larger than server.max_body_bytes",
+    429: "A tenant's rate, quota or concurrency limit, or a model's queue is full (Retry-After says when)",
+    431: "Request headers larger than server.max_header_bytes or more than server.max_headers",
+    499: "The client closed the connection (never sent; logs and metrics only)",
+    503: "Model not ready, limits store down (fail-closed), server draining, or too many open connections",
+    504: "The request did not finish within server.request_timeout_s",
+}
+
+
+def dialect_opt(dialect: ErrorDialect) -> dict[str, Any]:
+    return {ERROR_DIALECT: dialect}
+
+
+def error_responses(*statuses: int, dialect: ErrorDialect = COHERE) -> dict[int, ResponseSpec]:
+    """OpenAPI responses for a route's error statuses, in its dialect's shape."""
+    return {
+        status: ResponseSpec(data_container=dialect.body_type, description=STATUS_MEANING[status], generate_examples=False)
+        for status in statuses
+    }
+
+
+def error_response(request: Request | None, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    handler = request.scope.get("route_handler") if request is not None else None
+    dialect = (handler.opt.get(ERROR_DIALECT) if handler is not None else None) or COHERE
+    return Response(dialect.build(status, message), status_code=status, headers=headers or None, media_type=MediaType.JSON)
+
+
+def gateway_error_handler(request: Request, exc: GatewayError) -> Response:
+    return error_response(request, exc.status_code, exc.message, exc.headers)
+
+
+def http_exception_handler(request: Request, exc: HTTPException) -> Response:
     message = exc.detail
     extra = getattr(exc, "extra", None)
     # Litestar's validation errors carry the offending field in `extra`; say it, the client needs it.
@@ -30,17 +93,17 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
             message = f"invalid request: {'; '.join(parts)}"
     elif exc.status_code == 413:
         message = "request body is larger than the server accepts"
-    return Response(error_body(message), status_code=exc.status_code, headers=exc.headers or None, media_type=MediaType.JSON)
+    return error_response(request, exc.status_code, message, exc.headers)
 
 
-def invalid_utf8_handler(_: Request, exc: UnicodeDecodeError) -> Response:
+def invalid_utf8_handler(request: Request, exc: UnicodeDecodeError) -> Response:
     # Litestar decodes JSON bodies before our handlers run; invalid UTF-8 surfaces here.
-    return Response(error_body(f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}"), status_code=400, media_type=MediaType.JSON)
+    return error_response(request, 400, f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}")
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return Response(error_body(f"internal error: {type(exc).__name__}"), status_code=500, media_type=MediaType.JSON)
+    return error_response(request, 500, f"internal error: {type(exc).__name__}")
 
 
 EXCEPTION_HANDLERS = {

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -12,32 +12,38 @@ from core.errors import BadRequest
 from gateway.types import RerankRequest, RerankResult, search_units
 
 
-class CohereRerankRequest(msgspec.Struct, kw_only=True):
-    """Union of v1 and v2 fields; unknown fields are accepted and ignored."""
+# Integer ranges the server enforces; msgspec checks them and the OpenAPI document states them.
+PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
 
-    query: str
-    documents: list[str | dict[str, Any]]
+
+class CohereRerankRequest(msgspec.Struct, kw_only=True):
+    """Union of v1 and v2 fields; unknown fields are accepted and ignored. Decoded strictly
+    (gateway.strict_json): no string or float stands in for an integer or a boolean."""
+
+    query: Annotated[str, msgspec.Meta(min_length=1, description="The search query; must not be empty")]
+    documents: Annotated[
+        list[str | dict[str, Any]],
+        msgspec.Meta(min_length=1, description="Texts, or objects ranked on `rank_fields` (default: their `text`); at most server.max_documents"),
+    ]
     model: str | None = None
-    top_n: int | None = None
-    rank_fields: list[str] | None = None
+    top_n: PositiveInt | None = None
+    rank_fields: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
     return_documents: bool = False
-    max_chunks_per_doc: int | None = None
-    max_tokens_per_doc: int | None = None
-    priority: int | None = None
+    max_chunks_per_doc: PositiveInt | None = None
+    max_tokens_per_doc: PositiveInt | None = None
+    # gt=-1, not ge=0: Litestar's OpenAPI generator drops a bound of 0.
+    priority: Annotated[int, msgspec.Meta(gt=-1, le=999)] | None = None
     # Extensions: TEI's raw_scores, Qwen3's instruction, and a user id for sticky A/B splits.
     raw_scores: bool = False
     instruction: str | None = None
     user: str | None = None
 
 
-class Document(msgspec.Struct):
-    text: str
-
-
 class Result(msgspec.Struct, omit_defaults=True):
     index: int
     relevance_score: float
-    document: dict[str, Any] | Document | None = None
+    # With return_documents: the document as given, a string as {"text": ...}.
+    document: dict[str, Any] | None = None
 
 
 class ApiVersion(msgspec.Struct):
@@ -114,7 +120,7 @@ def to_response(
         document = None
         if req.return_documents:
             doc = req.documents[index]
-            document = Document(doc) if isinstance(doc, str) else doc
+            document = {"text": doc} if isinstance(doc, str) else doc
         results.append(Result(index=index, relevance_score=score, document=document))
     return CohereRerankResponse(
         id=str(uuid.uuid4()),

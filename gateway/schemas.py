@@ -1,0 +1,125 @@
+"""Typed response bodies of the gateway's own routes (models, usage, route report, health, ready, reload):
+what the handlers return and what the OpenAPI document says. The rerank bodies live in each dialect's
+protocol module, the error body in gateway.http_errors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from gateway.usage import UsageRow, UsageTotal
+
+
+class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    backend: str
+    aliases: list[str]
+    profile: str
+    device: str
+    dtype: str
+    max_length: int
+    max_batch_tokens: int
+    state: Literal["ready", "loading", "unavailable", "not_loaded", "off"]
+    reason: str | None = None
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[ModelInfo]
+
+
+class TenantUsage(msgspec.Struct, kw_only=True):
+    object: Literal["usage"]
+    tenant: str
+    data: list[UsageRow]
+    total: UsageTotal
+
+
+class AllUsage(msgspec.Struct, kw_only=True):
+    object: Literal["usage"]
+    data: list[UsageRow]
+    total: UsageTotal
+
+
+class Health(msgspec.Struct):
+    status: Literal["ok"]
+
+
+class Readiness(msgspec.Struct, kw_only=True):
+    ready: bool
+    # True from the first SIGTERM on: the process is draining and a load balancer should stop sending.
+    draining: bool
+    models: dict[str, str]
+    limits: str
+
+
+class ShadowConfig(msgspec.Struct):
+    model: str
+    percent: float
+
+
+class RouteConfig(msgspec.Struct, kw_only=True):
+    split: dict[str, float]
+    sticky: Literal["tenant", "user", "none"]
+    fallback: list[str]
+    shadow: ShadowConfig | None
+
+
+class ScoreSummary(msgspec.Struct, kw_only=True):
+    count: int
+    mean: float | None
+    p50: float | None
+    p90: float | None
+
+
+class Agreement(msgspec.Struct, kw_only=True):
+    primary: str
+    shadow: str
+    compared: int
+    top1_agreement: float | None
+    overlap_at_k: dict[str, float | None]
+    overlap_at_k_compared: dict[str, int]
+    kendall_tau: float | None
+    spearman: float | None
+
+
+class ShadowScores(msgspec.Struct):
+    primary: dict[str, ScoreSummary]
+    shadow: dict[str, ScoreSummary]
+
+
+class ShadowReport(msgspec.Struct, kw_only=True):
+    requests: dict[str, int]
+    agreement: list[Agreement]
+    scores: ShadowScores
+
+
+class Traffic(msgspec.Struct, kw_only=True):
+    answered: dict[str, int]
+    fallbacks: dict[str, dict[str, int]]
+
+
+class RouteReport(msgspec.Struct, kw_only=True):
+    route: str
+    config: RouteConfig
+    since: str
+    traffic: Traffic
+    shadow: ShadowReport
+
+
+class ReloadedModels(msgspec.Struct, kw_only=True):
+    added: list[str]
+    removed: list[str]
+    reloaded: list[str]
+    kept: list[str]
+
+
+class ReloadOutcome(msgspec.Struct, kw_only=True):
+    status: Literal["reloaded"]
+    registry: str
+    models: ReloadedModels
+    routes: list[str]
