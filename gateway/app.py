@@ -23,6 +23,7 @@ from core.config import Registry, cuda_device_name, detect_gpu_type
 from core.errors import BadRequest, NotFound
 from gateway.http_errors import EXCEPTION_HANDLERS
 from gateway.limits import Limiter, OverLimit, build_limiter
+from gateway.logs import with_request_id
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
 from gateway.protocol import cohere
@@ -248,7 +249,7 @@ def create_app(
             await app.state.usage.close()
             await app.state.limiter.close()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             rerank_v1, rerank_v2, list_models, route_report, my_usage, all_usage, admin_reload, health, ready, metrics,
         ],
@@ -265,4 +266,5 @@ def create_app(
         request_max_body_size=registry.server.max_body_bytes,
         openapi_config=OpenAPIConfig(title="rerank-gateway", version="0.1.0", path="/schema"),
     )
+    return with_request_id(app)
 

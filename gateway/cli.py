@@ -27,18 +27,17 @@ def _load(path: str):
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gateway import logs
     from gateway.app import create_app
 
-    from gateway import logs
-
-    log_options = logs.configure(args.log_format)
     registry = _load(args.registry)
+    # SIGHUP re-reads the registry file (as does POST /admin/reload).
+    app = create_app(registry, registry_path=args.registry, reload_on_sighup=True)
+    log_options = logs.configure(args.log_format)  # after create_app, which sets up Litestar's logging
     if args.host not in ("127.0.0.1", "localhost", "::1") and not registry.tenants:
         logging.getLogger("rerank_gateway").warning(
             "serving on %s with no tenants configured: anyone who can reach this address can use it", args.host
         )
-    # SIGHUP re-reads the registry file (as does POST /admin/reload).
-    app = create_app(registry, registry_path=args.registry, reload_on_sighup=True)
     if args.watch_registry:
         from gateway import registry_watch
 

@@ -58,14 +58,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def serve_process(registry_path: Path, *, log: IO[str] | None = None, ready_timeout_s: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+def serve_process(
+    registry_path: Path, *, log: IO[str] | None = None, ready_timeout_s: float = 180, extra_args: tuple[str, ...] = ()
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """`rerank-gateway serve` as a real subprocess on a free loopback port; yields (url, process) once
     /ready answers 200, and stops it afterwards. Output goes to `log` (a file) or is kept for errors."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = log if log is not None else subprocess.PIPE
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry_path), "--port", str(port)],
+        [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry_path), "--port", str(port), *extra_args],
         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
