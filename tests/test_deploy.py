@@ -347,3 +347,44 @@ def test_compose_runs_the_images_front_door_two_workers_and_redis(monkeypatch):
                 parse_registry(registry, str(source))
     assert compose["networks"]["backend"]["internal"] is True
     assert set(services["worker-1"]["networks"]) == {"backend"}
+
+
+# --- the Grafana dashboard -------------------------------------------------------------------------------
+
+# Series the remote backend adds (issue 11: rerank_upstream_* per model and endpoint); the rest must exist now.
+PENDING_UPSTREAM = {"rerank_upstream_requests", "rerank_upstream_seconds", "rerank_upstream_ejections", "rerank_upstream_in_flight", "rerank_upstream_up"}
+
+
+def _exposed_series(families) -> set[str]:
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {f.name + s for f in families for s in suffixes.get(f.type, ("",))}
+
+
+def test_dashboard_queries_the_gateways_own_series():
+    from gateway.metrics import Metrics
+
+    dashboard = __import__("json").loads((REPO / "deploy" / "grafana" / "rerank-gateway.json").read_text())
+    exposed = _exposed_series(Metrics().registry.collect())
+    pending = _exposed_series(
+        type("F", (), {"name": n, "type": "histogram" if n.endswith("_seconds") else "gauge" if n.endswith(("_up", "_in_flight")) else "counter"})
+        for n in PENDING_UPSTREAM
+    )
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    used: set[str] = set()
+    for panel in panels:
+        for target in panel["targets"]:
+            for series in re.findall(r"\b(rerank_[a-z0-9_]+)", target["expr"]):
+                assert series in exposed or (series in pending and not _upstream_landed(exposed)), f"{panel['title']}: {series}"
+                used.add(series)
+    # What an operator needs: traffic and errors by model, tenant and route; queue, tokenize and inference
+    # time; padding efficiency; OOM recoveries; memory; upstream endpoint health; shadow agreement.
+    for needed in ("rerank_requests_total", "rerank_route_requests_total", "rerank_queue_seconds_bucket", "rerank_tokenize_seconds_bucket",
+                   "rerank_inference_seconds_bucket", "rerank_real_tokens_total", "rerank_oom_recoveries_total", "rerank_device_memory_bytes",
+                   "rerank_upstream_up", "rerank_upstream_requests_total", "rerank_shadow_top1_agreements_total", "rerank_shadow_agreement"):
+        assert needed in used, needed
+    by = " ".join(t["expr"] for p in panels for t in p["targets"])
+    assert "sum by (tenant" in by and "sum by (route" in by and "sum by (model" in by
+
+
+def _upstream_landed(exposed: set[str]) -> bool:
+    return "rerank_upstream_up" in exposed
