@@ -102,6 +102,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = _request_id.get()
+        record.request_id_text = record.request_id or "-"
         return True
 
 
@@ -129,7 +130,7 @@ def configure(fmt: LogFormat, level: int = logging.INFO) -> dict[str, Any]:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id_text)s]: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, minilm_registry
+from tests.conftest import REPO, minilm_registry
 from core.config import Registry, detect_gpu_type, load_registry, parse_registry
 from gateway import cli
 from gateway.app import create_app

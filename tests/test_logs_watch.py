@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import MINILM, REPO, serve_process
+from tests.conftest import MINILM, REPO, serve_process
 from gateway.auth import key_sha256
 
 KEY, NEW_KEY = "rg-test-key-one", "rg-test-key-two"
