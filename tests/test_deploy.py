@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, minilm_registry
+from tests.conftest import REPO, minilm_registry, remote_backend_available
 from core.config import Registry, detect_gpu_type, load_registry, parse_registry
 from gateway import cli
 from gateway.app import create_app
@@ -82,14 +82,6 @@ def _parse_cli(argv: list[str], monkeypatch) -> Any:
 def _registry_of(objs, configmap: str) -> dict:
     return yaml.safe_load(_of(objs, "ConfigMap")[configmap]["data"]["registry.yaml"])
 
-
-def _supports_remote() -> bool:
-    """`backend: remote` (issue 11) is in the registry schema."""
-    try:
-        parse_registry({"default_model": "m", "models": {"m": {"backend": "remote", "dialect": "gateway", "endpoints": ["http://w:8080"]}}})
-    except Exception:  # noqa: BLE001 - RegistryError until issue 11 lands
-        return False
-    return True
 
 
 def test_every_overlay_renders_and_deployments_are_wired(rendered, monkeypatch):
@@ -211,7 +203,7 @@ def test_worker_pools_gpu_profiles_and_front_door_endpoints(rendered):
         if spec.get("api_key_env"):
             env = {e["name"] for e in _gateway_container(deployments["frontdoor"]).get("env", [])}
             assert spec["api_key_env"] in env
-    if _supports_remote():
+    if remote_backend_available():
         parse_registry(front, "frontdoor-registry")
 
 
@@ -343,7 +335,7 @@ def test_compose_runs_the_images_front_door_two_workers_and_redis(monkeypatch):
             assert registry["limits"]["url"].startswith("redis://redis:")
             endpoints = {u for spec in registry["models"].values() for u in spec["endpoints"]}
             assert endpoints == {"http://worker-1:8080", "http://worker-2:8080"}
-            if _supports_remote():
+            if remote_backend_available():
                 parse_registry(registry, str(source))
     assert compose["networks"]["backend"]["internal"] is True
     assert set(services["worker-1"]["networks"]) == {"backend"}

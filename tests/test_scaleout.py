@@ -10,6 +10,7 @@ for either."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 import signal
@@ -22,8 +23,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import MINILM, free_port, serve_process
-from core.config import ServerSettings, parse_registry
+from tests.conftest import MINILM, free_port, remote_backend_available, serve_process
+from core.config import ServerSettings
 from gateway.auth import key_sha256
 from tests.tenant_fixtures import RedisServer
 
@@ -31,18 +32,10 @@ TENANT_KEY, WORKER_KEY = "rg-scaleout-tenant", "rg-scaleout-frontdoor-to-workers
 BODY = {"model": "minilm", "query": "what is a cat", "documents": ["a cat is an animal", "paris is in france", "cats purr"]}
 
 
-def _supports_remote() -> bool:
-    try:
-        parse_registry({"default_model": "m", "models": {"m": {"backend": "remote", "dialect": "gateway", "endpoints": ["http://w:1"]}}})
-    except Exception:  # noqa: BLE001 - RegistryError until issue 11 lands
-        return False
-    return True
 
-
-needs_remote = pytest.mark.skipif(not _supports_remote(), reason="waits on issue 11: backend: remote, dialect: gateway")
-needs_drain = pytest.mark.skipif(
-    "drain_timeout_s" not in ServerSettings.__struct_fields__, reason="waits on issue 10: bounded drain on SIGTERM"
-)
+needs_remote = pytest.mark.skipif(not remote_backend_available(), reason="waits on issue 11: backend: remote, dialect: gateway")
+HAS_DRAIN = "drain_timeout_s" in ServerSettings.__struct_fields__
+needs_drain = pytest.mark.skipif(not HAS_DRAIN, reason="waits on issue 10: bounded drain on SIGTERM")
 
 
 @pytest.fixture
@@ -111,7 +104,8 @@ class Load:
 def topology(tmp_path: Path, redis: RedisServer, drain_s: float = 10.0) -> Iterator[dict]:
     """Two workers on fixed ports (a restarted one comes back on its address, as a pod behind its Service
     does) and a front door whose registry lists both as one endpoint pool."""
-    worker_registry = _write(tmp_path / "worker.yaml", _local({"frontdoor": {"api_key_sha256": key_sha256(WORKER_KEY)}}, server={"drain_timeout_s": drain_s}))
+    drain = {"drain_timeout_s": drain_s} if HAS_DRAIN else {}
+    worker_registry = _write(tmp_path / "worker.yaml", _local({"frontdoor": {"api_key_sha256": key_sha256(WORKER_KEY)}}, server=drain))
     ports = [free_port(), free_port()]
     front_registry = _write(tmp_path / "frontdoor.yaml", {
         "default_model": "minilm",
@@ -123,15 +117,28 @@ def topology(tmp_path: Path, redis: RedisServer, drain_s: float = 10.0) -> Itera
             "endpoints": [f"http://127.0.0.1:{p}" for p in ports], "api_key_env": "WORKER_API_KEY", "timeout_s": 20,
         }},
     })
+    json_logs = ("--log-format", "json")
     with contextlib.ExitStack() as stack:
-        workers = _start_together(stack, *(serve_process(worker_registry, port=p) for p in ports))
-        front_url, _ = stack.enter_context(serve_process(front_registry, env={"WORKER_API_KEY": WORKER_KEY}))
-        yield {"front": front_url, "workers": workers, "ports": ports, "registry": worker_registry, "stack": stack}
+        logs = [stack.enter_context(open(tmp_path / f"worker-{i}.log", "a")) for i in range(2)]
+
+        def worker(i: int):
+            return serve_process(worker_registry, port=ports[i], log=logs[i], extra_args=json_logs)
+
+        workers = _start_together(stack, worker(0), worker(1))
+        front_url, _ = stack.enter_context(serve_process(front_registry, env={"WORKER_API_KEY": WORKER_KEY}, extra_args=json_logs))
+        yield {"front": front_url, "workers": workers, "restart": worker, "stack": stack, "logs": [Path(f.name) for f in logs]}
 
 
 @needs_remote
 def test_worker_killed_under_load_loses_no_client_request(tmp_path, redis_server):
     with topology(tmp_path, redis_server) as t:
+        # The request id a client sends reaches the worker that answers (its JSON access line) and comes back.
+        answer = httpx.post(f"{t['front']}/v2/rerank", json=BODY, timeout=30, headers={"Authorization": f"Bearer {TENANT_KEY}", "X-Request-Id": "e2e-trace-1"})
+        assert answer.status_code == 200 and answer.headers["x-request-id"] == "e2e-trace-1"
+        time.sleep(0.3)
+        seen = [json.loads(line) for f in t["logs"] for line in f.read_text().splitlines() if "e2e-trace-1" in line]
+        assert any(r["logger"] == "rerank_gateway.access" and r["tenant"] == "frontdoor" and r["status"] == 200 for r in seen), seen
+
         with Load(t["front"]) as load:
             time.sleep(1.5)
             _, victim = t["workers"][0]
@@ -149,13 +156,13 @@ def test_worker_killed_under_load_loses_no_client_request(tmp_path, redis_server
 def test_rolling_restart_of_both_workers_loses_no_client_request(tmp_path, redis_server):
     with topology(tmp_path, redis_server, drain_s=10.0) as t:
         with Load(t["front"]) as load:
-            for i, port in enumerate(t["ports"]):
+            for i in range(2):
                 time.sleep(1.0)
                 _, proc = t["workers"][i]
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=10.0 + 5) == 0  # drained and exited cleanly, within the drain bound
                 # The replacement comes up on the same address, as a new pod behind the Service.
-                t["workers"][i] = t["stack"].enter_context(serve_process(t["registry"], port=port))
+                t["workers"][i] = t["stack"].enter_context(t["restart"](i))
             time.sleep(1.0)
         assert len(load.statuses) > 20 and load.failed() == [], load.failed()[:5]
 
