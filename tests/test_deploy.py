@@ -228,6 +228,7 @@ def test_policies_autoscaling_and_disruption_budgets(rendered):
                             assert "namespaceSelector" in peer  # Prometheus' namespace, for /metrics
     hpa = _of(objs, "HorizontalPodAutoscaler")["frontdoor"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "frontdoor" and hpa["spec"]["minReplicas"] >= 2
+    assert "replicas" not in deployments["frontdoor"]["spec"]  # the HPA owns it; apply must not reset it
     assert _gateway_container(deployments["frontdoor"])["resources"]["requests"]["cpu"]  # the HPA's utilisation base
     pdbs = _of(objs, "PodDisruptionBudget")
     for name in [n for n, r in role.items() if r in ("frontdoor", "worker")]:
