@@ -58,13 +58,15 @@ def merged_text(base: Path, overlays: list[Path]) -> str:
     data: Any = {}
     for path in [base, *overlays]:
         try:
-            part = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            part = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise RegistryError(f"{path}: cannot read: {exc.strerror}") from None
         except yaml.YAMLError as exc:
             raise RegistryError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(part, dict):
-            raise RegistryError(f"{path}: must be a mapping")
+        # An empty source is refused, never taken as "nothing to add": a Secret caught empty must not
+        # drop every tenant and leave the gateway open to anyone.
+        if not isinstance(part, dict) or not part:
+            raise RegistryError(f"{path}: must be a non-empty mapping")
         data = merge(data, part)
     parse_registry(data, f"{base} + {', '.join(map(str, overlays)) or 'no overlays'}")
     return yaml.safe_dump(data, sort_keys=False)

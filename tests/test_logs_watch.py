@@ -4,6 +4,7 @@ and the registry following its files (`serve --watch-registry`, `rerank-gateway 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -80,6 +81,13 @@ def test_request_id_end_to_end_in_json_logs_and_registry_file_watch(tmp_path):
     assert any(r["level"] == "error" and "reload refused" in r["message"] for r in lines)
 
 
+def _swap(path, data: dict) -> None:
+    """Replace a file as the kubelet replaces a mounted Secret: whole, never half-written."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(yaml.safe_dump(data))
+    os.replace(tmp, path)
+
+
 def _sync(*args: str, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "gateway.cli", "registry-sync", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -100,15 +108,21 @@ def test_registry_sync_lays_secret_fragments_over_the_configmap(tmp_path):
     assert bad.returncode == 2 and "not a lowercase hex sha256" in bad.stderr
     assert yaml.safe_load(out.read_text()) == merged
 
+    # An empty fragment (a Secret caught empty) is refused too: it must not drop every tenant.
+    secret.write_text("")
+    empty = _sync("--base", str(base), "--overlay", str(secret), "--out", str(out))
+    assert empty.returncode == 2 and "non-empty mapping" in empty.stderr
+    assert yaml.safe_load(out.read_text()) == merged
+
     # As a sidecar (--watch): a rotated key lands in the served file.
-    secret.write_text(yaml.safe_dump({"tenants": {"acme": {"api_key_sha256": [key_sha256(KEY), key_sha256(NEW_KEY)]}}}))
+    _swap(secret, {"tenants": {"acme": {"api_key_sha256": [key_sha256(KEY), key_sha256(NEW_KEY)]}}})
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "registry-sync", "--base", str(base), "--overlay", str(secret), "--out", str(out), "--watch", "0.1"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         assert _wait(lambda: isinstance(yaml.safe_load(out.read_text())["tenants"]["acme"]["api_key_sha256"], list))
-        secret.write_text(yaml.safe_dump({"tenants": {"acme": {"api_key_sha256": key_sha256(NEW_KEY)}}}))
+        _swap(secret, {"tenants": {"acme": {"api_key_sha256": key_sha256(NEW_KEY)}}})
         assert _wait(lambda: yaml.safe_load(out.read_text())["tenants"]["acme"]["api_key_sha256"] == key_sha256(NEW_KEY))
         assert proc.poll() is None
     finally:
