@@ -141,6 +141,8 @@ def test_worker_killed_under_load_loses_no_client_request(tmp_path, redis_server
 
         with Load(t["front"]) as load:
             time.sleep(1.5)
+            # The victim was taking its share of the load when it died.
+            assert '"status": 200' in t["logs"][0].read_text().split("e2e-trace-1")[-1]
             _, victim = t["workers"][0]
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=10)
