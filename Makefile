@@ -6,16 +6,23 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 REGISTRY ?= registry.yaml
 
-.PHONY: serve test bench check plan clean
+.PHONY: install serve test bench check plan clean
 
 # torch goes in first, pinned: 2.13.0 is the CPU build that lies on this machine's disk; letting the
 # project's dependencies pull torch would download a multi-GB CUDA build.
+# The container images (docker/) run this same target with their own TORCH_INDEX / EXTRAS / VENV, so the
+# images and a developer's .venv cannot drift apart (tests/test_deploy.py checks it).
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+EXTRAS      ?= test
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e "$(if $(EXTRAS),.[$(EXTRAS)],.)"
 	touch $(STAMP)
+
+install: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/rerank-gateway serve --registry $(REGISTRY) --host $(HOST) --port $(PORT)

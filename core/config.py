@@ -36,6 +36,11 @@ class Profile(_Strict):
     max_length: int | None = None
     dtype: Dtype | None = None
     quantization: Quantization | None = None
+    # Measured on one worker of this type with this profile (`rerank-gateway tune`), never paper figures:
+    # sustained throughput, and for the cpu profile the cores it ran on. `plan --rps` sizes pools from them.
+    measured_pairs_per_s: float | None = None
+    measured_tokens_per_s: float | None = None
+    measured_cpu_cores: int | None = None
 
 
 class ModelSpec(_Strict):
@@ -213,6 +218,9 @@ def _semantic_problems(reg: Registry) -> list[str]:
                 problems.append(f"models.{model_id}.profiles.{key}: not 'cpu' and not a key of gpu_types")
             elif key != "cpu" and (profile.dtype or spec.dtype) == "bfloat16" and not reg.gpu_types[key].bf16:
                 problems.append(f"models.{model_id}.profiles.{key}.dtype: bfloat16 on a GPU type without bf16")
+            for field in ("measured_pairs_per_s", "measured_tokens_per_s", "measured_cpu_cores"):
+                if getattr(profile, field) is not None and getattr(profile, field) <= 0:
+                    problems.append(f"models.{model_id}.profiles.{key}.{field}: must be > 0")
         quantized = [spec.quantization, *(p.quantization for p in spec.profiles.values())]
         if "nf4" in quantized and spec.backend not in QUANTIZABLE_BACKENDS:
             problems.append(f"models.{model_id}.quantization: nf4 is supported by the {', '.join(QUANTIZABLE_BACKENDS)} backend only")

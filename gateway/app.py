@@ -30,6 +30,7 @@ from gateway import schemas, strict_json
 from gateway.http_errors import EXCEPTION_HANDLERS, error_responses
 from gateway.lifecycle import Lifecycle
 from gateway.limits import Limiter, OverLimit, build_limiter
+from gateway.logs import with_request_id
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
 from gateway.protocol import cohere
@@ -340,7 +341,7 @@ def create_app(
             await app.state.usage.close()
             await app.state.limiter.close()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             rerank_v1, rerank_v2, list_models, route_report, my_usage, all_usage, admin_reload, health, ready, metrics,
         ],
@@ -364,4 +365,5 @@ def create_app(
             security=[{"bearer": []}, {"api_key": []}] if registry.tenants else None,
         ),
     )
+    return with_request_id(app)
 

@@ -25,21 +25,25 @@ def _load(path: str):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway import server
+    from gateway import logs, server
     from gateway.app import create_app
     from gateway.lifecycle import Lifecycle
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = _load(args.registry)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not registry.tenants:
-        logging.getLogger("rerank_gateway").warning(
-            "serving on %s with no tenants configured: anyone who can reach this address can use it", args.host
-        )
     # SIGHUP re-reads the registry file (as does POST /admin/reload).
     # SIGTERM drains (bounded by server.drain_timeout_s) and exits 0; see gateway/server.py.
     lifecycle = Lifecycle()
     app = create_app(registry, registry_path=args.registry, reload_on_sighup=True, lifecycle=lifecycle)
-    server.serve(app, host=args.host, port=args.port, settings=registry.server, lifecycle=lifecycle)
+    log_options = logs.configure(args.log_format)  # after create_app, which sets up Litestar's logging
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not registry.tenants:
+        logging.getLogger("rerank_gateway").warning(
+            "serving on %s with no tenants configured: anyone who can reach this address can use it", args.host
+        )
+    if args.watch_registry:
+        from gateway import registry_watch
+
+        registry_watch.install(app, args.registry, args.watch_registry)
+    server.serve(app, host=args.host, port=args.port, settings=registry.server, lifecycle=lifecycle, **log_options)
     return 0
 
 
@@ -53,6 +57,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from gateway.planning import plan, render
 
     registry = _load(args.registry)
+    if args.rps is not None:
+        return _plan_capacity(registry, args)
     device_name = cuda_device_name()
     gpu_type = args.gpu or detect_gpu_type(registry, device_name)
     if args.gpu and args.gpu != "cpu" and args.gpu not in registry.gpu_types:
@@ -62,6 +68,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     card = plan(registry, gpu_type)
     print(render(card))
     return 0 if card.ok else 1
+
+
+def _plan_capacity(registry, args: argparse.Namespace) -> int:
+    from core.config import name_index
+    from gateway import capacity
+
+    if args.docs is None or args.doc_tokens is None:
+        print("error: --rps needs --docs and --doc-tokens", file=sys.stderr)
+        return 2
+    if args.rps <= 0 or args.docs < 1 or args.doc_tokens < 1 or not 0 < args.target_utilization <= 1:
+        print("error: --rps must be > 0, --docs and --doc-tokens >= 1, --target-utilization in (0, 1]", file=sys.stderr)
+        return 2
+    names = name_index(registry)
+    if args.model and args.model not in names:
+        print(f"error: --model {args.model!r}: not a model id or alias", file=sys.stderr)
+        return 2
+    demand = capacity.Demand(args.rps, args.docs, args.doc_tokens, args.query_tokens, args.target_utilization)
+    sizes = capacity.plan_capacity(registry, demand, [names[args.model]] if args.model else None)
+    print(capacity.render(registry, demand, sizes))
+    return 0 if any(s.measured for s in sizes) else 1
+
+
+def cmd_registry_sync(args: argparse.Namespace) -> int:
+    from gateway import registry_watch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return registry_watch.sync(Path(args.base), [Path(p) for p in args.overlay], Path(args.out), watch_s=args.watch)
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
@@ -91,7 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     _registry_arg(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line, with the request id")
+    serve.add_argument("--watch-registry", type=float, metavar="SECONDS", help="poll the registry file and reload it when it changes")
     serve.set_defaults(func=cmd_serve)
+    sync = sub.add_parser("registry-sync", help="write a registry merged from a base file and overlays (Kubernetes: ConfigMap + Secret)")
+    sync.add_argument("--base", required=True, help="the registry (e.g. a mounted ConfigMap)")
+    sync.add_argument("--overlay", action="append", default=[], help="YAML laid over it (e.g. tenant key hashes from a Secret); repeatable")
+    sync.add_argument("--out", required=True, help="where the gateway reads its registry")
+    sync.add_argument("--watch", type=float, metavar="SECONDS", help="keep running, rewriting on change (a sidecar)")
+    sync.set_defaults(func=cmd_registry_sync)
     check = sub.add_parser("check", help="validate a registry; exit non-zero on errors")
     _registry_arg(check)
     check.set_defaults(func=cmd_check)
@@ -100,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     _registry_arg(plan)
     plan.add_argument("--gpu", help="plan for this GPU type key (or 'cpu') instead of the detected one; exit 1 if it does not fit")
+    # Capacity (gateway.capacity): with --rps, workers per GPU type (or CPU cores) from measured profiles.
+    plan.add_argument("--rps", type=float, help="capacity mode: requests per second to serve")
+    plan.add_argument("--docs", type=int, help="documents per request")
+    plan.add_argument("--doc-tokens", type=int, help="tokens per document")
+    plan.add_argument("--query-tokens", type=int, default=32, help="tokens per query (default: %(default)s)")
+    plan.add_argument("--target-utilization", type=float, default=0.7, help="share of measured throughput to plan for (default: %(default)s)")
+    plan.add_argument("--model", help="only this model (id or alias)")
     plan.set_defaults(func=cmd_plan)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     new = keys.add_parser("new", help="print a fresh random key and the api_key_sha256 line for the registry")

@@ -292,7 +292,10 @@ def raise_fd_limit(max_connections: int) -> None:
             log.warning("open-file limit %d is below server.max_connections + %d; raise `ulimit -n`", new, SPARE_FDS)
 
 
-def config(app: Any, *, host: str, port: int, settings: ServerSettings, lifecycle: Lifecycle, log_level: str = "info") -> uvicorn.Config:
+def config(
+    app: Any, *, host: str, port: int, settings: ServerSettings, lifecycle: Lifecycle, log_level: str = "info", **log_options: Any
+) -> uvicorn.Config:
+    """`log_options` (gateway.logs.configure's) route uvicorn's own lines through the gateway's log format."""
     return uvicorn.Config(
         app,
         host=host,
@@ -305,12 +308,22 @@ def config(app: Any, *, host: str, port: int, settings: ServerSettings, lifecycl
         lifespan="on",
         log_level=log_level,
         server_header=False,
+        **log_options,
     )
 
 
-def serve(app: Any, *, host: str, port: int, settings: ServerSettings, lifecycle: Lifecycle | None = None, log_level: str = "info") -> None:
+def serve(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    settings: ServerSettings,
+    lifecycle: Lifecycle | None = None,
+    log_level: str = "info",
+    **log_options: Any,
+) -> None:
     """Serve until SIGTERM/SIGINT, drain, return (the caller exits 0)."""
     lifecycle = lifecycle or Lifecycle()
     raise_fd_limit(settings.max_connections)
-    server = GatewayServer(config(app, host=host, port=port, settings=settings, lifecycle=lifecycle, log_level=log_level), settings, lifecycle)
+    server = GatewayServer(config(app, host=host, port=port, settings=settings, lifecycle=lifecycle, log_level=log_level, **log_options), settings, lifecycle)
     server.run()

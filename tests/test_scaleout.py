@@ -1,0 +1,204 @@
+"""The scale-out topology as real processes on 127.0.0.1: front doors (`backend: remote`, `dialect: gateway`),
+two workers and a real redis-server. What Kubernetes does to pods, done to processes: a worker SIGKILLed
+under load, a rolling restart (SIGTERM one worker at a time, each drains and comes back on its address),
+and two front doors holding one tenant's global rate limit through Redis.
+
+The worker tests wait on two features being merged: the remote backend (issue 11) and the bounded drain on
+SIGTERM (issue 10). They skip, saying which, until the registry schema has them; nothing here stands in
+for either."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import MINILM, free_port, remote_backend_available, serve_process
+from core.config import ServerSettings
+from gateway.auth import key_sha256
+from tests.tenant_fixtures import RedisServer
+
+TENANT_KEY, WORKER_KEY = "rg-scaleout-tenant", "rg-scaleout-frontdoor-to-workers"
+BODY = {"model": "minilm", "query": "what is a cat", "documents": ["a cat is an animal", "paris is in france", "cats purr"]}
+
+
+
+needs_remote = pytest.mark.skipif(not remote_backend_available(), reason="waits on issue 11: backend: remote, dialect: gateway")
+HAS_DRAIN = "drain_timeout_s" in ServerSettings.__struct_fields__
+needs_drain = pytest.mark.skipif(not HAS_DRAIN, reason="waits on issue 10: bounded drain on SIGTERM")
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _local(tenants: dict, limits: dict | None = None, server: dict | None = None) -> dict:
+    data = {
+        "default_model": "minilm",
+        "models": {"minilm": {"backend": "embedding", "source": MINILM, "max_length": 64, "cpu_streams": 1}},
+        "usage": {"path": None},
+        "tenants": tenants,
+        "server": {"request_timeout_s": 30, **(server or {})},
+    }
+    if limits:
+        data["limits"] = limits
+    return data
+
+
+def _start_together(stack: contextlib.ExitStack, *servers) -> list:
+    """Enter several serve_process contexts at once: the processes load their models in parallel."""
+    with ThreadPoolExecutor(len(servers)) as pool:
+        return list(pool.map(stack.enter_context, servers))
+
+
+class Load:
+    """Client threads sending reranks to the front door until stopped; every answer is recorded."""
+
+    def __init__(self, url: str, threads: int = 3) -> None:
+        self.url, self.statuses, self.errors = url, [], []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {TENANT_KEY}"}) as client:
+            while not self._stop.is_set():
+                try:
+                    self.statuses.append(client.post(f"{self.url}/v2/rerank", json=BODY).status_code)
+                except httpx.HTTPError as exc:
+                    self.errors.append(repr(exc))
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def failed(self) -> list:
+        return [s for s in self.statuses if s != 200] + self.errors
+
+
+@contextlib.contextmanager
+def topology(tmp_path: Path, redis: RedisServer, drain_s: float = 10.0) -> Iterator[dict]:
+    """Two workers on fixed ports (a restarted one comes back on its address, as a pod behind its Service
+    does) and a front door whose registry lists both as one endpoint pool."""
+    drain = {"drain_timeout_s": drain_s} if HAS_DRAIN else {}
+    worker_registry = _write(tmp_path / "worker.yaml", _local({"frontdoor": {"api_key_sha256": key_sha256(WORKER_KEY)}}, server=drain))
+    ports = [free_port(), free_port()]
+    front_registry = _write(tmp_path / "frontdoor.yaml", {
+        "default_model": "minilm",
+        "usage": {"path": None},
+        "limits": {"backend": "redis", "url": redis.url},
+        "tenants": {"acme": {"api_key_sha256": key_sha256(TENANT_KEY)}},
+        "models": {"minilm": {
+            "backend": "remote", "dialect": "gateway", "upstream_model": "minilm",
+            "endpoints": [f"http://127.0.0.1:{p}" for p in ports], "api_key_env": "WORKER_API_KEY", "timeout_s": 20,
+        }},
+    })
+    json_logs = ("--log-format", "json")
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(open(tmp_path / f"worker-{i}.log", "a")) for i in range(2)]
+
+        def worker(i: int):
+            return serve_process(worker_registry, port=ports[i], log=logs[i], extra_args=json_logs)
+
+        workers = _start_together(stack, worker(0), worker(1))
+        front_url, _ = stack.enter_context(serve_process(front_registry, env={"WORKER_API_KEY": WORKER_KEY}, extra_args=json_logs))
+        yield {"front": front_url, "workers": workers, "restart": worker, "stack": stack, "logs": [Path(f.name) for f in logs]}
+
+
+@needs_remote
+def test_worker_killed_under_load_loses_no_client_request(tmp_path, redis_server):
+    with topology(tmp_path, redis_server) as t:
+        # The request id a client sends reaches the worker that answers (its JSON access line) and comes back.
+        answer = httpx.post(f"{t['front']}/v2/rerank", json=BODY, timeout=30, headers={"Authorization": f"Bearer {TENANT_KEY}", "X-Request-Id": "e2e-trace-1"})
+        assert answer.status_code == 200 and answer.headers["x-request-id"] == "e2e-trace-1"
+        time.sleep(0.3)
+        seen = [json.loads(line) for f in t["logs"] for line in f.read_text().splitlines() if "e2e-trace-1" in line]
+        assert any(r["logger"] == "rerank_gateway.access" and r["tenant"] == "frontdoor" and r["status"] == 200 for r in seen), seen
+
+        with Load(t["front"]) as load:
+            time.sleep(1.5)
+            # The victim was taking its share of the load when it died.
+            assert '"status": 200' in t["logs"][0].read_text().split("e2e-trace-1")[-1]
+            _, victim = t["workers"][0]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+            time.sleep(3.0)
+        answered = len(load.statuses)
+        assert answered > 20 and load.failed() == [], load.failed()[:5]
+        # The survivor answers on its own afterwards.
+        assert httpx.post(f"{t['front']}/v2/rerank", json=BODY, headers={"Authorization": f"Bearer {TENANT_KEY}"}, timeout=30).status_code == 200
+
+
+@needs_remote
+@needs_drain
+def test_rolling_restart_of_both_workers_loses_no_client_request(tmp_path, redis_server):
+    with topology(tmp_path, redis_server, drain_s=10.0) as t:
+        with Load(t["front"]) as load:
+            for i in range(2):
+                time.sleep(1.0)
+                _, proc = t["workers"][i]
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=10.0 + 5) == 0  # drained and exited cleanly, within the drain bound
+                # The replacement comes up on the same address, as a new pod behind the Service.
+                t["workers"][i] = t["stack"].enter_context(t["restart"](i))
+            time.sleep(1.0)
+        assert len(load.statuses) > 20 and load.failed() == [], load.failed()[:5]
+
+
+def test_two_front_doors_share_one_tenant_rate_limit_through_redis(tmp_path, redis_server):
+    """A tenant allowed `limit` requests per window gets that many across two processes, not twice as many."""
+    window_s, limit, windows = 1.5, 30, 2
+    reg = _write(tmp_path / "front.yaml", _local(
+        {"acme": {"api_key_sha256": key_sha256(TENANT_KEY), "requests_per_minute": limit}},
+        limits={"backend": "redis", "url": redis_server.url, "rate_window_s": window_s},
+    ))
+    with contextlib.ExitStack() as stack:
+        (one, _), (two, _) = _start_together(stack, serve_process(reg), serve_process(reg))
+        # Start at a window boundary (the windows are aligned to the epoch on Redis's clock, which is ours).
+        now = time.time()
+        time.sleep(math.floor(now / window_s) * window_s + window_s + 0.05 - now)
+        end = time.monotonic() + windows * window_s - 0.15
+        counts = {one: [0, 0], two: [0, 0]}  # url -> [admitted, refused]
+
+        def hammer(url: str) -> None:
+            with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {TENANT_KEY}"}) as client:
+                while time.monotonic() < end:
+                    status = client.post(f"{url}/v2/rerank", json=BODY).status_code
+                    assert status in (200, 429), status
+                    counts[url][0 if status == 200 else 1] += 1
+                    if status == 429:
+                        time.sleep(0.01)
+
+        threads = [threading.Thread(target=hammer, args=(url,)) for url in (one, two, one, two)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+    admitted = counts[one][0] + counts[two][0]
+    assert counts[one][1] + counts[two][1] > 0, "the load never reached the limit"
+    assert counts[one][0] > 0 and counts[two][0] > 0, counts
+    assert abs(admitted - limit * windows) <= 0.1 * limit * windows, (admitted, counts)
