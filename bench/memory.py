@@ -56,6 +56,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# The live-bytes measurement and the mixed-length batch shape are tune's, so both tools measure alike.
+from gateway.tune import mixed_batch, peak_live_bytes  # noqa: E402
+
 GIB = 1024**3
 KIB = 1024
 DEFAULT_BUDGETS = [1024, 4096, 16384]
@@ -217,29 +220,6 @@ def tensor_bytes(model: torch.nn.Module) -> int:
 # --- measuring ------------------------------------------------------------------------------------------------
 
 
-def peak_live_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
-    """(peak live bytes allocated through torch's CPU allocator while fn runs, fn's result)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak, result
-
-
-def mixed_lengths(budget: int, length: int) -> list[int]:
-    """Rows of a batch of `budget` padded tokens at width `length`: from the full length down to half of
-    it, evenly, so the batch pads as the length window lets it and the attention mask is not all ones."""
-    n = max(1, budget // length)
-    if n == 1:
-        return [length]
-    return [length - (length // 2) * k // (n - 1) for k in range(n)]
-
-
 @dataclass
 class Row:
     model: str
@@ -283,7 +263,7 @@ def truncated(model: torch.nn.Module, layers: int | None):
 
 
 def measure_batch(backend, name: str, budget: int, length: int, *, weights: int, layers: int | None, official: bool = False) -> Row:
-    lengths = mixed_lengths(budget, length)
+    lengths = mixed_batch(budget, length)
     items = [backend.synthetic_item(n) for n in lengths]
     contexts = [backend.synthetic_context() for _ in items]
 
