@@ -462,15 +462,11 @@ def _merge(into: dict[str, list[float]], more: dict[str, list[float]]) -> None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo", encoding="ascii", errors="ignore"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import importlib.metadata as md
+
+    from core.budgets import cpu_model_name
+
+    cpu = cpu_model_name()
 
     versions = {}
     for pkg in ("torch", "transformers", "FlagEmbedding", "sentence-transformers"):

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
+from core.budgets import cpu_cores, cpu_model_name
 from core.config import Registry, effective
 
 GIB = 1024**3
@@ -171,21 +172,11 @@ def tune(
 
 
 def _machine(device: str) -> str:
-    import os
-
     if device == "cuda":
         import torch
 
         return torch.cuda.get_device_name(0)
-    cpu = "CPU"
-    try:
-        for line in open("/proc/cpuinfo", encoding="ascii", errors="ignore"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    return f"{cpu_model_name()}, {cpu_cores()} cores"
 
 
 def profile_yaml(result: TuneResult) -> str:
