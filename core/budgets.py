@@ -2,13 +2,15 @@
 
 Users write plain registry entries; the default must be the fast one. Two rules, both from measurements:
 
-- On a CPU: the budget the benchmark measured fastest per inference thread, times the intra-op threads
-  each CPU stream gets. On 2 cores (2 streams x 1 thread), bf16, MiniLM-L6 cross-encoder, pairs per
-  CPU-second by budget: 1,024: 52 · 2,048: 53 · 4,096: 51 · 8,192: 46 · 16,384: 41 (padding 99.0 · 97.7 ·
-  95.7 · 92.2 · 86.3%; README "What was tuned"). Small batches cost no more per token on a CPU and pad
-  less, so the smallest budget at the top of that plateau wins. More threads per stream are given
-  proportionally more tokens (each thread keeps the GEMM share that was measured best): an extrapolation
-  past the measured 1 thread, and the reason string says so.
+- On a CPU: the budget measured fastest per inference thread on this kind of CPU, times the intra-op
+  threads each CPU stream gets. bf16, MiniLM-L6 cross-encoder (`make bench`'s model), 2 streams x 1 thread:
+  - AMD EPYC Zen 4, AVX512-BF16 without AMX: pairs per CPU-second 52 / 53 / 51 / 46 / 41 at 1,024 /
+    2,048 / 4,096 / 8,192 / 16,384 tokens (padding 99.0 / 97.7 / 95.7 / 92.2 / 86.3%): 1,024.
+  - Intel Xeon with AMX-BF16 (`rerank-gateway tune`, 400 mixed-length pairs, 2026-11-24): 68 / 69 / 79 /
+    81 / 68 / 58 at 512 / 1,024 / 2,048 / 4,096 / 8,192 / 16,384: 2,048, the smallest within 3% of the
+    fastest. AMX makes the matmuls cheap enough that the per-op overhead of small batches shows.
+  More threads per stream are given proportionally more tokens (each thread keeps the GEMM share measured
+  best): an extrapolation past the measured 1 thread, and the reason string says so.
 - On a GPU: the largest budget whose activations, measured by the warm-up, fit the model's memory budget
   (its `memory_budget_gb`, else an even share of the card) beside its weights, less a margin for the
   caching allocator's fragmentation and the kernels' workspace.
@@ -18,10 +20,10 @@ from __future__ import annotations
 
 import os
 
-# bench/: tokens per batch per intra-op thread, fastest on this architecture family at 1 thread per
-# stream (the families without a measurement of their own use the encoder figure until `rerank-gateway
-# tune` gives them one). Measured: AMD EPYC Zen 4, 2 cores, avx512_bf16 (no AMX), torch 2.13 bf16.
-CPU_BEST_TOKENS_PER_THREAD = 1024
+# Tokens per batch per intra-op thread, fastest at 1 thread per stream, by CPU kind (above). Families
+# without a measurement of their own use the encoder cross-encoder's until `rerank-gateway tune` gives
+# them one.
+CPU_BEST_TOKENS_PER_THREAD = {"amx": 2048, "other": 1024}
 CPU_MEASURED_BACKENDS = ("flag", "embedding")
 # Fraction of the memory budget a chosen GPU batch may use after the weights: the warm-up measures live
 # tensors; fragmentation and cuBLAS/attention workspace come on top.
@@ -31,6 +33,16 @@ GPU_MARGIN = 0.10
 GPU_PROBE_TOKENS = 8192
 # Chosen budgets are rounded down to a multiple of this (and never below one full-length pair).
 ROUND_TOKENS = 256
+
+
+def cpu_kind() -> str:
+    """"amx" on CPUs with AMX-BF16 tiles, "other" elsewhere (the rows of CPU_BEST_TOKENS_PER_THREAD)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return "other"
+    return "amx" if " amx_bf16" in flags else "other"
 
 
 def cpu_model_name() -> str:
@@ -49,19 +61,22 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def cpu_budget(backend: str, cpu_streams: int, cores: int | None = None) -> tuple[int, str]:
+def cpu_budget(backend: str, cpu_streams: int, cores: int | None = None, kind: str | None = None) -> tuple[int, str]:
     """(max_batch_tokens, why) for a profile-less model on a CPU."""
     cores = cores or cpu_cores()
+    kind = kind or cpu_kind()
     streams = max(1, min(cpu_streams, cores))
     threads = max(1, cores // streams)
-    tokens = CPU_BEST_TOKENS_PER_THREAD * threads
+    per_thread = CPU_BEST_TOKENS_PER_THREAD[kind]
+    tokens = per_thread * threads
     basis = (
         "measured fastest for this architecture family" if backend in CPU_MEASURED_BACKENDS
         else "the encoder cross-encoder's measured best (no CPU measurement of this family yet)"
     )
+    cpu = "with AMX-BF16" if kind == "amx" else "without AMX"
     extrapolated = "" if threads == 1 else f", scaled from the 1-thread measurement to {threads} threads"
     why = (
-        f"auto (no cpu profile): {CPU_BEST_TOKENS_PER_THREAD} tokens per intra-op thread x {threads} "
+        f"auto (no cpu profile): {per_thread} tokens per intra-op thread on a CPU {cpu} x {threads} "
         f"({cores} cores / {streams} streams), {basis}{extrapolated}; `rerank-gateway tune` measures this machine"
     )
     return tokens, why

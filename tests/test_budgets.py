@@ -39,11 +39,13 @@ def test_an_explicit_budget_wins_and_is_named():
     assert (eff.max_batch_tokens, eff.budget_reason) == (3000, "the model's max_batch_tokens in the registry")
 
 
-def test_cpu_budget_scales_with_threads_per_stream():
-    assert budgets.cpu_budget("flag", 2, cores=2)[0] == 1024
-    tokens, why = budgets.cpu_budget("flag", 2, cores=16)  # 2 streams x 8 threads
+def test_cpu_budget_by_cpu_kind_and_threads_per_stream():
+    assert budgets.cpu_budget("flag", 2, cores=2, kind="other")[0] == 1024
+    assert budgets.cpu_budget("flag", 2, cores=2, kind="amx")[0] == 2048
+    tokens, why = budgets.cpu_budget("flag", 2, cores=16, kind="other")  # 2 streams x 8 threads
     assert tokens == 8 * 1024 and "scaled" in why and "16 cores / 2 streams" in why
     assert "no CPU measurement" in budgets.cpu_budget("qwen3", 2, cores=2)[1]
+    assert budgets.cpu_kind() in budgets.CPU_BEST_TOKENS_PER_THREAD
 
 
 def test_a_gpu_without_a_profile_is_sized_from_the_warm_up():
