@@ -7,8 +7,9 @@ Users write plain registry entries; the default must be the fast one. Two rules,
   - AMD EPYC Zen 4, AVX512-BF16 without AMX: pairs per CPU-second 52 / 53 / 51 / 46 / 41 at 1,024 /
     2,048 / 4,096 / 8,192 / 16,384 tokens (padding 99.0 / 97.7 / 95.7 / 92.2 / 86.3%): 1,024.
   - Intel Xeon with AMX-BF16 (`rerank-gateway tune`, 400 mixed-length pairs, 2026-11-24): 68 / 69 / 79 /
-    81 / 68 / 58 at 512 / 1,024 / 2,048 / 4,096 / 8,192 / 16,384: 2,048, the smallest within 3% of the
-    fastest. AMX makes the matmuls cheap enough that the per-op overhead of small batches shows.
+    81 / 68 / 58 at 512 / 1,024 / 2,048 / 4,096 / 8,192 / 16,384: 2,048, 3.2% under 4,096 (one run on a
+    loaded machine: within its noise) and a smaller batch pads and waits less. AMX makes the matmuls cheap
+    enough that the per-op overhead of small batches shows.
   More threads per stream are given proportionally more tokens (each thread keeps the GEMM share measured
   best): an extrapolation past the measured 1 thread, and the reason string says so.
 - On a GPU: the largest budget whose activations, measured by the warm-up, fit the model's memory budget
