@@ -33,8 +33,17 @@ check: $(STAMP)
 plan: $(STAMP)
 	$(VENV)/bin/rerank-gateway plan --registry $(REGISTRY)
 
+# Infinity, a system of the benchmark, in a virtualenv of its own: infinity-emb 0.0.78 pins numpy and
+# transformers older than the project's. Same torch (the CPU build on disk).
+INFINITY_VENV := .venv-infinity
+$(INFINITY_VENV)/.installed:
+	test -x $(INFINITY_VENV)/bin/python || python3 -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(INFINITY_VENV)/bin/python -m pip install -q "infinity-emb[server,torch]==0.0.78"
+	touch $@
+
 # The rerank benchmark (bench/rerank_bench.py): ~10 min on 2 cores; BENCH_ARGS=--quick for a smoke run.
-bench: $(STAMP)
+bench: $(STAMP) $(INFINITY_VENV)/.installed
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.rerank_bench $(BENCH_ARGS)
 
 # The limits tests start a real redis-server (Debian package) on 127.0.0.1; install it when missing.
@@ -43,4 +52,4 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(INFINITY_VENV) .pytest_cache

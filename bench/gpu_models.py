@@ -43,6 +43,7 @@ from backends import backend_class  # noqa: E402
 from backends.engine import Scheduler  # noqa: E402
 from core.config import ModelSpec, effective  # noqa: E402
 from tests import tiny_models  # noqa: E402  (seeded tokenizers, tiny builders)
+from bench.memory import gte_multilingual_base_config, qwen3_4b_config, xlmr_large_config  # noqa: E402
 
 GIB = 1024**3
 QWEN3_PEAK_LIMIT_GB = 6.0
@@ -64,41 +65,26 @@ class Row:
     peak_fraction: float | None  # of the GPU's dense fp16/bf16 tensor-core peak
 
 
-# --- real-size architectures (configs from shared/notes/models.md) --------------------------------------
+# --- real-size architectures (configs in bench/memory.py) --------------------------------------
 
 
 def build_xlmr_large(path: Path) -> Path:
-    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+    from transformers import XLMRobertaForSequenceClassification
 
-    config = XLMRobertaConfig(
-        vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=1,
-    )
-    return _save(XLMRobertaForSequenceClassification, config, torch.float16, tiny_models.xlmr_tokenizer(), path)
+    return _save(XLMRobertaForSequenceClassification, xlmr_large_config(), torch.float16, tiny_models.xlmr_tokenizer(), path)
 
 
 def build_gte_multilingual_base(path: Path) -> Path:
-    from transformers import GteConfig, GteForSequenceClassification
+    from transformers import GteForSequenceClassification
 
-    head_dim = 768 // 12
-    config = GteConfig(
-        vocab_size=250048, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        max_position_embeddings=8192, type_vocab_size=1, pad_token_id=1, num_labels=1,
-        rope_parameters={"rope_type": "linear", "rope_theta": 20000.0 * 8, "factor": 8.0 ** (2 / head_dim)},
-    )
-    return _save(GteForSequenceClassification, config, torch.float16, tiny_models.xlmr_tokenizer(), path)
+    return _save(GteForSequenceClassification, gte_multilingual_base_config(), torch.float16, tiny_models.xlmr_tokenizer(), path)
 
 
 def build_qwen3_4b(path: Path) -> Path:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     tokenizer = tiny_models.qwen_tokenizer()
-    config = Qwen3Config(
-        vocab_size=151669, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000.0,
-        tie_word_embeddings=True, rms_norm_eps=1e-6, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = qwen3_4b_config(tokenizer.pad_token_id, tokenizer.eos_token_id)
     # Saved in bf16; the backend quantizes to nf4 while loading, as it does the real checkpoint.
     return _save(Qwen3ForCausalLM, config, torch.bfloat16, tokenizer, path)
 

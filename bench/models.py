@@ -13,9 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 SEED = 1234
-# Padded-token budget of one batch on a CPU, for the gateway's cpu profile and the ceiling loop alike. On
-# this model small batches cost no more per token than large ones, and pad less (bench/rerank_bench.py).
-CPU_BATCH_TOKENS = 1024
+from backends.base import CPU_STREAMS
+from core.budgets import cpu_budget
+
+# Padded-token budget of one batch for the ceiling loop: the one the gateway chooses for a profile-less
+# model on this CPU (core.budgets), so the two run the same batches.
+CPU_BATCH_TOKENS = cpu_budget("flag", CPU_STREAMS)[0]
 
 
 def build_minilm_cross_encoder(out_dir: str | Path, seed: int = SEED) -> Path:

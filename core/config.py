@@ -15,6 +15,8 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from core import budgets
+
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 # Weight quantization: "nf4" is bitsandbytes 4-bit NormalFloat with double quantization; compute runs in `dtype`.
 Quantization = Literal["none", "nf4"]
@@ -54,9 +56,10 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False
     # Qwen3-style rerankers: the instruction used when a request gives none.
     instruction: str | None = None
-    # Defaults for the serving limits; a profile overrides them per GPU type.
+    # Defaults for the serving limits; a profile overrides them per GPU type. With max_batch_tokens unset
+    # here and in the machine's profile, a budget is chosen for it (core.budgets).
     memory_budget_gb: float | None = None
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None
     max_batch_size: int = 256
     # "cpu" pins a model to the CPU even when a GPU is present.
     device: Literal["auto", "cpu"] = "auto"
@@ -303,6 +306,11 @@ class Effective(msgspec.Struct, frozen=True, kw_only=True):
     max_batch_tokens: int
     max_batch_size: int
     memory_budget_gb: float | None
+    # Where max_batch_tokens came from, as /v1/models reports it.
+    budget_reason: str = ""
+    # True on a GPU when no profile or model field sets the budget: the pool sizes it from the warm-up,
+    # and max_batch_tokens is only the probe's size until then.
+    auto_budget: bool = False
 
 
 def detect_gpu_type(reg: Registry, device_name: str | None) -> str:
@@ -324,21 +332,33 @@ def cuda_device_name() -> str | None:
     return None
 
 
-def effective(spec: ModelSpec, gpu_type: str) -> Effective:
+def effective(spec: ModelSpec, gpu_type: str, *, cpu_cores: int | None = None) -> Effective:
     device = "cpu" if gpu_type == "cpu" or spec.device == "cpu" else "cuda"
     key = "cpu" if device == "cpu" else gpu_type
     chosen = spec.profiles.get(key)
     profile = chosen or Profile()
     dtype = profile.dtype or spec.dtype
+    max_length = profile.max_length or spec.max_length
+    auto = False
+    if profile.max_batch_tokens:
+        tokens, why = profile.max_batch_tokens, f"profile {key}"
+    elif spec.max_batch_tokens:
+        tokens, why = spec.max_batch_tokens, "the model's max_batch_tokens in the registry"
+    elif device == "cpu":
+        tokens, why = budgets.cpu_budget(spec.backend, spec.cpu_streams, cpu_cores)
+    else:
+        tokens, why, auto = budgets.gpu_probe_tokens(max_length), "auto: to be sized by the warm-up", True
     return Effective(
         profile=key if chosen else "default",
         device=device,
         dtype=dtype,
         quantization=profile.quantization or spec.quantization,
-        max_length=profile.max_length or spec.max_length,
-        max_batch_tokens=profile.max_batch_tokens or spec.max_batch_tokens,
+        max_length=max_length,
+        max_batch_tokens=tokens,
         max_batch_size=profile.max_batch_size or spec.max_batch_size,
         memory_budget_gb=profile.memory_budget_gb if profile.memory_budget_gb is not None else spec.memory_budget_gb,
+        budget_reason=why,
+        auto_budget=auto,
     )
 
 

@@ -1,4 +1,4 @@
-"""`rerank-gateway`: serve, check, plan, keys."""
+"""`rerank-gateway`: serve, check, plan, tune, keys."""
 
 from __future__ import annotations
 
@@ -97,6 +97,23 @@ def cmd_registry_sync(args: argparse.Namespace) -> int:
     return registry_watch.sync(Path(args.base), [Path(p) for p in args.overlay], Path(args.out), watch_s=args.watch)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from core.config import name_index
+    from gateway.tune import profile_yaml, tune
+
+    registry = _load(args.registry)
+    model_id = name_index(registry).get(args.model)
+    if model_id is None:
+        print(f"error: {args.model!r} is not a model id or alias in {args.registry}", file=sys.stderr)
+        return 2
+    gpu_type = args.gpu or detect_gpu_type(registry, cuda_device_name())
+    budgets = tuple(int(b) for b in args.budgets.split(","))
+    result = tune(registry, model_id, gpu_type, budgets=budgets, pairs=args.pairs, rounds=args.rounds,
+                  log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(profile_yaml(result), end="")
+    return 0
+
+
 def cmd_keys_new(args: argparse.Namespace) -> int:
     import secrets
 
@@ -149,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--target-utilization", type=float, default=0.7, help="share of measured throughput to plan for (default: %(default)s)")
     plan.add_argument("--model", help="only this model (id or alias)")
     plan.set_defaults(func=cmd_plan)
+    tune = sub.add_parser("tune", help="measure pairs/s and peak memory across token budgets here; print the profile to paste")
+    _registry_arg(tune)
+    tune.add_argument("model", help="model id or alias in the registry")
+    tune.add_argument("--budgets", default="512,1024,2048,4096,8192,16384", help="max_batch_tokens to try (default %(default)s)")
+    tune.add_argument("--pairs", type=int, default=400, help="mixed-length pairs per round (default %(default)s)")
+    tune.add_argument("--rounds", type=int, default=2, help="rounds per budget, best kept (default %(default)s)")
+    tune.add_argument("--gpu", help="the profile key to tune for (default: the detected one)")
+    tune.set_defaults(func=cmd_tune)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     new = keys.add_parser("new", help="print a fresh random key and the api_key_sha256 line for the registry")
     new.add_argument("tenant", nargs="?", help="the tenant the key is for")

@@ -18,9 +18,11 @@ import msgspec
 
 from backends import backend_class
 from backends.engine import Scheduler
+from core.budgets import gpu_budget
 from core.config import Effective, ModelSpec, Registry, effective
 from core.errors import ModelUnavailable
 from gateway.metrics import Metrics
+from gateway.planning import usable_gb
 
 log = logging.getLogger("rerank_gateway")
 
@@ -43,6 +45,10 @@ class ModelEntry:
     weights_bytes: int = 0
     warmup: dict | None = None
     load_seconds: float = 0.0
+    # The token budget the scheduler runs with and why, once loaded (a GPU budget chosen by the warm-up
+    # differs from the effective probe size).
+    batch_tokens: int | None = None
+    budget_reason: str | None = None
     # Requests inside RerankService.rerank for this model: a reload that removes the model closes its
     # scheduler only once this drops to zero.
     active: int = 0
@@ -60,7 +66,8 @@ class ModelEntry:
             "device": self.eff.device,
             "dtype": str(self.scheduler.backend.dtype).removeprefix("torch.") if self.scheduler else self.eff.dtype,
             "max_length": self.eff.max_length,
-            "max_batch_tokens": self.eff.max_batch_tokens,
+            "max_batch_tokens": self.batch_tokens or self.eff.max_batch_tokens,
+            "budget_reason": self.budget_reason or self.eff.budget_reason,
             "state": self.state,
         }
         if self.reason:
@@ -171,17 +178,12 @@ class ModelPool:
                     raise RuntimeError("the profile needs a CUDA GPU and none is available")
             backend.load()
             entry.weights_bytes = backend.weights_bytes()
-            scheduler = Scheduler(
-                backend,
-                max_batch_tokens=entry.eff.max_batch_tokens,
-                max_batch_size=entry.eff.max_batch_size,
-                max_queue_pairs=self.registry.server.max_queue_pairs,
-                max_queue_tokens=self.registry.server.max_queue_tokens,
-                metrics=self.metrics,
-                cpu_streams=entry.spec.cpu_streams,
-            )
+            scheduler = self._scheduler(entry, backend, entry.eff.max_batch_tokens)
             try:
                 entry.warmup = scheduler.warmup(entry.eff.max_length)
+                if entry.eff.auto_budget:
+                    scheduler = self._size_budget(entry, backend, scheduler)
+                entry.batch_tokens = scheduler.max_batch_tokens
                 self._check_budget(entry)
             except BaseException:
                 scheduler.close()
@@ -201,6 +203,45 @@ class ModelPool:
             entry.state, entry.reason = "unavailable", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             log.warning("model %s unavailable: %s", entry.model_id, entry.reason)
 
+    def _scheduler(self, entry: ModelEntry, backend, max_batch_tokens: int) -> Scheduler:
+        return Scheduler(
+            backend,
+            max_batch_tokens=max_batch_tokens,
+            max_batch_size=entry.eff.max_batch_size,
+            max_queue_pairs=self.registry.server.max_queue_pairs,
+            max_queue_tokens=self.registry.server.max_queue_tokens,
+            metrics=self.metrics,
+            cpu_streams=entry.spec.cpu_streams,
+        )
+
+    def _size_budget(self, entry: ModelEntry, backend, probe: Scheduler) -> Scheduler:
+        """A GPU model with no profile: size its budget from the probe warm-up, then prove it with a
+        warm-up at the chosen size (a scheduler of its own; the probe's is closed)."""
+        tokens, why = gpu_budget(
+            weights_bytes=entry.weights_bytes, activation_bytes=int(entry.warmup["activation_bytes"]),
+            probe_tokens=probe.max_batch_tokens, budget_bytes=self._budget_bytes(entry), max_length=entry.eff.max_length,
+        )
+        probe.close()
+        scheduler = self._scheduler(entry, backend, tokens)
+        try:
+            entry.warmup = scheduler.warmup(entry.eff.max_length)
+        except BaseException:
+            scheduler.close()
+            raise
+        entry.budget_reason = why
+        return scheduler
+
+    def _budget_bytes(self, entry: ModelEntry) -> float:
+        """The model's memory_budget_gb, else an even share of the card's usable memory among the models
+        this registry may load on it."""
+        if entry.eff.memory_budget_gb is not None:
+            return entry.eff.memory_budget_gb * GB
+        import torch
+
+        card_gb = torch.cuda.get_device_properties(0).total_memory / GB
+        sharing = sum(1 for e in self.entries.values() if e.eff.device == "cuda" and e.spec.load != "off")
+        return usable_gb(card_gb) / max(1, sharing) * GB
+
     def _check_budget(self, entry: ModelEntry) -> None:
         budget = entry.eff.memory_budget_gb
         if budget is None or entry.eff.device != "cuda" or entry.warmup is None:
@@ -209,7 +250,7 @@ class ModelPool:
         if need > budget * GB:
             raise BudgetError(
                 f"model {entry.model_id}: weights {entry.weights_bytes / GB:.2f} GB + one batch of "
-                f"{entry.eff.max_batch_tokens} tokens {entry.warmup['activation_bytes'] / GB:.2f} GB = "
+                f"{entry.batch_tokens or entry.eff.max_batch_tokens} tokens {entry.warmup['activation_bytes'] / GB:.2f} GB = "
                 f"{need / GB:.2f} GB exceeds its memory_budget_gb {budget:g} (profile {entry.eff.profile}); "
                 f"lower max_batch_tokens or raise the budget"
             )

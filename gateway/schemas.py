@@ -23,6 +23,8 @@ class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     dtype: str
     max_length: int
     max_batch_tokens: int
+    # Where max_batch_tokens came from: the profile, or how it was chosen for a profile-less model.
+    budget_reason: str | None = None
     state: Literal["ready", "loading", "unavailable", "not_loaded", "off"]
     reason: str | None = None
 

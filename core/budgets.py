@@ -1,0 +1,110 @@
+"""Token budgets chosen for a model that has no profile for this machine.
+
+Users write plain registry entries; the default must be the fast one. Two rules, both from measurements:
+
+- On a CPU: the budget measured fastest per inference thread on this kind of CPU, times the intra-op
+  threads each CPU stream gets. bf16, MiniLM-L6 cross-encoder (`make bench`'s model), 2 streams x 1 thread:
+  - AMD EPYC Zen 4, AVX512-BF16 without AMX: pairs per CPU-second 52 / 53 / 51 / 46 / 41 at 1,024 /
+    2,048 / 4,096 / 8,192 / 16,384 tokens (padding 99.0 / 97.7 / 95.7 / 92.2 / 86.3%): 1,024.
+  - Intel Xeon with AMX-BF16 (`rerank-gateway tune`, 400 mixed-length pairs, 2026-11-24): 68 / 69 / 79 /
+    81 / 68 / 58 at 512 / 1,024 / 2,048 / 4,096 / 8,192 / 16,384: 2,048, 3.2% under 4,096 (one run on a
+    loaded machine: within its noise) and a smaller batch pads and waits less. AMX makes the matmuls cheap
+    enough that the per-op overhead of small batches shows.
+  More threads per stream are given proportionally more tokens (each thread keeps the GEMM share measured
+  best): an extrapolation past the measured 1 thread, and the reason string says so.
+- On a GPU: the largest budget whose activations, measured by the warm-up, fit the model's memory budget
+  (its `memory_budget_gb`, else an even share of the card) beside its weights, less a margin for the
+  caching allocator's fragmentation and the kernels' workspace.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Tokens per batch per intra-op thread, fastest at 1 thread per stream, by CPU kind (above). Families
+# without a measurement of their own use the encoder cross-encoder's until `rerank-gateway tune` gives
+# them one.
+CPU_BEST_TOKENS_PER_THREAD = {"amx": 2048, "other": 1024}
+CPU_MEASURED_BACKENDS = ("flag", "embedding")
+# Fraction of the memory budget a chosen GPU batch may use after the weights: the warm-up measures live
+# tensors; fragmentation and cuBLAS/attention workspace come on top.
+GPU_MARGIN = 0.10
+# The first warm-up on a GPU with no profile runs at this many tokens (or max_length, if larger); the
+# chosen budget is then proven by a second warm-up at its own size.
+GPU_PROBE_TOKENS = 8192
+# Chosen budgets are rounded down to a multiple of this (and never below one full-length pair).
+ROUND_TOKENS = 256
+
+
+def cpu_kind() -> str:
+    """"amx" on CPUs with AMX-BF16 tiles, "other" elsewhere (the rows of CPU_BEST_TOKENS_PER_THREAD)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return "other"
+    return "amx" if " amx_bf16" in flags else "other"
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown CPU" elsewhere): benchmarks name their machine."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_budget(backend: str, cpu_streams: int, cores: int | None = None, kind: str | None = None) -> tuple[int, str]:
+    """(max_batch_tokens, why) for a profile-less model on a CPU."""
+    cores = cores or cpu_cores()
+    kind = kind or cpu_kind()
+    streams = max(1, min(cpu_streams, cores))
+    threads = max(1, cores // streams)
+    per_thread = CPU_BEST_TOKENS_PER_THREAD[kind]
+    tokens = per_thread * threads
+    basis = (
+        "measured fastest for this architecture family" if backend in CPU_MEASURED_BACKENDS
+        else "the encoder cross-encoder's measured best (no CPU measurement of this family yet)"
+    )
+    cpu = "with AMX-BF16" if kind == "amx" else "without AMX"
+    extrapolated = "" if threads == 1 else f", scaled from the 1-thread measurement to {threads} threads"
+    why = (
+        f"auto (no cpu profile): {per_thread} tokens per intra-op thread on a CPU {cpu} x {threads} "
+        f"({cores} cores / {streams} streams), {basis}{extrapolated}; `rerank-gateway tune` measures this machine"
+    )
+    return tokens, why
+
+
+def gpu_probe_tokens(max_length: int) -> int:
+    return max(GPU_PROBE_TOKENS, max_length)
+
+
+def gpu_budget(
+    *, weights_bytes: int, activation_bytes: int, probe_tokens: int, budget_bytes: float, max_length: int,
+    max_tokens: int = 1 << 20,
+) -> tuple[int, str]:
+    """(max_batch_tokens, why) from one warm-up at probe_tokens: the largest batch whose activations, at the
+    measured bytes per token, fit (1 - margin) of what the budget leaves beside the weights.
+
+    Raises ValueError when not even one full-length pair fits."""
+    per_token = activation_bytes / max(probe_tokens, 1)
+    room = budget_bytes * (1 - GPU_MARGIN) - weights_bytes
+    fit = int(room / per_token) if per_token > 0 else max_tokens
+    tokens = min(max_tokens, fit // ROUND_TOKENS * ROUND_TOKENS)
+    gib = 1024**3
+    why = (
+        f"auto (no profile for this GPU): {budget_bytes / gib:.2f} GiB budget x {1 - GPU_MARGIN:.0%} - weights "
+        f"{weights_bytes / gib:.2f} GiB, at {per_token / 1024:.1f} KiB/token measured by the warm-up at "
+        f"{probe_tokens} tokens"
+    )
+    if tokens < max_length:
+        raise ValueError(f"{why}: room for {fit} tokens, less than one pair of max_length {max_length}")
+    return tokens, why

@@ -1,0 +1,115 @@
+"""Automatic token budgets, `rerank-gateway tune`, `plan` on measured figures, the memory measurement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import MINILM, app_client, minilm_registry
+from core import budgets
+from core.config import effective, load_registry, parse_registry
+from gateway.cli import main
+from gateway.tune import peak_live_bytes
+
+SHIPPED = Path(__file__).resolve().parent.parent / "registry.yaml"
+
+
+def test_a_profile_less_model_gets_the_measured_cpu_budget_and_says_why():
+    registry = minilm_registry()  # no profiles, no max_batch_tokens
+    want, _ = budgets.cpu_budget("embedding", 2)
+    with app_client(registry) as client:
+        model = client.get("/v1/models").json()["data"][0]
+        assert model["state"] == "ready"
+        assert model["max_batch_tokens"] == want < 16384
+        assert model["budget_reason"].startswith("auto (no cpu profile)")
+        # The scheduler really runs with it.
+        scheduler = client.app.state.service.pool.entries["minilm"].scheduler
+        assert scheduler.max_batch_tokens == want
+
+
+def test_an_explicit_budget_wins_and_is_named():
+    profiled = minilm_registry(profiles={"cpu": {"max_batch_tokens": 512}})
+    eff = effective(profiled.models["minilm"], "cpu")
+    assert (eff.max_batch_tokens, eff.budget_reason, eff.auto_budget) == (512, "profile cpu", False)
+    plain = minilm_registry(max_batch_tokens=3000)
+    eff = effective(plain.models["minilm"], "cpu")
+    assert (eff.max_batch_tokens, eff.budget_reason) == (3000, "the model's max_batch_tokens in the registry")
+
+
+def test_cpu_budget_by_cpu_kind_and_threads_per_stream():
+    assert budgets.cpu_budget("flag", 2, cores=2, kind="other")[0] == 1024
+    assert budgets.cpu_budget("flag", 2, cores=2, kind="amx")[0] == 2048
+    tokens, why = budgets.cpu_budget("flag", 2, cores=16, kind="other")  # 2 streams x 8 threads
+    assert tokens == 8 * 1024 and "scaled" in why and "16 cores / 2 streams" in why
+    assert "no CPU measurement" in budgets.cpu_budget("qwen3", 2, cores=2)[1]
+    assert budgets.cpu_kind() in budgets.CPU_BEST_TOKENS_PER_THREAD
+
+
+def test_a_gpu_without_a_profile_is_sized_from_the_warm_up():
+    reg = parse_registry({"default_model": "m", "models": {"m": {"backend": "flag", "source": "x", "max_length": 512}},
+                          "gpu_types": {"L4": {"match": "L4", "memory_gb": 24}}})
+    eff = effective(reg.models["m"], "L4")
+    assert eff.auto_budget and eff.device == "cuda" and eff.max_batch_tokens == budgets.GPU_PROBE_TOKENS
+    gib = 1024**3
+    # 1 GiB of weights, 40 KiB/token measured at the probe, a 4 GiB budget: (4 x 0.9 - 1) GiB / 40 KiB.
+    tokens, why = budgets.gpu_budget(weights_bytes=gib, activation_bytes=8192 * 40 * 1024, probe_tokens=8192,
+                                     budget_bytes=4 * gib, max_length=512)
+    assert tokens == int(2.6 * gib / (40 * 1024)) // 256 * 256 == 68096
+    assert "40.0 KiB/token" in why and "4.00 GiB budget" in why
+    with pytest.raises(ValueError, match="less than one pair"):
+        budgets.gpu_budget(weights_bytes=gib, activation_bytes=8192 * 40 * 1024, probe_tokens=8192,
+                           budget_bytes=1.1 * gib, max_length=512)
+
+
+def test_peak_live_bytes_sees_allocations_and_frees():
+    def work():
+        a = torch.empty(40 << 20, dtype=torch.uint8)
+        b = torch.empty(10 << 20, dtype=torch.uint8)
+        del a
+        c = torch.ones(20 << 20, dtype=torch.uint8)  # reuses nothing: a's 40 MiB are already free
+        return b, c
+
+    peak, _ = peak_live_bytes(work)
+    assert peak == 50 << 20
+
+
+def test_tune_prints_a_profile_the_registry_accepts(tmp_path, capsys):
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({"default_model": "mini", "models": {
+        "mini": {"backend": "embedding", "source": MINILM, "max_length": 64, "cpu_streams": 1}}}))
+    assert main(["tune", "mini", "--registry", str(path), "--budgets", "128,512", "--pairs", "40", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "pairs/s" in out and "<- chosen" in out
+    fragment = yaml.safe_load(out)
+    profile = fragment["models"]["mini"]["profiles"]["cpu"]
+    assert profile["max_batch_tokens"] in (128, 512)
+    merged = yaml.safe_load(path.read_text())
+    merged["models"]["mini"]["profiles"] = fragment["models"]["mini"]["profiles"]
+    reg = parse_registry(merged)
+    assert effective(reg.models["mini"], "cpu").budget_reason == "profile cpu"
+
+
+def test_plan_reads_the_measured_figures(capsys):
+    reg = load_registry(SHIPPED)
+    qwen = reg.models["qwen3-reranker-4b"]
+    assert main(["plan", "--gpu", "T4", "--registry", str(SHIPPED)]) == 0
+    out = capsys.readouterr().out
+    line = next(row for row in out.splitlines() if row.startswith("qwen3-reranker-4b"))
+    assert f"{qwen.weights_gb:.2f}" in line and f"{qwen.activation_kb_per_token:.0f}" in line
+    # The figures are the measured ones, and the file says where each came from.
+    text = SHIPPED.read_text()
+    assert "bench/memory.py" in text and "PAPER ESTIMATE" not in text
+
+
+def test_memory_measurement_smoke_on_tiny_models():
+    from bench import memory
+
+    rows = memory.measure_arch("bge-reranker-large", [64, 256], Path(__import__("tempfile").mkdtemp()), tiny=True)
+    assert [r.budget for r in rows] == [64, 256]
+    for r in rows:
+        assert r.weights_gb > 0 and r.peak_activation_gb > 0 and r.padded_tokens == r.budget
+    # More tokens in the batch, more live bytes at the peak.
+    assert rows[1].peak_activation_gb > rows[0].peak_activation_gb
