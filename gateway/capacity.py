@@ -80,6 +80,7 @@ def size_pool(registry: Registry, model_id: str, profile_key: str, demand: Deman
     if profile_key == "cpu":
         if profile.measured_cpu_cores:
             cores = workers * profile.measured_cpu_cores
+            basis += f" on {profile.measured_cpu_cores} cores per worker"
         else:
             basis += "; cores per worker unknown (measured_cpu_cores unset)"
     return PoolSize(

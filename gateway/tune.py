@@ -9,7 +9,9 @@ load on a shared machine moves far less than wall-clock rates); then one batch a
 budget with mixed lengths is measured for peak memory: `torch.cuda.max_memory_allocated` on a GPU, and
 on a CPU (whose allocator keeps no statistics) the peak of live bytes from torch.profiler's allocation
 events (`peak_live_bytes`). The profile picks the smallest budget within 3% of the fastest: within noise,
-a smaller batch pads less and waits less.
+a smaller batch pads less and waits less, and carries that budget's measured throughput
+(`measured_tokens_per_s`, `measured_pairs_per_s`, on a CPU `measured_cpu_cores`): what
+`rerank-gateway plan --rps` sizes pools from.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import asyncio
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import yaml
@@ -59,6 +62,8 @@ class TuneResult:
     points: list[Point]
     pairs: int
     machine: str
+    cpu_cores: int | None = None  # the cores a CPU run had (its affinity); None on a GPU
+    date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d"))
 
     def rate(self, p: Point) -> float:
         """What "fastest" means: pairs per CPU-second on a CPU, pairs per second on a GPU."""
@@ -179,6 +184,7 @@ def tune(
         model_id=model_id, profile_key=eff.profile if eff.profile != "default" else ("cpu" if eff.device == "cpu" else gpu_type),
         device=eff.device, dtype=str(backend.dtype).removeprefix("torch."), weights_bytes=backend.weights_bytes(),
         points=points, pairs=len(lengths), machine=_machine(eff.device),
+        cpu_cores=cpu_cores() if eff.device == "cpu" else None,
     )
 
 
@@ -191,19 +197,25 @@ def _machine(device: str) -> str:
 
 
 def profile_yaml(result: TuneResult) -> str:
-    """The registry fragment to paste: the model's profile for this machine, measurements as comments."""
+    """The registry fragment to paste: the model's profile for this machine, with the chosen budget's
+    measured throughput for `plan --rps`, and every budget's measurements as comments."""
     best = result.best
     profile: dict[str, Any] = {"max_batch_tokens": best.max_batch_tokens}
     if result.device == "cuda":
         # What the chosen batch needs beside the weights, with the margin the auto budget keeps.
         need = (result.weights_bytes + best.peak_activation_bytes) / GIB / 0.9
         profile["memory_budget_gb"] = math.ceil(need * 4) / 4
+    # Wall-clock rates of one worker as configured (its cpu_streams), real (unpadded) tokens.
+    profile["measured_tokens_per_s"] = round(best.tokens_per_s)
+    profile["measured_pairs_per_s"] = round(best.pairs_per_s, 1)
+    if result.device == "cpu":
+        profile["measured_cpu_cores"] = result.cpu_cores or cpu_cores()
     fragment: dict[str, Any] = {"models": {result.model_id: {"profiles": {result.profile_key: profile}}}}
     if result.device == "cuda":
         fragment["models"][result.model_id]["weights_gb"] = round(result.weights_bytes / GIB, 3)
         fragment["models"][result.model_id]["activation_kb_per_token"] = round(max(p.kb_per_token for p in result.points), 1)
     lines = [
-        f"# rerank-gateway tune {result.model_id}: {result.machine}, {result.device} {result.dtype}, "
+        f"# rerank-gateway tune {result.model_id}, {result.date}: {result.machine}, {result.device} {result.dtype}, "
         f"{result.pairs} mixed-length pairs per round",
         "# max_batch_tokens: pairs/s (wall), pairs per CPU-second, peak activation KiB/token; "
         + ("chosen by pairs per CPU-second" if result.device == "cpu" else "chosen by pairs/s"),
@@ -214,6 +226,8 @@ def profile_yaml(result: TuneResult) -> str:
             for p in result.points
         ),
         f"# weights {result.weights_bytes / GIB:.3f} GiB on {result.device}",
+        f"# measured_*: the chosen budget's wall-clock throughput on {result.machine}, {result.date} "
+        "(a machine shared with other work measures low); `plan --rps` sizes pools from them",
         yaml.safe_dump(fragment, sort_keys=False, default_flow_style=False).rstrip(),
     ]
     return "\n".join(lines) + "\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from conftest import MINILM, app_client, minilm_registry
 from core import budgets
 from core.config import effective, load_registry, parse_registry
 from gateway.cli import main
-from gateway.tune import peak_live_bytes
+from gateway.tune import pair_lengths, peak_live_bytes
 
 SHIPPED = Path(__file__).resolve().parent.parent / "registry.yaml"
 
@@ -76,20 +78,39 @@ def test_peak_live_bytes_sees_allocations_and_frees():
     assert peak == 50 << 20
 
 
-def test_tune_prints_a_profile_the_registry_accepts(tmp_path, capsys):
+def test_tune_prints_a_profile_that_plan_rps_sizes_pools_from(tmp_path, capsys):
     path = tmp_path / "registry.yaml"
     path.write_text(yaml.safe_dump({"default_model": "mini", "models": {
         "mini": {"backend": "embedding", "source": MINILM, "max_length": 64, "cpu_streams": 1}}}))
+    # Before tuning there is nothing to size from.
+    assert main(["plan", "--registry", str(path), "--rps", "10", "--docs", "100", "--doc-tokens", "200"]) == 1
+    assert "no measured profile" in capsys.readouterr().out
     assert main(["tune", "mini", "--registry", str(path), "--budgets", "128,512", "--pairs", "40", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "pairs/s" in out and "<- chosen" in out
+    # The comment names the machine and the date the figures came from.
+    assert budgets.cpu_model_name() in out and datetime.now(timezone.utc).strftime("%Y-%m-%d") in out
     fragment = yaml.safe_load(out)
     profile = fragment["models"]["mini"]["profiles"]["cpu"]
     assert profile["max_batch_tokens"] in (128, 512)
+    # The chosen budget's real throughput: tokens/s over pairs/s is the workload's mean pair length.
+    lengths = pair_lengths(40, 64)
+    mean = sum(lengths) / len(lengths)
+    # (within the rounding: tokens/s to 1, pairs/s to 0.1)
+    assert abs(profile["measured_tokens_per_s"] - profile["measured_pairs_per_s"] * mean) <= 0.05 * mean + 0.5
+    assert profile["measured_cpu_cores"] == budgets.cpu_cores()
     merged = yaml.safe_load(path.read_text())
     merged["models"]["mini"]["profiles"] = fragment["models"]["mini"]["profiles"]
     reg = parse_registry(merged)
     assert effective(reg.models["mini"], "cpu").budget_reason == "profile cpu"
+    # Pasted into the registry, `plan --rps` answers for the model from those figures.
+    path.write_text(yaml.safe_dump(merged))
+    assert main(["plan", "--registry", str(path), "--rps", "10", "--docs", "100", "--doc-tokens", "200"]) == 0
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("mini "))
+    pair = 64  # 32 + 200 + special tokens, truncated at max_length
+    workers = math.ceil(1000 / (profile["measured_tokens_per_s"] / pair * 0.7))
+    assert row[1] == "cpu" and row[2] == str(pair) and row[4] == str(workers)
+    assert row[6] == str(workers * profile["measured_cpu_cores"])
 
 
 def test_plan_reads_the_measured_figures(capsys):

@@ -83,3 +83,22 @@ def test_no_measurement_exits_1_and_bad_flags_exit_2(tmp_path, capsys):
 def test_measured_figures_must_be_positive():
     with pytest.raises(RegistryError, match=r"models.m.profiles.cpu.measured_pairs_per_s: must be > 0"):
         parse_registry({"default_model": "m", "models": {"m": {"backend": "embedding", "source": "x", "profiles": {"cpu": {"measured_pairs_per_s": 0}}}}})
+
+
+def test_the_shipped_registry_answers_for_minilm_on_cpu_from_its_tuned_figures(capsys):
+    from pathlib import Path
+
+    from core.config import load_registry
+
+    shipped = Path(__file__).resolve().parent.parent / "registry.yaml"
+    cpu = load_registry(shipped).models["minilm"].profiles["cpu"]
+    assert cpu.measured_tokens_per_s and cpu.measured_pairs_per_s and cpu.measured_cpu_cores
+    # The file says where the figures came from.
+    assert "rerank-gateway tune minilm" in shipped.read_text()
+    assert main(["plan", "--registry", str(shipped), "--rps", "10", "--docs", "100", "--doc-tokens", "200"]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith("minilm ") and line.split()[1] == "cpu")
+    pair = 32 + 200 + capacity.SPECIAL_TOKENS
+    workers = math.ceil(1000 / (cpu.measured_tokens_per_s / pair * 0.7))
+    assert row[2] == str(pair) and row[4] == str(workers) and row[6] == str(workers * cpu.measured_cpu_cores)
+    assert f"on {cpu.measured_cpu_cores} cores per worker" in out
