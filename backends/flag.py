@@ -15,6 +15,17 @@ import torch
 from backends.base import Backend, Batch, Prepared, pair_items, resolve_source
 
 
+class Logits(torch.nn.Module):
+    """A sequence classifier's one-label logit per pair, float32: the scoring module of cross-encoders."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**inputs, return_dict=True).logits.view(-1).float()
+
+
 class FlagBackend(Backend):
     score_transform = "sigmoid"
 
@@ -24,10 +35,11 @@ class FlagBackend(Backend):
         path = resolve_source(self.spec.source)
         trust = self.spec.trust_remote_code
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust, dtype=self.dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust, dtype=self.load_dtype)
         # Batching, precision and placement are the engine's: float16 on GPUs unless the profile says otherwise.
         self.model = model.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
+        self.start_runtime()
 
     def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
         return pair_items(
@@ -36,6 +48,8 @@ class FlagBackend(Backend):
             max_doc_tokens=max_doc_tokens,
         )
 
+    def scoring_module(self) -> torch.nn.Module:
+        return Logits(self.model).eval()
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        logits = self.model(**batch.inputs, return_dict=True).logits
-        return logits.view(-1).float()
+        return self.runtime(batch.inputs)

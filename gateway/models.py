@@ -63,6 +63,9 @@ class ModelEntry:
             "max_batch_tokens": self.eff.max_batch_tokens,
             "state": self.state,
         }
+        runtime = self.scheduler.backend.runtime if self.scheduler else None
+        if runtime is not None:
+            out["runtime"] = runtime.describe()
         if self.reason:
             out["reason"] = self.reason
         return out
