@@ -54,6 +54,9 @@ class Backend(abc.ABC):
     """Base class. Subclasses set `tokenizer`, `model`, `pad_id` and implement `load`, `prepare`, `forward`."""
 
     padding_side: Literal["left", "right"] = "right"
+    # True when batches are packed without padding (backends.varlen): a batch then costs its real tokens,
+    # and that is what its token budget should count.
+    padding_free: bool = False
     # How raw model outputs map to a relevance score in [0, 1].
     score_transform: Literal["sigmoid", "cosine"] = "sigmoid"
 

@@ -132,4 +132,4 @@ class GteBackend(FlagBackend):
             self.tokenizer = AutoTokenizer.from_pretrained(path, config=config)
         self.model = model.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
-        self.start_runtime()
+        self.start()

@@ -52,6 +52,9 @@ class ModelSpec(_Strict):
     dtype: Dtype = "auto"
     quantization: Quantization = "none"
     runtime: Runtime = "auto"
+    # Padding-free batches (backends.varlen) for the encoder cross-encoders: "auto" packs on a GPU, where
+    # varlen attention kernels exist; "on" packs anywhere (on a CPU: correct, not faster); "off" pads.
+    padding_free: Literal["auto", "on", "off"] = "auto"
     load: Literal["eager", "lazy", "off"] = "eager"
     trust_remote_code: bool = False
     # Qwen3-style rerankers: the instruction used when a request gives none.
