@@ -141,6 +141,12 @@ class Backend(abc.ABC):
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         return Batch(inputs=inputs, contexts=contexts)
 
+    def batch_cost(self, items: list[Encoded], contexts: list[Any]) -> int:
+        """Tokens a batch of these pairs costs against the token budget: longest x count for a padded
+        batch. Backends that pack (padding-free) or share a prefix cost less; the engine's batch builder
+        can ask this instead of assuming longest x count."""
+        return max(len(it.input_ids) for it in items) * len(items)
+
     @abc.abstractmethod
     def forward(self, batch: Batch) -> torch.Tensor:
         """Raw scores, float32, shape [n], on self.device. Called under torch.inference_mode()."""

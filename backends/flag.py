@@ -76,6 +76,11 @@ class FlagBackend(Backend):
         inputs = varlen.pack([it.input_ids for it in items], types, varlen.position_offset(self.model), self.device)
         return Batch(inputs=inputs, contexts=contexts)
 
+    def batch_cost(self, items: list[Encoded], contexts: list) -> int:
+        if self.padding_free:
+            return sum(len(it.input_ids) for it in items)  # packed: the real tokens
+        return super().batch_cost(items, contexts)
+
     def forward(self, batch: Batch) -> torch.Tensor:
         if self.padding_free:
             return varlen.packed_logits(self.model, batch.inputs)

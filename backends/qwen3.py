@@ -180,6 +180,21 @@ class Qwen3Backend(Backend):
         plain_rows = torch.tensor(plain, device=self.device) if plain else None
         return PrefixBatch(inputs=inputs, contexts=contexts, size=len(items), groups=groups, plain_rows=plain_rows)
 
+    def batch_cost(self, items: list[Encoded], contexts: list) -> int:
+        """Each prefix group costs its longest tail x count plus the prefix once (when not yet cached)."""
+        if not self.share_prefix:
+            return super().batch_cost(items, contexts)
+        groups: dict[object, list[int]] = {}
+        for it, ctx in zip(items, contexts):
+            groups.setdefault(ctx if isinstance(ctx, SharedPrefix) else None, []).append(len(it.input_ids))
+        cost = 0
+        for prefix, lengths in groups.items():
+            if prefix is None or (len(lengths) == 1 and prefix not in self.prefixes):
+                cost += max(lengths) * len(lengths)
+            else:
+                cost += (max(lengths) - len(prefix.ids)) * len(lengths) + (0 if prefix in self.prefixes else len(prefix.ids))
+        return cost
+
     def forward(self, batch: Batch) -> torch.Tensor:
         if not isinstance(batch, PrefixBatch):
             return self._forward_whole(batch.inputs)

@@ -49,6 +49,9 @@ def test_prefix_path_equals_the_whole_path_in_fp32(qwen3_dir) -> None:
     head = backend.prefix_ids + backend.tokenizer("<Instruct>: Given", add_special_tokens=False)["input_ids"]
     assert list(contexts[0].ids[: len(head)]) == head
     whole = score(backend, items, contexts, share=False)
+    backend.share_prefix = True
+    padded_cost = max(len(it.input_ids) for it in items) * len(items)
+    assert backend.batch_cost(items, contexts) < padded_cost * 0.8  # the budget can count what runs
     shared = score(backend, items, contexts, share=True)
     assert (shared - whole).abs().max() <= 1e-5
     assert whole.std() > 0.05  # the scores differ between documents: the check has teeth

@@ -44,6 +44,8 @@ def test_packed_batches_score_as_padded_ones(arch, tmp_path_factory) -> None:
     batch = packed.collate(packed.prepare("q", docs, max_length=96, max_chunks=1, instruction=None).items, [None] * 17)
     real = sum(len(it.input_ids) for it in packed.prepare("q", docs, max_length=96, max_chunks=1, instruction=None).items)
     assert batch.inputs["input_ids"].shape == (1, real)  # no padding at all
+    items = packed.prepare("q", docs, max_length=96, max_chunks=1, instruction=None).items
+    assert packed.batch_cost(items, [None] * 17) == real < padded.batch_cost(items, [None] * 17)
     for max_chunks in (1, 3):
         want, got = scores(padded, docs, max_chunks), scores(packed, docs, max_chunks)
         assert got.shape == want.shape
