@@ -31,8 +31,9 @@ def load(system: str, model_dir: str, work_dir: Path):
 
     if system == "torch-bf16":
         return CrossEncoder(model_dir, device="cpu", max_length=512, model_kwargs={"torch_dtype": torch.bfloat16})
-    # The exporters write next to the model: work on a copy.
-    local = work_dir / f"st-{system}"
+    # The exporters write next to the model: work on a copy of this worker's own (sorted and unsorted
+    # workers of one backend start at once).
+    local = work_dir / f"st-{system}-{os.getpid()}"
     if not local.exists():
         shutil.copytree(model_dir, local)
     if system == "onnx":
