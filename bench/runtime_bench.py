@@ -42,6 +42,9 @@ GATEWAYS = {
     # The same entry with the cpu profile registry.yaml gives its CPU models (1,024-token batches).
     "gw-auto-cpu1024": {"profiles": {"cpu": {"max_batch_tokens": 1024}}},
     "gw-int8-cpu1024": {"quantization": "int8", "profiles": {"cpu": {"max_batch_tokens": 1024}}},
+    # One CPU stream on all cores: OpenVINO then runs each batch on both threads, as CrossEncoder does.
+    "gw-openvino-1stream": {"runtime": "openvino", "cpu_streams": 1},
+    "gw-openvino-1stream-cpu1024": {"runtime": "openvino", "cpu_streams": 1, "profiles": {"cpu": {"max_batch_tokens": 1024}}},
 }
 MODEL_ID = "bench-ce"
 
