@@ -18,7 +18,7 @@ import torch
 
 from backends import backend_class
 from backends.runtimes import RuntimeUnavailable
-from backends.runtimes.cache import MANIFEST, cache_root, verify
+from backends.runtimes.cache import MANIFEST, verify
 from bench.models import build_minilm_cross_encoder
 from bench.workload import big_request, vocabulary
 from core.config import ModelSpec, effective, parse_registry
