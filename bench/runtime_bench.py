@@ -103,6 +103,7 @@ class StWorker:
 
 class GatewayProcess:
     def __init__(self, name: str, model_dir: Path, work: Path, fields: dict) -> None:
+        self.name = name
         self.port = free_port()
         registry = work / f"{name}.yaml"
         entry = {"backend": "flag", "source": str(model_dir), "max_length": 512, "load": "eager", **fields}
@@ -127,7 +128,7 @@ class GatewayProcess:
                     model = httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=5).json()["data"][0]
                     if model["state"] != "ready":
                         raise RuntimeError(f"model {model['state']}: {model.get('reason')}")
-                    self.label = (f"rerank-gateway over HTTP, {model.get('runtime', model['dtype'])}, "
+                    self.label = (f"rerank-gateway over HTTP ({self.name}), {model.get('runtime', model['dtype'])}, "
                                   f"{model['max_batch_tokens']}-token batches")
                     return
             except httpx.TransportError:
