@@ -14,7 +14,7 @@ REGISTRY ?= registry.yaml
 # images and a developer's .venv cannot drift apart (tests/test_deploy.py checks it).
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= test
+EXTRAS      ?= test,onnx,openvino
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

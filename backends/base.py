@@ -54,6 +54,9 @@ class Backend(abc.ABC):
     """Base class. Subclasses set `tokenizer`, `model`, `pad_id` and implement `load`, `prepare`, `forward`."""
 
     padding_side: Literal["left", "right"] = "right"
+    # True when batches are packed without padding (backends.varlen): a batch then costs its real tokens,
+    # and that is what its token budget should count.
+    padding_free: bool = False
     # How raw model outputs map to a relevance score in [0, 1].
     score_transform: Literal["sigmoid", "cosine"] = "sigmoid"
 
@@ -72,7 +75,31 @@ class Backend(abc.ABC):
     def load(self) -> None:
         """Load weights onto self.device in self.dtype. Raise on failure; the caller records the reason."""
 
+    # How the model call inside forward runs (backends.runtimes): torch, or an exported ONNX Runtime /
+    # OpenVINO model. Chosen by start_runtime() at the end of load() from the registry's `runtime`.
+    runtime: Any = None
+
+    def scoring_module(self) -> torch.nn.Module:
+        """What a runtime runs: a module taking the collated inputs as keyword tensors and returning the
+        float32 raw outputs forward needs. Backends that can run on exported runtimes override it."""
+        raise NotImplementedError(f"backend {type(self).__name__} runs on torch only")
+
+    @property
+    def load_dtype(self) -> torch.dtype:
+        """The dtype load() reads the weights in: the checkpoint's float32 when an exported runtime may
+        be built from them (start_runtime casts the torch model to self.dtype afterwards), else self.dtype."""
+        from backends.runtimes import may_export
+
+        return torch.float32 if may_export(self) else self.dtype
+
+    def start_runtime(self) -> None:
+        from backends.runtimes import start_runtime
+
+        self.runtime = start_runtime(self)
+
     def weights_bytes(self) -> int:
+        if self.runtime is not None and self.runtime.weights_bytes is not None:
+            return self.runtime.weights_bytes
         assert self.model is not None
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
         buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
@@ -114,6 +141,12 @@ class Backend(abc.ABC):
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         return Batch(inputs=inputs, contexts=contexts)
 
+    def batch_cost(self, items: list[Encoded], contexts: list[Any]) -> int:
+        """Tokens a batch of these pairs costs against the token budget: longest x count for a padded
+        batch. Backends that pack (padding-free) or share a prefix cost less; the engine's batch builder
+        can ask this instead of assuming longest x count."""
+        return max(len(it.input_ids) for it in items) * len(items)
+
     @abc.abstractmethod
     def forward(self, batch: Batch) -> torch.Tensor:
         """Raw scores, float32, shape [n], on self.device. Called under torch.inference_mode()."""
@@ -147,13 +180,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 CPU_STREAMS = 2
 
 
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_stream_split(wanted: int = CPU_STREAMS) -> tuple[int, int]:
+    """(streams, intra-op threads per stream) for `wanted` CPU inference streams on this process's cores."""
+    cores = cpu_cores()
+    streams = max(1, min(wanted, cores))
+    return streams, max(1, cores // streams)
+
+
 def configure_cpu_streams(wanted: int = CPU_STREAMS) -> int:
     """Split this process's cores among `wanted` CPU inference streams: sets torch's intra-op threads
     (process-wide, so every CPU model shares the policy; threads started later pick it up) and returns
     the number of streams."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    streams = max(1, min(wanted, cores))
-    torch.set_num_threads(max(1, cores // streams))
+    streams, threads = cpu_stream_split(wanted)
+    torch.set_num_threads(threads)
     return streams
 
 

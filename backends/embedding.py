@@ -12,6 +12,20 @@ import torch.nn.functional as F
 from backends.base import Backend, Batch, Prepared, cut_text, items_from_encoding, resolve_source
 
 
+class MeanPooled(torch.nn.Module):
+    """Mean-pooled, L2-normalised float32 embeddings: the bi-encoder's scoring module."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(**inputs, return_dict=True).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return F.normalize(pooled.float(), dim=-1)
+
+
 class EmbeddingBackend(Backend):
     score_transform = "cosine"
 
@@ -22,16 +36,17 @@ class EmbeddingBackend(Backend):
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=self.spec.trust_remote_code)
         self.model = (
             AutoModel.from_pretrained(path, trust_remote_code=self.spec.trust_remote_code)
-            .to(self.device, self.dtype)
+            .to(self.device, self.load_dtype)
             .eval()
         )
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self.start_runtime()
+
+    def scoring_module(self) -> torch.nn.Module:
+        return MeanPooled(self.model).eval()
 
     def _embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.model(**inputs, return_dict=True).last_hidden_state
-        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(pooled.float(), dim=-1)
+        return self.runtime(inputs)
 
     def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
         q = self.tokenizer(cut_text(query, max_length), truncation=True, max_length=max_length)

@@ -12,7 +12,19 @@ from __future__ import annotations
 
 import torch
 
-from backends.base import Backend, Batch, Prepared, pair_items, resolve_source
+from backends import varlen
+from backends.base import Backend, Batch, Encoded, Prepared, pair_items, resolve_source
+
+
+class Logits(torch.nn.Module):
+    """A sequence classifier's one-label logit per pair, float32: the scoring module of cross-encoders."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**inputs, return_dict=True).logits.view(-1).float()
 
 
 class FlagBackend(Backend):
@@ -24,10 +36,28 @@ class FlagBackend(Backend):
         path = resolve_source(self.spec.source)
         trust = self.spec.trust_remote_code
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust, dtype=self.dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust, dtype=self.load_dtype)
         # Batching, precision and placement are the engine's: float16 on GPUs unless the profile says otherwise.
         self.model = model.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
+        self.start()
+
+    def start(self) -> None:
+        """After the weights are loaded: padding-free batches where asked for and possible, else the
+        runtime the registry picks (exported runtimes take padded batches)."""
+        wanted = self.spec.padding_free
+        if wanted == "on" or (wanted == "auto" and self.device.type == "cuda"):
+            if varlen.supports(self.model) and self.spec.runtime in ("auto", "torch") and self.eff.quantization != "int8":
+                varlen.enable(self.model)
+                self.padding_free = True
+                self.model = self.model.to(self.dtype)  # load_dtype may have read float32 for an export
+                self.runtime = None
+                return
+            if wanted == "on":
+                raise RuntimeError(
+                    f"padding_free: on needs a {'/'.join(varlen.SUPPORTED_MODEL_TYPES)} model on the torch runtime"
+                )
+        self.start_runtime()
 
     def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
         return pair_items(
@@ -36,6 +66,22 @@ class FlagBackend(Backend):
             max_doc_tokens=max_doc_tokens,
         )
 
+    def scoring_module(self) -> torch.nn.Module:
+        return Logits(self.model).eval()
+
+    def collate(self, items: list[Encoded], contexts: list) -> Batch:
+        if not self.padding_free:
+            return super().collate(items, contexts)
+        types = [it.token_type_ids for it in items] if items[0].token_type_ids is not None else None
+        inputs = varlen.pack([it.input_ids for it in items], types, varlen.position_offset(self.model), self.device)
+        return Batch(inputs=inputs, contexts=contexts)
+
+    def batch_cost(self, items: list[Encoded], contexts: list) -> int:
+        if self.padding_free:
+            return sum(len(it.input_ids) for it in items)  # packed: the real tokens
+        return super().batch_cost(items, contexts)
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        logits = self.model(**batch.inputs, return_dict=True).logits
-        return logits.view(-1).float()
+        if self.padding_free:
+            return varlen.packed_logits(self.model, batch.inputs)
+        return self.runtime(batch.inputs)

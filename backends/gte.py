@@ -117,12 +117,12 @@ class GteBackend(FlagBackend):
         path = resolve_source(self.spec.source)
         if self.spec.trust_remote_code:
             # Explicit opt-in in the registry: run the checkpoint's own modeling code.
-            model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True, dtype=self.dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True, dtype=self.load_dtype)
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         else:
             config = load_gte_config(path)
             model, info = GteForSequenceClassification.from_pretrained(
-                path, config=config, dtype=self.dtype, output_loading_info=True
+                path, config=config, dtype=self.load_dtype, output_loading_info=True
             )
             # A tensor the conversion table did not map would stay randomly initialised: refuse.
             if info.get("missing_keys"):
@@ -132,3 +132,4 @@ class GteBackend(FlagBackend):
             self.tokenizer = AutoTokenizer.from_pretrained(path, config=config)
         self.model = model.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
+        self.start()

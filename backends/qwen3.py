@@ -10,13 +10,20 @@ What makes it score right and fit a small GPU:
   thrown away. Here no tensor with the vocabulary dimension is ever made.
 - Weights in 4-bit (bitsandbytes nf4, double quantization) when the registry says `quantization: nf4`,
   computing in bfloat16 (float16 on GPUs without bf16).
+- Shared prefix: every pair of a request starts with the same system prompt, instruction and query. That
+  prefix runs once; its key/value cache is kept (a small LRU keyed by the prefix's token ids, so the
+  request's later batches reuse it) and every document runs only its own tokens against it
+  (backends.prefix_cache). Pairs of several requests in one batch run as one group per prefix.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from backends.base import Backend, Batch, Encoded, Prepared, cut_text, resolve_source
+from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
@@ -30,12 +37,34 @@ def pair_text(instruction: str, query: str, document: str) -> str:
     return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
 
 
+@dataclass(slots=True)
+class PrefixGroup:
+    """Rows of a batch that share one prefix: their own tokens, right-padded after it."""
+
+    prefix: SharedPrefix
+    rows: torch.Tensor  # positions in the batch
+    input_ids: torch.Tensor  # [n, width] tokens after the prefix, right-padded
+    lengths: torch.Tensor  # [n] real tokens after the prefix
+
+
+@dataclass
+class PrefixBatch(Batch):
+    """A batch scored as prefix groups, plus the rows with no shared prefix as one plain batch."""
+
+    size: int = 0
+    groups: list[PrefixGroup] = field(default_factory=list)
+    plain_rows: torch.Tensor | None = None
+
+
 class Qwen3Backend(Backend):
     padding_side = "left"
     score_transform = "sigmoid"
+    # Run a request's shared prefix once (False: every pair runs whole, as before; the benchmark's "off").
+    share_prefix = True
 
     def __init__(self, name, spec, eff) -> None:
         super().__init__(name, spec, eff)
+        self.prefixes = PrefixCache()
         if eff.dtype == "auto" and self.device.type == "cuda":
             # Qwen3 overflows in float16; bfloat16 wherever the GPU has it.
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -117,14 +146,92 @@ class Qwen3Backend(Backend):
                 for start in range(0, max(len(ids), 1), window)[:max_chunks]:
                     items.append(Encoded(self.prefix_ids + head + ids[start : start + window] + self.suffix_ids))
                     doc_index.append(k)
-        return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), tokens=sum(len(i.input_ids) for i in items))
+        # What every pair of this request starts with; each keeps at least its last token, the one scored.
+        prefix = common_prefix([it.input_ids for it in items])
+        context = SharedPrefix(prefix) if len(prefix) > 1 else None
+        return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), context=context,
+                        tokens=sum(len(i.input_ids) for i in items))
 
     # -- per batch --------------------------------------------------------------------------------------
+    def collate(self, items: list[Encoded], contexts: list) -> Batch:
+        if not self.share_prefix:
+            return super().collate(items, contexts)
+        by_prefix: dict[SharedPrefix, list[int]] = {}
+        plain: list[int] = []
+        for row, ctx in enumerate(contexts):
+            (by_prefix.setdefault(ctx, []) if isinstance(ctx, SharedPrefix) else plain).append(row)
+        groups: list[PrefixGroup] = []
+        for prefix, rows in by_prefix.items():
+            if len(rows) == 1 and prefix not in self.prefixes:
+                plain += rows  # nothing to share: one pair runs whole
+                continue
+            tails = [items[r].input_ids[len(prefix.ids):] for r in rows]
+            width = max(len(t) for t in tails)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            for k, tail in enumerate(tails):
+                ids[k, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+            groups.append(PrefixGroup(
+                prefix=prefix, rows=torch.tensor(rows, device=self.device), input_ids=ids.to(self.device),
+                lengths=torch.tensor([len(t) for t in tails], device=self.device),
+            ))
+        if not groups:
+            return super().collate(items, contexts)
+        inputs = super().collate([items[r] for r in plain], [contexts[r] for r in plain]).inputs if plain else {}
+        plain_rows = torch.tensor(plain, device=self.device) if plain else None
+        return PrefixBatch(inputs=inputs, contexts=contexts, size=len(items), groups=groups, plain_rows=plain_rows)
+
+    def batch_cost(self, items: list[Encoded], contexts: list) -> int:
+        """Each prefix group costs its longest tail x count plus the prefix once (when not yet cached)."""
+        if not self.share_prefix:
+            return super().batch_cost(items, contexts)
+        groups: dict[object, list[int]] = {}
+        for it, ctx in zip(items, contexts):
+            groups.setdefault(ctx if isinstance(ctx, SharedPrefix) else None, []).append(len(it.input_ids))
+        cost = 0
+        for prefix, lengths in groups.items():
+            if prefix is None or (len(lengths) == 1 and prefix not in self.prefixes):
+                cost += max(lengths) * len(lengths)
+            else:
+                cost += (max(lengths) - len(prefix.ids)) * len(lengths) + (0 if prefix in self.prefixes else len(prefix.ids))
+        return cost
+
     def forward(self, batch: Batch) -> torch.Tensor:
+        if not isinstance(batch, PrefixBatch):
+            return self._forward_whole(batch.inputs)
+        out = torch.empty(batch.size, dtype=torch.float32, device=self.device)
+        for group in batch.groups:
+            out[group.rows] = self._forward_after_prefix(group)
+        if batch.plain_rows is not None:
+            out[batch.plain_rows] = self._forward_whole(batch.inputs)
+        return out
+
+    def _forward_whole(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         # The decoder body only: lm_head (hidden -> vocabulary) is never called.
-        hidden = self.model.model(**batch.inputs, use_cache=False, return_dict=True).last_hidden_state
+        hidden = self.model.model(**inputs, use_cache=False, return_dict=True).last_hidden_state
         last = hidden[:, -1]  # left padding: every row's last real token
         return last.float() @ self.yes_no
+
+    def _forward_after_prefix(self, group: PrefixGroup) -> torch.Tensor:
+        """The group's own tokens against the prefix's cached keys and values. Rows are right-padded, so
+        their real tokens sit at positions len(prefix) + 0.. with no gap, exactly where they sit in the
+        whole sequence; the score is read at each row's last real token."""
+        from transformers import DynamicCache
+
+        kv = self.prefixes.get_or_compute(group.prefix, self._prefix_kv)
+        n, width = group.input_ids.shape
+        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
+        mask = torch.ones((n, len(group.prefix.ids) + width), dtype=torch.long, device=self.device)
+        mask[:, len(group.prefix.ids):] = torch.arange(width, device=self.device) < group.lengths[:, None]
+        hidden = self.model.model(
+            input_ids=group.input_ids, attention_mask=mask, past_key_values=cache, use_cache=True, return_dict=True
+        ).last_hidden_state
+        last = hidden[torch.arange(n, device=self.device), group.lengths - 1]
+        return last.float() @ self.yes_no
+
+    def _prefix_kv(self, prefix: SharedPrefix) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ids = torch.tensor([prefix.ids], dtype=torch.long, device=self.device)
+        cache = self.model.model(input_ids=ids, use_cache=True, return_dict=True).past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     def synthetic_item(self, length: int) -> Encoded:
         return Encoded(input_ids=(self.prefix_ids + [self.yes_id] * length)[:length])

@@ -303,6 +303,8 @@ def load_backend(name: str, arch: Arch, tiny_dir: Path, *, tiny: bool):
     spec = ModelSpec(
         backend=arch.backend, source=str(path), dtype="bfloat16", quantization=arch.quantization,  # type: ignore[arg-type]
         max_length=max(arch.lengths), max_batch_tokens=max(arch.lengths),
+        # torch's own forward: the profiler sees its allocations, and a GPU runs torch too.
+        runtime="torch",
     )
     backend = backend_class(arch.backend)(name, spec, effective(spec, "cpu"))
     backend.load()

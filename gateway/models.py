@@ -70,6 +70,9 @@ class ModelEntry:
             "budget_reason": self.budget_reason or self.eff.budget_reason,
             "state": self.state,
         }
+        runtime = self.scheduler.backend.runtime if self.scheduler else None
+        if runtime is not None:
+            out["runtime"] = runtime.describe()
         if self.reason:
             out["reason"] = self.reason
         return out

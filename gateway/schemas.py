@@ -25,6 +25,8 @@ class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_batch_tokens: int
     # Where max_batch_tokens came from: the profile, or how it was chosen for a profile-less model.
     budget_reason: str | None = None
+    # What runs the forward pass on a CPU: torch, openvino or onnxruntime (`runtime: auto` picks by measuring).
+    runtime: str | None = None
     state: Literal["ready", "loading", "unavailable", "not_loaded", "off"]
     reason: str | None = None
 

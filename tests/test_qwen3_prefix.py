@@ -1,0 +1,94 @@
+"""Shared-prefix scoring for Qwen3 rerankers (backends.qwen3 + backends.prefix_cache): the prefix's
+keys/values computed once give the scores of running every pair whole, in batches that mix requests,
+chunked documents and pairs with nothing to share; the cache is reused across batches and bounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends import backend_class
+from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix
+from core.config import ModelSpec, effective
+from tests import tiny_models as tm
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    return tm.build_qwen3_reranker(tmp_path_factory.mktemp("qwen3_prefix") / "qwen3")
+
+
+def load(path, dtype: str):
+    spec = ModelSpec(backend="qwen3", source=str(path), max_length=160, dtype=dtype)
+    backend = backend_class("qwen3")("q", spec, effective(spec, "cpu"))
+    backend.load()
+    return backend
+
+
+def mixed_batch(backend):
+    """Two requests (one with chunked documents and its own instruction) and a one-document request."""
+    docs = tm.sentences(20, min_words=1, max_words=70)
+    a = backend.prepare("kalo mira river", docs, max_length=160, max_chunks=1, instruction=None)
+    b = backend.prepare("water light", docs[:6] + [""], max_length=96, max_chunks=3, instruction="Judge rivers")
+    c = backend.prepare("music", ["city music of the river"], max_length=160, max_chunks=1, instruction=None)
+    items = a.items + b.items + c.items
+    contexts = [a.context] * len(a.items) + [b.context] * len(b.items) + [c.context] * len(c.items)
+    return items, contexts
+
+
+def score(backend, items, contexts, share: bool) -> torch.Tensor:
+    backend.share_prefix = share
+    with torch.inference_mode():
+        return backend.forward(backend.collate(items, contexts))
+
+
+def test_prefix_path_equals_the_whole_path_in_fp32(qwen3_dir) -> None:
+    backend = load(qwen3_dir, "float32")
+    items, contexts = mixed_batch(backend)
+    # Every pair of a request shares the system prompt, instruction and query, up to "<Document>:".
+    head = backend.prefix_ids + backend.tokenizer("<Instruct>: Given", add_special_tokens=False)["input_ids"]
+    assert list(contexts[0].ids[: len(head)]) == head
+    whole = score(backend, items, contexts, share=False)
+    backend.share_prefix = True
+    padded_cost = max(len(it.input_ids) for it in items) * len(items)
+    assert backend.batch_cost(items, contexts) < padded_cost * 0.8  # the budget can count what runs
+    shared = score(backend, items, contexts, share=True)
+    assert (shared - whole).abs().max() <= 1e-5
+    assert whole.std() > 0.05  # the scores differ between documents: the check has teeth
+    # Two prefixes were computed; the one-document request ran whole (nothing to share).
+    assert backend.prefixes.misses == 2 and backend.prefixes.hits == 0
+    # A later batch of the same requests reuses the cached prefixes.
+    again = score(backend, items[3:12] + items[-4:], contexts[3:12] + contexts[-4:], share=True)
+    assert (again - torch.cat([whole[3:12], whole[-4:]])).abs().max() <= 1e-5
+    assert backend.prefixes.hits == 2
+
+
+def test_prefix_path_in_bf16_is_within_bf16_batching_noise(qwen3_dir) -> None:
+    backend = load(qwen3_dir, "bfloat16")
+    items, contexts = mixed_batch(backend)
+    whole = score(backend, items, contexts, share=False)
+    shared = score(backend, items, contexts, share=True)
+    # bf16 results already move with the batch's composition: each pair alone vs the whole batch.
+    alone = torch.cat([score(backend, [it], [ctx], share=False) for it, ctx in zip(items, contexts)])
+    noise = (alone - whole).abs().max().item()
+    diff = (shared - whole).abs().max().item()
+    assert diff <= max(1e-3, 1.5 * noise), (diff, noise)
+    assert (torch.sigmoid(shared) - torch.sigmoid(whole)).abs().max() <= max(1e-3, noise)
+
+
+def test_common_prefix_leaves_every_pair_its_last_token() -> None:
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == [1, 2]
+    assert common_prefix([[7, 8, 9], [7, 8, 9]]) == [7, 8]  # identical pairs: the last token stays theirs
+    assert common_prefix([[4], [4, 5]]) == []
+    assert common_prefix([]) == []
+
+
+def test_prefix_cache_is_bounded_in_bytes() -> None:
+    kv = [(torch.zeros(1, 2, 10, 4), torch.zeros(1, 2, 10, 4))]  # 640 bytes
+    cache = PrefixCache(max_bytes=1500)
+    for k in range(4):
+        cache.get_or_compute(SharedPrefix([k]), lambda p: kv)
+    assert SharedPrefix([3]) in cache and SharedPrefix([2]) in cache
+    assert SharedPrefix([0]) not in cache and SharedPrefix([1]) not in cache
+    cache.get_or_compute(SharedPrefix([2]), lambda p: pytest.fail("a cached prefix is not recomputed"))
+    assert cache.hits == 1
