@@ -17,7 +17,7 @@ from typing import Literal
 import msgspec
 
 from backends import backend_class
-from backends.engine import Scheduler
+from engine import Scheduler
 from core.config import Effective, ModelSpec, Registry, effective
 from core.errors import ModelUnavailable
 from gateway.metrics import Metrics
@@ -186,6 +186,7 @@ class ModelPool:
             except BaseException:
                 scheduler.close()
                 raise
+            scheduler.on_health = lambda reason: _stream_health(entry, scheduler, reason)
             entry.scheduler = scheduler
             entry.state, entry.reason = "ready", None
             # What is loaded now lives as long as the process: leave it out of every later full garbage
@@ -209,10 +210,19 @@ class ModelPool:
         if need > budget * GB:
             raise BudgetError(
                 f"model {entry.model_id}: weights {entry.weights_bytes / GB:.2f} GB + one batch of "
-                f"{entry.eff.max_batch_tokens} tokens {entry.warmup['activation_bytes'] / GB:.2f} GB = "
+                f"{entry.eff.max_batch_tokens} tokens ({entry.warmup['pairs']} pairs x {entry.warmup['length']}, "
+                f"mixed lengths; the inference thread's workspace included) {entry.warmup['activation_bytes'] / GB:.2f} GB = "
                 f"{need / GB:.2f} GB exceeds its memory_budget_gb {budget:g} (profile {entry.eff.profile}); "
                 f"lower max_batch_tokens or raise the budget"
             )
+
+
+def _stream_health(entry: ModelEntry, scheduler: Scheduler, reason: str | None) -> None:
+    """From the engine's supervisor: a dead inference stream makes the model unavailable (/ready 503,
+    routes fall back) until it is restarted."""
+    if entry.scheduler is not scheduler or entry.state not in ("ready", "unavailable"):
+        return
+    entry.state, entry.reason = ("unavailable", reason) if reason else ("ready", None)
 
 
 def _same_model(old: ModelEntry, new: ModelEntry) -> bool:
