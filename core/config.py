@@ -83,6 +83,8 @@ class ServerSettings(_Strict):
     # Backpressure, per model: queued pairs and tokens past which new requests get 429.
     max_queue_pairs: int = 50_000
     max_queue_tokens: int = 8_000_000
+    # Scored pairs one request may become once documents are split into chunks (max_chunks_per_doc); 400 past it.
+    max_chunks_per_request: int = 100_000
 
 
 class Tenant(_Strict):

@@ -121,10 +121,12 @@ class InferenceStreams:
                     return
                 k, reason = self._dead.pop(0)
             self.last_death = reason
+            # Unavailable first, then the held batch fails: a client told of the failure finds the model
+            # reported unavailable, not ready.
+            self.on_health(f"inference stream {k} died ({reason}); restarting")
             held = self._holding.pop(k, None)
             if held is not None:
                 self._fail(held, f"the inference stream of model {self.name!r} died ({reason}); it is being restarted")
-            self.on_health(f"inference stream {k} died ({reason}); restarting")
             if time.monotonic() - last_restart > RESTART_RESET_S:
                 backoff = RESTART_BACKOFF_S
             with self._cv:
