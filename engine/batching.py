@@ -26,7 +26,15 @@ def take_batch(window: list[Slot], queue: FairQueue, budget: int, max_batch_size
     tenant = lead.work.tenant
     # Across tenants the tenant tag decides; inside the chosen tenant, the request tag.
     first = min((s for s in window if s.work.tenant == tenant), key=lambda s: (s.rtag, s.seq))
-    queue.served(tenant, lead.tag, first.rtag)
+    batch, rest = _build(window, first, budget, max_batch_size)
+    # Virtual time moves to the lead's tag only when the lead is served: when a small request of the same
+    # tenant went first, a tenant arriving now must still start ahead of the lead, not tie with it.
+    queue.served(tenant, lead.tag if any(s is lead for s in batch) else None, first.rtag)
+    return batch, rest
+
+
+def _build(window: list[Slot], first: Slot, budget: int, max_batch_size: int) -> tuple[list[Slot], list[Slot]]:
+    tenant = first.work.tenant
     own = [s for s in window if s.work is first.work]
     width = max(s.length for s in own)
     padded = width * len(own)

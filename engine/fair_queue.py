@@ -79,9 +79,38 @@ class FairQueue:
                 tq.works.remove(work)
         return taken
 
-    def served(self, tenant: str, tag: float, rtag: float) -> None:
-        """The batch anchored at (tag, rtag) of `tenant` is in service: virtual time moves on."""
-        self.vnow = max(self.vnow, tag)
+    def pull_newcomers(self, max_request_tokens: int, budget_tokens: int) -> list[tuple[Work, int, float, float]]:
+        """Take every pair of small requests not pulled yet (at most max_request_tokens each, budget_tokens in
+        all), even when the window is full: pulls run several batches ahead, and without this a search that
+        arrives behind them waits for the window to drain before its fair tag can count."""
+        taken: list[tuple[Work, int, float, float]] = []
+        spent = 0
+        for tq in self.tenants.values():
+            if not tq.works:
+                continue
+            top = min(w.priority for w in tq.works)  # never ahead of a more urgent request of its tenant
+            for work in [w for w in tq.works if w.cursor == 0 and w.priority == top and w.total_tokens <= max_request_tokens]:
+                if spent + work.total_tokens > budget_tokens:
+                    return taken
+                run = 0
+                for k in range(work.n_items):
+                    item = work.order[k]
+                    taken.append((work, item, tq.vtime + run / tq.weight, work.vtime + run))
+                    run += work.lengths[item]
+                work.cursor = work.n_items
+                self.pairs -= work.n_items
+                self.tokens -= run
+                spent += run
+                tq.vtime += run / tq.weight
+                work.vtime += run
+                tq.works.remove(work)
+        return taken
+
+    def served(self, tenant: str, tag: float | None, rtag: float) -> None:
+        """A batch of `tenant` anchored at request tag `rtag` is in service (`tag`: the tenant tag it
+        served, if any): virtual time moves on."""
+        if tag is not None:
+            self.vnow = max(self.vnow, tag)
         tq = self.tenants.get(tenant)
         if tq is not None:
             tq.inner_vnow = max(tq.inner_vnow, rtag)

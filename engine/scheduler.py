@@ -23,7 +23,7 @@ from typing import Any, Callable
 from backends.base import CPU_STREAMS, Backend, Prepared, configure_cpu_streams
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
 from engine.admission import Reservations, estimate_cost
-from engine.batching import take_batch
+from engine.batching import SMALL_SHARE, take_batch
 from engine.device import StreamContext
 from engine.fair_queue import FairQueue
 from engine.inference import BatchRunner
@@ -270,11 +270,13 @@ class Scheduler:
                 if self._control:
                     return self._control.pop(0)
                 budget = self.token_budget
+                pulled = self._queue.pull_newcomers(budget // SMALL_SHARE, budget)
                 window_tokens = sum(s.length for s in self._window)
                 want = WINDOW_BATCHES * budget - window_tokens
                 if want > 0:
-                    for work, item, tag, rtag in self._queue.pull(want):
-                        self._window.append(Slot(work, item, work.lengths[item], next(self._seq), tag, rtag))
+                    pulled += self._queue.pull(want)
+                for work, item, tag, rtag in pulled:
+                    self._window.append(Slot(work, item, work.lengths[item], next(self._seq), tag, rtag))
                 if self._window:
                     batch, self._window = take_batch(self._window, self._queue, budget, self.max_batch_size)
                     batch = [s for s in batch if s.work.state == "queued"]

@@ -222,3 +222,57 @@ def test_queued_token_ids_are_compact_and_score_the_same(backend):
         assert torch.allclose(torch.tensor(done.scores), alone[done.indices], atol=1e-5)
     finally:
         s.close()
+
+
+def _queued(s: Scheduler, n: int, length: int, tenant: str = ""):
+    from backends.base import Encoded, Prepared
+    from engine.work import new_work
+
+    prepared = Prepared(items=[Encoded(np.full(length, 1000, dtype=np.int32)) for _ in range(n)], doc_index=list(range(n)), n_docs=n)
+    work = new_work(prepared, top_n=1, raw_scores=False, tenant=tenant, priority=0)
+    with s._cv:
+        s._queue.push(work, 1.0)
+    return work
+
+
+def test_a_small_request_is_not_queued_behind_a_bulk_request_of_its_own_tenant(backend):
+    """Batch building only (no inference thread): a 3-pair request arriving while a 2,000-pair request of
+    the same tenant fills the window goes whole into the next batch, not after the window (8 batches)."""
+    s = scheduler(backend, max_batch_tokens=1024, max_batch_size=128, streams=0)
+    try:
+        bulk = _queued(s, 2000, 30)
+        for _ in range(3):
+            assert all(slot.work is bulk for slot in s._next_job())
+        small = _queued(s, 3, 20)
+        batch = s._next_job()
+        assert sum(slot.work is small for slot in batch) == 3, "the small request went whole into the next batch"
+        # Across tenants as before: another tenant's small request also goes first.
+        other = _queued(s, 3, 20, tenant="beta")
+        assert sum(slot.work is other for slot in s._next_job()) == 3
+        assert all(slot.work is bulk for slot in s._next_job())
+    finally:
+        s.close()
+
+
+def test_gpu_names_never_confuse_similar_cards():
+    from core.config import detect_gpu_type, load_registry
+    from tests.conftest import REPO
+
+    reg = load_registry(REPO / "registry.yaml")
+    expected = {
+        "Tesla T4": "T4",
+        "NVIDIA L4": "L4",
+        "NVIDIA L40S": "unknown-gpu",  # not an L4: 48 GB, another profile entirely
+        "NVIDIA L40": "unknown-gpu",
+        "NVIDIA A10G": "A10G",
+        "NVIDIA A10": "A10G",
+        "NVIDIA RTX A1000 6GB Laptop GPU": "unknown-gpu",  # not an A10G
+        "NVIDIA RTX A1000": "unknown-gpu",
+        "NVIDIA A100-SXM4-40GB": "A100-40GB",
+        "NVIDIA A100 80GB PCIe": "A100-80GB",
+        "NVIDIA H100 80GB HBM3": "H100",
+        "NVIDIA H100 NVL": "H100",
+        "NVIDIA H200": "H200",
+        "NVIDIA GH200 480GB": "unknown-gpu",
+    }
+    assert {name: detect_gpu_type(reg, name) for name in expected} == expected
