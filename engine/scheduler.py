@@ -24,7 +24,7 @@ from backends.base import CPU_STREAMS, Backend, Prepared, configure_cpu_streams
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
 from engine.admission import Reservations, estimate_cost
 from engine.batching import SMALL_SHARE, take_batch
-from engine.device import StreamContext
+from engine.device import StreamContext, finish_host_thread_work
 from engine.fair_queue import FairQueue
 from engine.inference import BatchRunner
 from engine.lanes import TokenizerLanes
@@ -162,11 +162,16 @@ class Scheduler:
         self._reserved.add(pairs, tokens)
         start = time.perf_counter()
         try:
-            prepared = await self._lanes.run(len(documents), lambda: compact(self.backend.prepare(query, documents, **kwargs)))
+            prepared = await self._lanes.run(len(documents), lambda: self._tokenize(query, documents, kwargs))
         finally:
             self._reserved.remove(pairs, tokens)
         if self.metrics:
             self.metrics.tokenize_seconds.labels(self.name).observe(time.perf_counter() - start)
+        return prepared
+
+    def _tokenize(self, query: str, documents: list[str], kwargs: dict[str, Any]) -> Prepared:
+        prepared = compact(self.backend.prepare(query, documents, **kwargs))
+        finish_host_thread_work(self.backend.device)
         return prepared
 
     def admit(self, prepared: Prepared) -> None:

@@ -42,6 +42,7 @@ class Work:
     priority: int
     lengths: array.array  # tokens of each item (int32)
     order: array.array  # item indices, shortest first
+    total_tokens: int  # sum of lengths
     loop: asyncio.AbstractEventLoop | None = None
     future: asyncio.Future | None = None
     seq: int = 0  # arrival order, to break ties in the fair queue
@@ -61,9 +62,6 @@ class Work:
     def n_items(self) -> int:
         return len(self.lengths)
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.lengths)
 
     def pending_tokens(self) -> int:
         return sum(self.lengths[self.order[k]] for k in range(self.cursor, self.n_items))
@@ -121,7 +119,7 @@ def new_work(prepared: Prepared, *, top_n: int, raw_scores: bool, tenant: str, p
     order = array.array("i", sorted(range(len(lengths)), key=lengths.__getitem__))
     return Work(
         prepared=prepared, top_n=top_n, raw_scores=raw_scores, tenant=tenant, priority=priority,
-        lengths=lengths, order=order, seq=next(_arrivals),
+        lengths=lengths, order=order, total_tokens=sum(lengths), seq=next(_arrivals),
     )
 
 

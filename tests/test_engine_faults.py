@@ -276,3 +276,28 @@ def test_gpu_names_never_confuse_similar_cards():
         "NVIDIA GH200 480GB": "unknown-gpu",
     }
     assert {name: detect_gpu_type(reg, name) for name in expected} == expected
+
+
+def test_tokenizer_lanes_are_bounded_and_a_search_has_its_own():
+    from core.errors import TooManyRequests
+    from engine.lanes import MAX_PENDING_BULK_PER_THREAD, SMALL_REQUEST_DOCS, TokenizerLanes
+
+    lanes = TokenizerLanes("m", bulk_threads=1)
+    gate = threading.Event()
+
+    async def run():
+        bulk = [asyncio.ensure_future(lanes.run(SMALL_REQUEST_DOCS + 1, gate.wait)) for _ in range(MAX_PENDING_BULK_PER_THREAD)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(TooManyRequests):
+            await lanes.run(SMALL_REQUEST_DOCS + 1, lambda: "never runs")
+        # The bulk lane is full and blocked; a small request still runs at once on its own lane.
+        assert await asyncio.wait_for(lanes.run(3, lambda: "search"), 5) == "search"
+        gate.set()
+        await asyncio.gather(*bulk)
+        assert lanes.bulk.pending == 0
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 30))
+    finally:
+        gate.set()
+        lanes.close()
