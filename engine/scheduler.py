@@ -125,7 +125,7 @@ class Scheduler:
 
     @property
     def running(self) -> bool:
-        return self._streams.alive
+        return not self._stopping and self._streams.alive
 
     @property
     def restarts(self) -> int:
@@ -233,9 +233,10 @@ class Scheduler:
         work.parts = []
 
     def close(self) -> None:
+        self._stopping = True  # not running from here on; the streams stop at their next take
+
         def wake() -> None:
             with self._cv:
-                self._stopping = True
                 self._cv.notify_all()
 
         self._streams.stop(wake)

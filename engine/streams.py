@@ -32,10 +32,6 @@ RESTART_BACKOFF_MAX_S = 30.0
 RESTART_RESET_S = 60.0
 
 
-class StreamDied(Exception):
-    pass
-
-
 class InferenceStreams:
     """`take()` blocks for the next job (None: stop); `run(job)` runs it inside the failure boundary,
     `fail(job, message)` fails its requests. A job is whatever `take` returns (a batch, a control call)."""

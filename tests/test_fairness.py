@@ -60,6 +60,18 @@ def server(tmp_path_factory):
         yield url
 
 
+async def _latencies(client: httpx.AsyncClient, body: dict, headers: dict, n: int) -> list[float]:
+    """n requests one after another; each one's latency."""
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        r = await client.post("/v1/rerank", json=body, headers=headers)
+        out.append(time.perf_counter() - start)
+        assert r.status_code == 200, r.text
+        await asyncio.sleep(0.005)
+    return out
+
+
 async def _metric(client: httpx.AsyncClient, name: str) -> int:
     text = (await client.get("/metrics")).text
     match = re.search(rf'^{name}\{{model="tiny"\}} ([0-9.e+]+)$', text, re.M)
@@ -74,14 +86,7 @@ async def _measure(url: str) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
 
         async def beta_latencies(n: int) -> list[float]:
-            out = []
-            for _ in range(n):
-                start = time.perf_counter()
-                r = await client.post("/v1/rerank", json=small, headers=beta)
-                out.append(time.perf_counter() - start)
-                assert r.status_code == 200, r.text
-                await asyncio.sleep(0.005)
-            return out
+            return await _latencies(client, small, beta, n)
 
         await beta_latencies(5)  # warm
         idle = await beta_latencies(SAMPLES)
@@ -140,14 +145,7 @@ async def _measure_in_tenant(url: str) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
 
         async def searches(n: int) -> list[float]:
-            out = []
-            for _ in range(n):
-                start = time.perf_counter()
-                r = await client.post("/v1/rerank", json=small, headers=alpha)
-                out.append(time.perf_counter() - start)
-                assert r.status_code == 200, r.text
-                await asyncio.sleep(0.005)
-            return out
+            return await _latencies(client, small, alpha, n)
 
         await searches(5)
         alone = await searches(20)
