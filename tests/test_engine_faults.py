@@ -301,3 +301,20 @@ def test_tokenizer_lanes_are_bounded_and_a_search_has_its_own():
     finally:
         gate.set()
         lanes.close()
+
+
+def test_a_budget_whose_warmup_runs_out_of_memory_is_refused_naming_the_numbers(backend):
+    from engine.warmup import BudgetDoesNotHold
+
+    s = scheduler(backend, max_batch_tokens=512, max_batch_size=64)
+
+    def oom(pairs: int, padded: int) -> None:
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    s.fault_hook = oom
+    try:
+        with pytest.raises(BudgetDoesNotHold, match=r"8 pairs x 64 tokens \(max_batch_tokens 512\) ran out of memory"):
+            s.warmup(64)
+        assert s.running, "the stream that ran the warm-up is still serving"
+    finally:
+        s.close()
