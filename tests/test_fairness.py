@@ -165,21 +165,25 @@ async def _measure_in_tenant(url: str) -> dict:
             while await _metric(client, "rerank_tokenize_seconds_count") < tokenized_before + 2:
                 assert time.monotonic() < deadline, "the bulk requests were never tokenized"
                 await asyncio.sleep(0.05)
-            queued_before = await _metric(client, "rerank_queue_pairs")
-            beside = await searches(20)
-            queued_after = await _metric(client, "rerank_queue_pairs")
+            beside: list[float] = []
+            queued: list[int] = []
+            for _ in range(20):
+                queued.append(await _metric(client, "rerank_queue_pairs"))
+                beside += await searches(1)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    return {"alone_p99": _p99(alone), "beside_p99": _p99(beside), "queued": min(queued_before, queued_after), "big_done": big_done}
+    # The bulk work really was queued while the searches ran (a resubmitted one may still be tokenizing).
+    busy = sum(q > 200 for q in queued) / len(queued)
+    return {"alone_p99": _p99(alone), "beside_p99": _p99(beside), "busy": busy, "big_done": big_done}
 
 
 def test_small_searches_do_not_wait_behind_a_bulk_request_of_their_own_tenant(server):
     attempts = []
     for _ in range(ATTEMPTS):
         result = asyncio.run(_measure_in_tenant(server))
-        assert result["queued"] > 200, result  # the bulk request really was queued while they ran
+        assert result["busy"] >= 0.75, result
         attempts.append(result)
         if result["beside_p99"] <= 3 * result["alone_p99"]:
             break
