@@ -41,7 +41,9 @@ def _build(window: list[Slot], first: Slot, budget: int, max_batch_size: int) ->
     fits = len(own) <= max_batch_size and padded <= budget
     other_tenants = any(s.work.tenant != tenant for s in window)
     other_requests = other_tenants or any(s.work is not first.work for s in window)
-    if fits and (other_tenants or (other_requests and padded * SMALL_SHARE <= budget)):
+    # Small as a whole, not the last pairs of a large request: those pad less in a length run.
+    small = len(own) == first.work.n_items and padded * SMALL_SHARE <= budget
+    if fits and (other_tenants or (other_requests and small)):
         room = min(max_batch_size, budget // width) - len(own)
         filler = sorted((s for s in window if s.work is not first.work and s.length <= width), key=lambda s: (s.tag, s.seq))
         batch = own + filler[: max(room, 0)]
