@@ -240,12 +240,13 @@ def test_a_small_request_is_not_queued_behind_a_bulk_request_of_its_own_tenant(b
     the same tenant fills the window goes whole into the next batch, not after the window (8 batches)."""
     s = scheduler(backend, max_batch_tokens=1024, max_batch_size=128, streams=0)
     try:
-        bulk = _queued(s, 2000, 30)
+        bulk = _queued(s, 2000, 20)
         for _ in range(3):
             assert all(slot.work is bulk for slot in s._next_job())
         small = _queued(s, 3, 20)
         batch = s._next_job()
         assert sum(slot.work is small for slot in batch) == 3, "the small request went whole into the next batch"
+        assert len(batch) == 3, "no bulk pairs ride along: the search's batch costs what the search costs"
         # Across tenants as before: another tenant's small request also goes first.
         other = _queued(s, 3, 20, tenant="beta")
         assert sum(slot.work is other for slot in s._next_job()) == 3
