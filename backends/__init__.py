@@ -1,4 +1,4 @@
-"""Model backends and the batching engine they share."""
+"""Model backends: tokenizing and scoring a padded batch (the batching engine is the `engine` package)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The interface between the batching engine and a model.
 
 A backend knows how to turn (query, documents) into token sequences and how to score a padded batch of
-them. It knows nothing of requests, queues or HTTP: the engine (`backends.engine`) owns batching, memory
+them. It knows nothing of requests, queues or HTTP: the engine (the `engine` package) owns batching, memory
 budgets, OOM recovery and top-k.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -26,8 +26,9 @@ MAX_CHARS_PER_TOKEN = 32
 class Encoded:
     """One scored unit: a (query, document-or-chunk) pair as token ids."""
 
-    input_ids: list[int]
-    token_type_ids: list[int] | None = None
+    # Lists from the tokenizer; the engine stores queued ones as int32 / int8 numpy views (engine.work).
+    input_ids: Sequence[int]
+    token_type_ids: Sequence[int] | None = None
 
 
 @dataclass(slots=True)
@@ -123,18 +124,26 @@ class Backend(abc.ABC):
 
     # -- per batch (runs in the engine's inference thread) ---------------------------------------------
     def collate(self, items: list[Encoded], contexts: list[Any]) -> Batch:
+        """Pad a batch. On a GPU the host tensors are pinned and copied with non_blocking, so the copy
+        runs on the engine's CUDA stream without stalling the host (the allocator keeps a pinned block
+        until its copy has run)."""
         width = max(len(it.input_ids) for it in items)
         n = len(items)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        types = torch.zeros((n, width), dtype=torch.long) if items[0].token_type_ids is not None else None
+        pinned = self.device.type == "cuda"
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long, pin_memory=pinned)
+        mask = torch.zeros((n, width), dtype=torch.long, pin_memory=pinned)
+        with_types = items[0].token_type_ids is not None
+        types = torch.zeros((n, width), dtype=torch.long, pin_memory=pinned) if with_types else None
+        # Filled through numpy views: ids may be lists or the engine's compact int32 arrays.
+        ids_np, mask_np = ids.numpy(), mask.numpy()
+        types_np = types.numpy() if types is not None else None
         for row, it in enumerate(items):
             k = len(it.input_ids)
             sl = slice(width - k, width) if self.padding_side == "left" else slice(0, k)
-            ids[row, sl] = torch.tensor(it.input_ids, dtype=torch.long)
-            mask[row, sl] = 1
-            if types is not None and it.token_type_ids is not None:
-                types[row, sl] = torch.tensor(it.token_type_ids, dtype=torch.long)
+            ids_np[row, sl] = it.input_ids
+            mask_np[row, sl] = 1
+            if types_np is not None and it.token_type_ids is not None:
+                types_np[row, sl] = it.token_type_ids
         inputs = {"input_ids": ids, "attention_mask": mask}
         if types is not None:
             inputs["token_type_ids"] = types
@@ -168,6 +177,9 @@ class Backend(abc.ABC):
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """float16 on CUDA (bfloat16 only when asked for and supported), bfloat16 on CPUs with native bf16
     matmuls (AMX / AVX512-BF16), float32 otherwise. An explicit dtype wins."""
+    if name == "bfloat16" and device.type == "cuda" and torch.cuda.is_available() and not cuda_has_native_bf16(device):
+        # Pre-Ampere GPUs (T4, V100) emulate bf16 far slower than fp16: never run it there.
+        return torch.float16
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
@@ -175,7 +187,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-# Inference streams per model on a CPU (backends.engine): each runs whole batches on cores // streams
+def cuda_has_native_bf16(device: torch.device | None = None) -> bool:
+    """bf16 tensor cores (compute capability 8.0+, Ampere on). torch.cuda.is_bf16_supported() also says
+    yes where bf16 is only emulated, unless asked not to."""
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+# Inference streams per model on a CPU (engine.streams): each runs whole batches on cores // streams
 # intra-op threads.
 CPU_STREAMS = 2
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backends.base import Backend, Batch, Encoded, Prepared, cut_text, resolve_source
+from backends.base import Backend, Batch, Encoded, Prepared, cuda_has_native_bf16, cut_text, resolve_source
 from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix
 
 PREFIX = (
@@ -66,8 +66,8 @@ class Qwen3Backend(Backend):
         super().__init__(name, spec, eff)
         self.prefixes = PrefixCache()
         if eff.dtype == "auto" and self.device.type == "cuda":
-            # Qwen3 overflows in float16; bfloat16 wherever the GPU has it.
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Qwen3 overflows in float16; bfloat16 wherever the GPU has it natively (not emulated).
+            self.dtype = torch.bfloat16 if cuda_has_native_bf16(self.device) else torch.float16
 
     def load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer

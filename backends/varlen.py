@@ -17,8 +17,9 @@ lent when this was written. The CPU parity test holds the packed scores equal to
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,13 +84,16 @@ def enable(model: torch.nn.Module) -> None:
             sub.config._attn_implementation = ATTN_IMPLEMENTATION
 
 
-def pack(rows: list[list[int]], types: list[list[int]] | None, position_offset: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """One packed row from token lists: input_ids, position_ids (each pair from position_offset),
-    token_type_ids, and the cumulative offsets."""
+def pack(
+    rows: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None, position_offset: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One packed row from token sequences (the tokenizer's lists or the engine's compact int32 / int8
+    arrays): input_ids, position_ids (each pair from position_offset), token_type_ids, and the
+    cumulative offsets."""
     lengths = torch.tensor([len(r) for r in rows])
     cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
-    ids = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+    ids = _concat(rows)
     positions = torch.cat([torch.arange(n) for n in lengths.tolist()]) + position_offset
     out = {
         "input_ids": ids[None],
@@ -98,9 +102,14 @@ def pack(rows: list[list[int]], types: list[list[int]] | None, position_offset: 
         "max_length": torch.tensor(int(lengths.max())),
     }
     if types is not None:
-        out["token_type_ids"] = torch.tensor([t for r in types for t in r], dtype=torch.long)[None]
+        out["token_type_ids"] = _concat(types)[None]
     # max_length stays on the host: the kernels take it as a Python int.
     return {k: v if k == "max_length" else v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+def _concat(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The rows end to end as one int64 tensor, copied through numpy (no Python int per token)."""
+    return torch.from_numpy(np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]))
 
 
 def position_offset(model: torch.nn.Module) -> int:

@@ -12,7 +12,7 @@ activation_kb_per_token.
 
 JSON goes to $OUT/gpu_models.json when OUT is set (or --json PATH). Exits 1 if Qwen3 nf4 at 16,384
 tokens peaks at 6 GB or more. Imports torch, transformers, bitsandbytes and this repository only; but
-backends.engine imports core.errors, which imports litestar. A GPU machine without them can be given
+engine imports core.errors. A GPU machine without them can be given
 the wheels (about 57 MB, fetched here for its Python, e.g. 3.12):
 
     pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends import backend_class  # noqa: E402
-from backends.engine import Scheduler  # noqa: E402
+from engine import Scheduler  # noqa: E402
 from core.config import ModelSpec, effective  # noqa: E402
 from tests import tiny_models  # noqa: E402  (seeded tokenizers, tiny builders)
 from bench.memory import gte_multilingual_base_config, qwen3_4b_config, xlmr_large_config  # noqa: E402

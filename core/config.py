@@ -85,7 +85,9 @@ class ModelSpec(_Strict):
 
 
 class GpuType(_Strict):
-    match: str  # regular expression searched in torch.cuda.get_device_name()
+    # Regular expression matched against a whole word run of torch.cuda.get_device_name(): it may not be
+    # preceded or followed by a letter or digit, so "L4" never matches "NVIDIA L40S" nor "A10G?" "RTX A1000".
+    match: str
     memory_gb: float
     bf16: bool = True
     # Dense fp16/bf16 tensor-core peak, for the benchmark's utilisation figure.
@@ -112,6 +114,8 @@ class ServerSettings(_Strict):
     max_headers: int = 100
     # SIGTERM: in-flight requests get this long to finish; then queued work is failed with 503.
     drain_timeout_s: float = 30.0
+    # Scored pairs one request may become once documents are split into chunks (max_chunks_per_doc); 400 past it.
+    max_chunks_per_request: int = 100_000
 
 
 class Tenant(_Strict):
@@ -331,8 +335,13 @@ def detect_gpu_type(reg: Registry, device_name: str | None) -> str:
     """The profile key for a device name; "cpu" when there is no GPU, the longest matching key otherwise."""
     if device_name is None:
         return "cpu"
-    hits = [(len(gpu.match), key) for key, gpu in reg.gpu_types.items() if re.search(gpu.match, device_name)]
+    hits = [(len(gpu.match), key) for key, gpu in reg.gpu_types.items() if gpu_name_matches(gpu.match, device_name)]
     return max(hits)[1] if hits else "unknown-gpu"
+
+
+def gpu_name_matches(pattern: str, device_name: str) -> bool:
+    """`pattern` found in the name with no letter or digit right before or after it."""
+    return re.search(rf"(?<![0-9A-Za-z])(?:{pattern})(?![0-9A-Za-z])", device_name) is not None
 
 
 def cuda_device_name() -> str | None:

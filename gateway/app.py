@@ -37,7 +37,7 @@ from gateway.protocol import cohere
 from gateway.reload import Reloader
 from gateway.service import Caller, RerankService
 from gateway.shadow import ShadowRecorder
-from gateway.types import RerankResult, search_units
+from gateway.types import RerankResult, max_scored_units, search_units
 from gateway.usage import UsageStore, total
 
 log = logging.getLogger("rerank_gateway")
@@ -117,7 +117,8 @@ async def _run_rerank(
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
         tenant = service.registry.tenants.get(caller.tenant)
-        async with limiter.hold(caller.tenant, tenant, search_units(len(internal.texts))) as lease:
+        # Quota is reserved for the most chunks the request can become (gateway.types.max_scored_units).
+        async with limiter.hold(caller.tenant, tenant, search_units(max_scored_units(internal))) as lease:
             routed = await routing.rerank_routed(
                 service,
                 request.app.state.shadows,

@@ -17,10 +17,10 @@ from typing import Literal
 import msgspec
 
 from backends import backend_class
-from backends.engine import Scheduler
 from core.budgets import gpu_budget
 from core.config import Effective, ModelSpec, Registry, effective
 from core.errors import ModelUnavailable
+from engine import Scheduler
 from gateway.metrics import Metrics
 from gateway.planning import usable_gb
 
@@ -191,6 +191,7 @@ class ModelPool:
             except BaseException:
                 scheduler.close()
                 raise
+            scheduler.on_health = lambda reason: _stream_health(entry, scheduler, reason)
             entry.scheduler = scheduler
             entry.state, entry.reason = "ready", None
             # What is loaded now lives as long as the process: leave it out of every later full garbage
@@ -220,8 +221,11 @@ class ModelPool:
     def _size_budget(self, entry: ModelEntry, backend, probe: Scheduler) -> Scheduler:
         """A GPU model with no profile: size its budget from the probe warm-up, then prove it with a
         warm-up at the chosen size (a scheduler of its own; the probe's is closed)."""
+        # The inference thread's cuBLAS workspace (engine.warmup) is a fixed cost beside the weights, not
+        # bytes per token: left out of the per-token rate.
+        workspace = int(entry.warmup.get("workspace_bytes", 0))
         tokens, why = gpu_budget(
-            weights_bytes=entry.weights_bytes, activation_bytes=int(entry.warmup["activation_bytes"]),
+            weights_bytes=entry.weights_bytes + workspace, activation_bytes=int(entry.warmup["activation_bytes"]) - workspace,
             probe_tokens=probe.max_batch_tokens, budget_bytes=self._budget_bytes(entry), max_length=entry.eff.max_length,
         )
         probe.close()
@@ -253,10 +257,19 @@ class ModelPool:
         if need > budget * GB:
             raise BudgetError(
                 f"model {entry.model_id}: weights {entry.weights_bytes / GB:.2f} GB + one batch of "
-                f"{entry.batch_tokens or entry.eff.max_batch_tokens} tokens {entry.warmup['activation_bytes'] / GB:.2f} GB = "
+                f"{entry.batch_tokens or entry.eff.max_batch_tokens} tokens ({entry.warmup['pairs']} pairs x {entry.warmup['length']}, "
+                f"mixed lengths; the inference thread's workspace included) {entry.warmup['activation_bytes'] / GB:.2f} GB = "
                 f"{need / GB:.2f} GB exceeds its memory_budget_gb {budget:g} (profile {entry.eff.profile}); "
                 f"lower max_batch_tokens or raise the budget"
             )
+
+
+def _stream_health(entry: ModelEntry, scheduler: Scheduler, reason: str | None) -> None:
+    """From the engine's supervisor: a dead inference stream makes the model unavailable (/ready 503,
+    routes fall back) until it is restarted."""
+    if entry.scheduler is not scheduler or entry.state not in ("ready", "unavailable"):
+        return
+    entry.state, entry.reason = ("unavailable", reason) if reason else ("ready", None)
 
 
 def _same_model(old: ModelEntry, new: ModelEntry) -> bool:

@@ -27,7 +27,7 @@ from gateway.models import ModelEntry, ModelPool
 from gateway.service import RerankService
 
 if TYPE_CHECKING:
-    from backends.engine import Scheduler
+    from engine import Scheduler
 
 log = logging.getLogger("rerank_gateway.reload")
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from core.config import Registry, name_index
-from core.errors import GatewayError
+from core.errors import BadRequest, GatewayError
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
 from gateway.routing import RouteTable
@@ -59,6 +59,12 @@ class RerankService:
                 max_doc_tokens=req.max_tokens_per_doc,
             )
             tokenize_s = time.perf_counter() - tokenize_start
+            cap = self.registry.server.max_chunks_per_request
+            if len(prepared.items) > cap:
+                raise BadRequest(
+                    f"invalid request: the documents split into {len(prepared.items)} chunks; the maximum is {cap} "
+                    "per request (server.max_chunks_per_request): lower max_chunks_per_doc or raise max_tokens_per_doc"
+                )
             top_n = min(req.top_n or len(req.texts), len(req.texts))
             done = await scheduler.submit(
                 prepared,

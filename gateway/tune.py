@@ -151,7 +151,7 @@ def tune(
     pairs: int = 400, rounds: int = 2, clients: int = 4, log: Callable[[str], None] = lambda _: None,
 ) -> TuneResult:
     from backends import backend_class
-    from backends.engine import Scheduler
+    from engine import Scheduler
 
     spec = registry.models[model_id]
     eff = effective(spec, gpu_type)

@@ -35,3 +35,14 @@ class RerankResult:
 def search_units(scored_units: int) -> int:
     """Cohere's billing unit: one query with up to 100 documents (chunks counted)."""
     return max(1, -(-scored_units // 100))
+
+
+def max_scored_units(req: RerankRequest) -> int:
+    """The most pairs a request can become once tokenized, known before any work: each document yields at
+    most max_chunks_per_doc chunks, and at most one per byte of its text plus one (every tokenizer we
+    serve spends at least a byte a token). Quota is reserved for this and settled with the real count, so
+    one call cannot bill past the tenant's search_units_per_day."""
+    chunks = req.max_chunks_per_doc or 1
+    if chunks == 1:
+        return len(req.texts)
+    return sum(min(chunks, len(text.encode("utf-8", "surrogatepass")) + 1) for text in req.texts)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from backends.base import CPU_STREAMS
-from backends.engine import Scheduler
+from engine import Scheduler
 from backends.flag import FlagBackend
 from bench.models import build_minilm_cross_encoder
 from core.config import ModelSpec, effective
@@ -46,7 +46,7 @@ def test_cpu_streams_share_batches_and_keep_scores_exact(backend: FlagBackend) -
         return await asyncio.gather(*(one(q, d) for q, d in requests))
 
     try:
-        assert len(scheduler._threads) == CPU_STREAMS
+        assert scheduler.streams == CPU_STREAMS
         results = asyncio.run(all_at_once())
     finally:
         scheduler.close()

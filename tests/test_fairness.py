@@ -61,6 +61,18 @@ def server(tmp_path_factory):
         yield url
 
 
+async def _latencies(client: httpx.AsyncClient, body: dict, headers: dict, n: int) -> list[float]:
+    """n requests one after another; each one's latency."""
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        r = await client.post("/v1/rerank", json=body, headers=headers)
+        out.append(time.perf_counter() - start)
+        assert r.status_code == 200, r.text
+        await asyncio.sleep(0.005)
+    return out
+
+
 async def _metric(client: httpx.AsyncClient, name: str) -> int:
     text = (await client.get("/metrics")).text
     match = re.search(rf'^{name}\{{model="tiny"\}} ([0-9.e+]+)$', text, re.M)
@@ -75,14 +87,7 @@ async def _measure(url: str) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
 
         async def beta_latencies(n: int) -> list[float]:
-            out = []
-            for _ in range(n):
-                start = time.perf_counter()
-                r = await client.post("/v1/rerank", json=small, headers=beta)
-                out.append(time.perf_counter() - start)
-                assert r.status_code == 200, r.text
-                await asyncio.sleep(0.005)
-            return out
+            return await _latencies(client, small, beta, n)
 
         await beta_latencies(5)  # warm
         idle = await beta_latencies(SAMPLES)
@@ -131,3 +136,63 @@ def test_small_tenant_keeps_its_latency_while_another_floods_the_queue(server):
     )
     print(report)
     assert attempts[-1]["loaded_p99"] <= 3 * attempts[-1]["idle_p99"], report
+
+
+async def _measure_in_tenant(url: str) -> dict:
+    """20 three-document searches alone, then next to 2,000-document requests, all of tenant alpha."""
+    small = {"query": "where do cats sleep", "documents": _docs(3, 1)}
+    big = json.dumps({"query": "where do cats sleep", "documents": _docs(2_000, 2), "top_n": 10}).encode()
+    alpha = {"Authorization": f"Bearer {KEYS['alpha']}", "Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+
+        async def searches(n: int) -> list[float]:
+            return await _latencies(client, small, alpha, n)
+
+        await searches(5)
+        alone = await searches(20)
+        big_done = 0
+
+        async def bulk() -> None:
+            nonlocal big_done
+            while True:
+                r = await client.post("/v1/rerank", content=big, headers=alpha)
+                assert r.status_code == 200, r.text
+                big_done += 1
+
+        tokenized_before = await _metric(client, "rerank_tokenize_seconds_count")
+        tasks = [asyncio.create_task(bulk()) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 60
+            while await _metric(client, "rerank_tokenize_seconds_count") < tokenized_before + 2:
+                assert time.monotonic() < deadline, "the bulk requests were never tokenized"
+                await asyncio.sleep(0.05)
+            beside: list[float] = []
+            queued: list[int] = []
+            for _ in range(20):
+                queued.append(await _metric(client, "rerank_queue_pairs"))
+                beside += await searches(1)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    # The bulk work really was queued while the searches ran (a resubmitted one may still be tokenizing).
+    busy = sum(q > 200 for q in queued) / len(queued)
+    return {"alone_p99": _p99(alone), "beside_p99": _p99(beside), "busy": busy, "big_done": big_done}
+
+
+def test_small_searches_do_not_wait_behind_a_bulk_request_of_their_own_tenant(server):
+    attempts = []
+    for _ in range(ATTEMPTS):
+        result = asyncio.run(_measure_in_tenant(server))
+        assert result["busy"] >= 0.75, result
+        attempts.append(result)
+        if result["beside_p99"] <= 3 * result["alone_p99"]:
+            break
+        time.sleep(1.0)
+    report = "; ".join(
+        f"alone p99 {a['alone_p99'] * 1e3:.0f} ms, beside a 2,000-document request p99 {a['beside_p99'] * 1e3:.0f} ms "
+        f"({a['beside_p99'] / a['alone_p99']:.2f}x)"
+        for a in attempts
+    )
+    print(report)
+    assert attempts[-1]["beside_p99"] <= 3 * attempts[-1]["alone_p99"], report

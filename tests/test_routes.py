@@ -313,8 +313,11 @@ def test_fallback_when_the_model_is_overloaded(client: TestClient) -> None:
         sched.max_queue_pairs = 4
         try:
             # Hold every inference stream of `a` in a forward pass, then queue one more request.
-            in_forward = [pool.submit(rerank, client, "a") for _ in range(sched.streams)]
+            # One at a time: two requests arriving together are over a 4-pair queue limit before either
+            # is tokenized (admission counts requests being tokenized).
+            in_forward = []
             for _ in range(sched.streams):
+                in_forward.append(pool.submit(rerank, client, "a"))
                 assert entered.acquire(timeout=30)
             queued = pool.submit(rerank, client, "a")
             wait_for(lambda: sched.queue_depth()[0] > 0, what="a queued request")

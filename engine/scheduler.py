@@ -1,0 +1,349 @@
+"""The Scheduler: the facade the gateway uses, one per loaded model.
+
+It owns the model's queue (engine.fair_queue), the window of pulled pairs and batch building
+(engine.batching), the inference streams (engine.streams) running batches (engine.inference), the
+tokenizer lanes (engine.lanes), admission (engine.admission) and the token budget with its OOM cap.
+
+Locking: one condition variable guards the queue, the window and the requests' bookkeeping. The event
+loop takes it (admission, submit, cancel), so nothing under it touches the device: batches are
+collated, forwarded, synchronised and pooled outside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from backends.base import CPU_STREAMS, Backend, Prepared, configure_cpu_streams
+from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
+from engine.admission import Reservations, estimate_cost
+from engine.batching import SMALL_SHARE, take_batch
+from engine.device import StreamContext, finish_host_thread_work
+from engine.fair_queue import FairQueue
+from engine.inference import BatchRunner
+from engine.lanes import TokenizerLanes
+from engine.streams import InferenceStreams
+from engine.warmup import run_warmup, warmup_shapes
+from engine.work import Completed, Slot, Work, compact, new_work
+
+log = logging.getLogger("rerank_gateway.engine")
+
+# A window of queued pairs this many batches deep is sorted by length when a batch is built. Deeper windows
+# pad less when many small requests mix (8 x a 1,024-token budget: ~93% on 16 clients x 20 mixed-length
+# documents, against ~83% at 2) at the cost of a newcomer waiting behind up to this many batches.
+WINDOW_BATCHES = 8
+# After an OOM the model's token budget is lowered to what fitted, for this long.
+OOM_COOLDOWN_S = 60.0
+
+
+@dataclass(eq=False)
+class _Control:
+    """A call to run inside an inference thread (the warm-up), between batches."""
+
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future
+
+
+class Scheduler:
+    """Owns one backend: its queue, its inference streams, its budgets."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_batch_tokens: int,
+        max_batch_size: int,
+        max_queue_pairs: int,
+        max_queue_tokens: int,
+        metrics: Any = None,
+        tokenize_threads: int = 2,
+        streams: int | None = None,
+        cpu_streams: int = CPU_STREAMS,
+    ) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.max_queue_pairs = max_queue_pairs
+        self.max_queue_tokens = max_queue_tokens
+        self.metrics = metrics
+        self.oom_recoveries = 0
+        # Why the model cannot serve now (a stream died and is restarting), or None.
+        self.unavailable_reason: str | None = None
+        self.on_health: Callable[[str | None], None] | None = None
+        self._token_cap = max_batch_tokens
+        self._cap_until = 0.0
+        self._queue = FairQueue()
+        self._window: list[Slot] = []
+        self._control: list[_Control] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._reserved = Reservations()
+        self._lanes = TokenizerLanes(self.name, tokenize_threads)
+        self._workspace_bytes = 0
+        # Throughput estimate (real tokens/s of one stream, device time) for Retry-After.
+        self._tokens_per_s = 5_000.0
+        self.runner = BatchRunner(
+            backend, lock=self._cv, metrics=metrics, on_oom=self._lower_budget, fail=self._fail_works, observed=self._observed
+        )
+        if streams is None:
+            streams = 1 if backend.device.type != "cpu" else configure_cpu_streams(cpu_streams)
+        self._streams = InferenceStreams(
+            self.name, streams, StreamContext(backend.device),
+            take=self._next_job, run=self._run_job, fail=self._fail_job, on_health=self._health, taken=self._taken,
+        )
+
+    # -- test hooks (see engine.inference) ----------------------------------------------------------------
+    @property
+    def fault_hook(self) -> Callable[[int, int], None] | None:
+        return self.runner.fault_hook
+
+    @fault_hook.setter
+    def fault_hook(self, hook: Callable[[int, int], None] | None) -> None:
+        self.runner.fault_hook = hook
+
+    @property
+    def step_hook(self) -> Callable[[str, Any], None] | None:
+        return self.runner.step_hook
+
+    @step_hook.setter
+    def step_hook(self, hook: Callable[[str, Any], None] | None) -> None:
+        self.runner.step_hook = hook
+
+    # -- state, read from the event loop --------------------------------------------------------------------
+    @property
+    def streams(self) -> int:
+        """Inference threads running batches of this model (one on a GPU)."""
+        return self._streams.count
+
+    @property
+    def running(self) -> bool:
+        return not self._stopping and self._streams.alive
+
+    @property
+    def restarts(self) -> int:
+        return self._streams.restarts
+
+    @property
+    def token_budget(self) -> int:
+        if self._cap_until and time.monotonic() > self._cap_until:
+            self._token_cap, self._cap_until = self.max_batch_tokens, 0.0
+        return min(self.max_batch_tokens, self._token_cap)
+
+    def queue_depth(self) -> tuple[int, int]:
+        with self._cv:
+            window_tokens = sum(s.length for s in self._window)
+            return self._queue.pairs + len(self._window), self._queue.tokens + window_tokens
+
+    # -- admission and submission (event loop) ---------------------------------------------------------------
+    def _check_room(self, pairs: int, tokens: int) -> None:
+        """429 when the queue (with the requests being tokenized) is full. A request alone is always
+        admitted, so a 10,000-document request is never refused for its size alone."""
+        queued_pairs, queued_tokens = self.queue_depth()
+        queued_pairs += self._reserved.pairs
+        queued_tokens += self._reserved.tokens
+        if queued_pairs and (queued_pairs + pairs > self.max_queue_pairs or queued_tokens + tokens > self.max_queue_tokens):
+            raise TooManyRequests(
+                f"model {self.name!r} is overloaded ({queued_pairs} pairs queued); retry later",
+                retry_after_s=queued_tokens / max(self._tokens_per_s * self.streams, 1.0),
+            )
+
+    async def prepare(self, query: str, documents: list[str], **kwargs: Any) -> Prepared:
+        """Tokenize, after checking an estimate of the request's cost against the queue limits."""
+        pairs, tokens = estimate_cost(query, documents, max_length=kwargs.get("max_length", 512), max_chunks=kwargs.get("max_chunks", 1))
+        self._check_room(pairs, tokens)
+        self._reserved.add(pairs, tokens)
+        start = time.perf_counter()
+        try:
+            prepared = await self._lanes.run(len(documents), lambda: self._tokenize(query, documents, kwargs))
+        finally:
+            self._reserved.remove(pairs, tokens)
+        if self.metrics:
+            self.metrics.tokenize_seconds.labels(self.name).observe(time.perf_counter() - start)
+        return prepared
+
+    def _tokenize(self, query: str, documents: list[str], kwargs: dict[str, Any]) -> Prepared:
+        prepared = compact(self.backend.prepare(query, documents, **kwargs))
+        finish_host_thread_work(self.backend.device)
+        return prepared
+
+    def admit(self, prepared: Prepared) -> None:
+        """The real cost, after tokenizing."""
+        self._check_room(len(prepared.items), sum(len(item.input_ids) for item in prepared.items))
+
+    async def submit(
+        self,
+        prepared: Prepared,
+        *,
+        top_n: int,
+        raw_scores: bool = False,
+        tenant: str = "",
+        weight: float = 1.0,
+        priority: int = 0,
+        timeout_s: float | None = None,
+        disconnected: asyncio.Future | None = None,
+    ) -> Completed:
+        """Queue a prepared request and wait for its top_n. Its queued pairs leave the queue on every way
+        out: answered, failed, timed out, client gone, task cancelled."""
+        self.admit(prepared)
+        work = new_work(prepared, top_n=top_n, raw_scores=raw_scores, tenant=tenant, priority=priority)
+        if not prepared.items:
+            return Completed([], [], 0.0, 0.0)
+        loop = asyncio.get_running_loop()
+        work.loop, work.future = loop, loop.create_future()
+        with self._cv:
+            self._queue.push(work, weight)
+            self._cv.notify_all()  # every idle stream: a big request has batches for all of them
+        waiter = work.future
+        try:
+            if disconnected is None:
+                return await asyncio.wait_for(waiter, timeout_s)
+            done, _ = await asyncio.wait({waiter, disconnected}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                return waiter.result()
+            if disconnected in done:
+                raise ClientClosedRequest(f"client disconnected; its pairs for model {self.name!r} were dropped")
+            raise TimeoutError
+        except TimeoutError:
+            self.cancel(work)
+            raise Timeout(f"request to model {self.name!r} did not finish within {timeout_s:g} s") from None
+        except BaseException:
+            self.cancel(work)
+            raise
+
+    def cancel(self, work: Work) -> None:
+        with self._cv:
+            if not work.settle("cancelled"):
+                return
+            self._drop(work)
+        if self.metrics:
+            self.metrics.cancelled.labels(self.name).inc()
+
+    def _drop(self, work: Work) -> None:
+        """Remove a settled request's pairs from the queue and the window (lock held)."""
+        self._queue.remove(work)
+        self._window = [s for s in self._window if s.work is not work]
+        work.parts = []
+
+    def close(self) -> None:
+        self._stopping = True  # not running from here on; the streams stop at their next take
+
+        def wake() -> None:
+            with self._cv:
+                self._cv.notify_all()
+
+        self._streams.stop(wake)
+        self._lanes.close()
+
+    # -- warm-up: the budget is proven at start, not in production ---------------------------------------
+    def warmup(self, length: int) -> dict[str, Any]:
+        """One batch of mixed lengths at the full token budget (engine.warmup), run in an inference thread.
+        Returns pairs, length, seconds, peak_bytes, activation_bytes (0 on a CPU, memory_measured False),
+        workspace_bytes, padded_tokens, real_tokens, shapes. Raises BudgetDoesNotHold on OOM."""
+        shapes = warmup_shapes(length, budget=self.max_batch_tokens, max_batch_size=self.max_batch_size)
+
+        def measure() -> dict[str, Any]:
+            return run_warmup(
+                self.backend, self.runner.forward_items, shapes, budget=self.max_batch_tokens, workspace_bytes=self._workspace_bytes
+            )
+
+        result = self.call_in_stream(measure)
+        self._workspace_bytes = self._workspace_bytes or result["workspace_bytes"]
+        return result
+
+    def call_in_stream(self, fn: Callable[[], Any], timeout_s: float | None = 600) -> Any:
+        """Run fn in an inference thread, between batches (blocking; not from the event loop)."""
+        control = _Control(fn, concurrent.futures.Future())
+        with self._cv:
+            self._control.append(control)
+            self._cv.notify()
+        return control.future.result(timeout_s)
+
+    # -- the inference streams' side ------------------------------------------------------------------------
+    def _next_job(self) -> list[Slot] | _Control | None:
+        """Block until there is work; return the next batch or control call (None when stopping)."""
+        with self._cv:
+            while True:
+                if self._stopping:
+                    return None
+                if self._control:
+                    return self._control.pop(0)
+                budget = self.token_budget
+                pulled = self._queue.pull_newcomers(budget // SMALL_SHARE, budget)
+                window_tokens = sum(s.length for s in self._window)
+                want = WINDOW_BATCHES * budget - window_tokens
+                if want > 0:
+                    pulled += self._queue.pull(want)
+                for work, item, tag, rtag in pulled:
+                    self._window.append(Slot(work, item, work.lengths[item], next(self._seq), tag, rtag))
+                if self._window:
+                    batch, self._window = take_batch(self._window, self._queue, budget, self.max_batch_size)
+                    batch = [s for s in batch if s.work.state == "queued"]
+                    if not batch:
+                        continue
+                    now = time.perf_counter()
+                    for s in batch:
+                        if s.work.started_at is None:
+                            s.work.started_at = now
+                    return batch
+                self._cv.wait()
+
+    def _taken(self, job: list[Slot] | _Control) -> None:
+        """Between taking a job and its guarded run: only the tests' "take" fault runs here, which kills
+        the stream (the supervisor's path)."""
+        if self.runner.step_hook is not None and not isinstance(job, _Control):
+            self.runner.step_hook("take", job)
+
+    def _run_job(self, job: list[Slot] | _Control) -> None:
+        if isinstance(job, _Control):
+            try:
+                job.future.set_result(job.fn())
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                job.future.set_exception(exc)
+            return
+        self.runner.run(job)
+
+    def _fail_job(self, job: list[Slot] | _Control, message: str) -> None:
+        if isinstance(job, _Control):
+            if not job.future.done():
+                job.future.set_exception(RuntimeError(message))
+            return
+        self._fail_works(list(dict.fromkeys(s.work for s in job)), message, answered_too=True)
+
+    def _fail_works(self, works: list[Work], message: str, answered_too: bool = False) -> None:
+        """Fail requests: their pairs leave the queue. With answered_too, also those a failed step had
+        settled but not yet answered (a failure while pooling)."""
+        to_tell = []
+        with self._cv:
+            for work in works:
+                if work.settle("failed"):
+                    self._drop(work)
+                    to_tell.append(work)
+                elif answered_too and work.state == "done" and not work.delivered:
+                    to_tell.append(work)
+        for work in to_tell:
+            work.deliver(error=InferenceFailed(message))
+
+    def _lower_budget(self, width: int, padded: int) -> None:
+        """After an OOM: what did not fit lowers the budget for a while; new batches are built under it."""
+        self.oom_recoveries += 1
+        if self.metrics:
+            self.metrics.oom_recoveries.labels(self.name).inc()
+        self._token_cap = max(width, min(self._token_cap, padded // 2))
+        self._cap_until = time.monotonic() + OOM_COOLDOWN_S
+
+    def _observed(self, real_tokens: int, seconds: float) -> None:
+        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (real_tokens / max(seconds, 1e-6))
+
+    def _health(self, reason: str | None) -> None:
+        self.unavailable_reason = reason
+        if self.on_health is not None:
+            self.on_health(reason)
+

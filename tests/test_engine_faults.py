@@ -1,0 +1,321 @@
+"""The engine under faults, on the real packaged all-MiniLM-L6-v2 (float32) and real inference threads.
+
+Faults are injected through the scheduler's test hooks, which run inside the real inference thread at the
+start of each step of its loop (engine.inference.STEPS, plus "take", before the failure boundary)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+from backends.embedding import EmbeddingBackend
+from core.config import ModelSpec, effective
+from core.errors import ClientClosedRequest, InferenceFailed, Timeout
+from engine import Scheduler
+from engine.inference import STEPS
+from tests.conftest import MINILM
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def docs(n: int, words: int = 6) -> list[str]:
+    return [" ".join(WORDS[(i + k) % len(WORDS)] for k in range(words + i % 5)) + f" {i}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def backend() -> EmbeddingBackend:
+    spec = ModelSpec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
+    b = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
+    b.load()
+    return b
+
+
+def scheduler(backend, **kw) -> Scheduler:
+    args = dict(max_batch_tokens=512, max_batch_size=64, max_queue_pairs=100_000, max_queue_tokens=10**8, streams=1)
+    return Scheduler(backend, **(args | kw))
+
+
+async def ask(s: Scheduler, documents: list[str], **kw):
+    prepared = await s.prepare("alpha gamma", documents, max_length=64, max_chunks=1, instruction=None)
+    return await s.submit(prepared, top_n=len(documents), **kw)
+
+
+class FailOnce:
+    def __init__(self, step: str) -> None:
+        self.step, self.fired = step, False
+
+    def __call__(self, step: str, info) -> None:
+        if step == self.step and not self.fired:
+            self.fired = True
+            raise RuntimeError(f"injected fault at {step}")
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_fault_at_any_step_fails_its_batch_and_the_stream_goes_on(backend, step):
+    s = scheduler(backend)
+    s.step_hook = FailOnce(step)
+
+    async def run():
+        first = await asyncio.gather(ask(s, docs(5)), return_exceptions=True)
+        second = await ask(s, docs(5))
+        return first[0], second
+
+    try:
+        first, second = asyncio.run(asyncio.wait_for(run(), 60))
+        if step == "metrics":
+            # The answer left before the metrics step; a failure there loses nothing.
+            assert not isinstance(first, BaseException), first
+        else:
+            assert isinstance(first, InferenceFailed), first
+            assert "inference failed on model 'minilm'" in first.message and f"injected fault at {step}" in first.message
+        assert len(second.indices) == 5
+        assert s.restarts == 0 and s.running, "the failure boundary held: the stream never died"
+        assert s.queue_depth() == (0, 0)
+    finally:
+        s.close()
+
+
+def test_a_stream_that_dies_is_restarted_and_its_batch_fails(backend):
+    s = scheduler(backend)
+    health: list[str | None] = []
+    s.on_health = health.append
+    s.step_hook = FailOnce("take")  # between taking a batch and the guarded step: the stream dies
+
+    async def run():
+        first = await asyncio.gather(ask(s, docs(5)), return_exceptions=True)
+        return first[0], await ask(s, docs(5))
+
+    try:
+        first, second = asyncio.run(asyncio.wait_for(run(), 60))
+        assert isinstance(first, InferenceFailed) and "died" in first.message, first
+        assert len(second.indices) == 5
+        assert s.restarts == 1 and s.running
+        assert health[0] is not None and "injected fault at take" in health[0] and health[-1] is None, health
+    finally:
+        s.close()
+
+
+def test_oom_retry_runs_after_the_failed_batch_is_freed(backend):
+    s = scheduler(backend)
+    allocations: list[weakref.ref] = []
+    seen_at_retry: list[bool] = []
+
+    def oom_when_big(pairs: int, padded: int) -> None:
+        if allocations:
+            seen_at_retry.append(all(ref() is None for ref in allocations))
+        if pairs > 2:
+            held = torch.empty(4 * 1024 * 1024)  # what the failed forward had allocated
+            allocations.append(weakref.ref(held))
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    s.fault_hook = oom_when_big
+    try:
+        done = asyncio.run(asyncio.wait_for(ask(s, docs(8)), 60))
+        assert sorted(done.indices) == list(range(8))
+        assert s.oom_recoveries >= 2 and seen_at_retry
+        assert all(seen_at_retry), "a retry ran while the failed batch's tensors were still alive"
+    finally:
+        s.close()
+
+
+def test_every_way_out_takes_the_requests_pairs_off_the_queue(backend):
+    """Timeout (with the answer arriving after the loop cancelled its future: the stream must not die),
+    task cancellation, client disconnect, and a failed batch of a multi-batch request."""
+    s = scheduler(backend, max_batch_size=4)
+    slow = threading.Event()
+
+    def hook(step: str, info) -> None:
+        if step == "forward" and slow.is_set():
+            time.sleep(0.15)
+
+    s.step_hook = hook
+
+    async def drained() -> tuple[int, int]:
+        for _ in range(100):
+            if s.queue_depth() == (0, 0):
+                break
+            await asyncio.sleep(0.02)
+        return s.queue_depth()
+
+    async def run():
+        slow.set()
+        with pytest.raises(Timeout):
+            await ask(s, docs(40), timeout_s=0.25)
+        assert await drained() == (0, 0)
+        task = asyncio.ensure_future(ask(s, docs(40)))
+        await asyncio.sleep(0.25)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await drained() == (0, 0)
+        gone = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.25, gone.set_result, None)
+        with pytest.raises(ClientClosedRequest):
+            await ask(s, docs(40), disconnected=gone)
+        assert await drained() == (0, 0)
+        slow.clear()
+        s.step_hook = FailOnce("forward")
+        with pytest.raises(InferenceFailed):
+            await ask(s, docs(40))
+        assert await drained() == (0, 0)
+        await asyncio.sleep(0.3)  # batches in flight at the timeout/cancel finish and try to answer
+        s.step_hook = None
+        return await ask(s, docs(3))
+
+    try:
+        done = asyncio.run(asyncio.wait_for(run(), 60))
+        assert len(done.indices) == 3
+        assert s.restarts == 0 and s.running
+    finally:
+        s.close()
+
+
+def test_warmup_runs_mixed_lengths_at_the_full_token_budget(backend):
+    s = scheduler(backend, max_batch_tokens=512, max_batch_size=64)
+    seen: list[tuple[str, torch.Tensor]] = []
+    s.step_hook = lambda step, info: seen.append((threading.current_thread().name, info.inputs["attention_mask"].clone())) if step == "forward" else None
+    try:
+        out = s.warmup(64)
+        thread, mask = seen[0]
+        assert thread.startswith("infer-minilm"), "the warm-up runs in the inference thread (its workspace counts)"
+        assert mask.shape == (8, 64) and out["pairs"] == 8 and out["length"] == 64
+        assert out["padded_tokens"] == 512, "the full token budget"
+        lengths = mask.sum(1)
+        assert (mask == 0).any() and len(set(lengths.tolist())) == 8, "mixed lengths: the attention mask is used"
+        assert lengths.max() == 64 and lengths.min() == 2
+        # No allocator counter on a CPU: said so, not faked.
+        assert out["memory_measured"] is False and out["peak_bytes"] == 0 and "CPU" in out["memory_note"]
+        assert {"seconds", "activation_bytes", "workspace_bytes"} <= set(out)
+    finally:
+        s.close()
+    # A budget that holds one pair at full width also measures a masked two-row batch.
+    s = scheduler(backend, max_batch_tokens=48, max_batch_size=64)
+    seen.clear()
+    s.step_hook = lambda step, info: seen.append(("", info.inputs["attention_mask"].clone())) if step == "forward" else None
+    try:
+        out = s.warmup(64)
+        assert [m.shape for _, m in seen] == [(1, 48), (2, 24)]
+        assert (seen[1][1] == 0).any()
+    finally:
+        s.close()
+
+
+def test_queued_token_ids_are_compact_and_score_the_same(backend):
+    s = scheduler(backend)
+    try:
+        async def run():
+            prepared = await s.prepare("alpha gamma", docs(6), max_length=64, max_chunks=1, instruction=None)
+            return prepared, await s.submit(prepared, top_n=6)
+
+        prepared, done = asyncio.run(run())
+        assert all(isinstance(it.input_ids, np.ndarray) and it.input_ids.dtype == np.int32 for it in prepared.items)
+        lists = backend.prepare("alpha gamma", docs(6), max_length=64, max_chunks=1, instruction=None)
+        assert [list(it.input_ids) for it in prepared.items] == [it.input_ids for it in lists.items]
+        with torch.inference_mode():
+            alone = backend.relevance(backend.forward(backend.collate(lists.items, [lists.context] * 6)))
+        assert torch.allclose(torch.tensor(done.scores), alone[done.indices], atol=1e-5)
+    finally:
+        s.close()
+
+
+def _queued(s: Scheduler, n: int, length: int, tenant: str = ""):
+    from backends.base import Encoded, Prepared
+    from engine.work import new_work
+
+    prepared = Prepared(items=[Encoded(np.full(length, 1000, dtype=np.int32)) for _ in range(n)], doc_index=list(range(n)), n_docs=n)
+    work = new_work(prepared, top_n=1, raw_scores=False, tenant=tenant, priority=0)
+    with s._cv:
+        s._queue.push(work, 1.0)
+    return work
+
+
+def test_a_small_request_is_not_queued_behind_a_bulk_request_of_its_own_tenant(backend):
+    """Batch building only (no inference thread): a 3-pair request arriving while a 2,000-pair request of
+    the same tenant fills the window goes whole into the next batch, not after the window (8 batches)."""
+    s = scheduler(backend, max_batch_tokens=1024, max_batch_size=128, streams=0)
+    try:
+        bulk = _queued(s, 2000, 20)
+        for _ in range(3):
+            assert all(slot.work is bulk for slot in s._next_job())
+        small = _queued(s, 3, 20)
+        batch = s._next_job()
+        assert sum(slot.work is small for slot in batch) == 3, "the small request went whole into the next batch"
+        assert len(batch) == 3, "no bulk pairs ride along: the search's batch costs what the search costs"
+        # Across tenants as before: another tenant's small request also goes first.
+        other = _queued(s, 3, 20, tenant="beta")
+        assert sum(slot.work is other for slot in s._next_job()) == 3
+        assert all(slot.work is bulk for slot in s._next_job())
+    finally:
+        s.close()
+
+
+def test_gpu_names_never_confuse_similar_cards():
+    from core.config import detect_gpu_type, load_registry
+    from tests.conftest import REPO
+
+    reg = load_registry(REPO / "registry.yaml")
+    expected = {
+        "Tesla T4": "T4",
+        "NVIDIA L4": "L4",
+        "NVIDIA L40S": "unknown-gpu",  # not an L4: 48 GB, another profile entirely
+        "NVIDIA L40": "unknown-gpu",
+        "NVIDIA A10G": "A10G",
+        "NVIDIA A10": "A10G",
+        "NVIDIA RTX A1000 6GB Laptop GPU": "unknown-gpu",  # not an A10G
+        "NVIDIA RTX A1000": "unknown-gpu",
+        "NVIDIA A100-SXM4-40GB": "A100-40GB",
+        "NVIDIA A100 80GB PCIe": "A100-80GB",
+        "NVIDIA H100 80GB HBM3": "H100",
+        "NVIDIA H100 NVL": "H100",
+        "NVIDIA H200": "H200",
+        "NVIDIA GH200 480GB": "unknown-gpu",
+    }
+    assert {name: detect_gpu_type(reg, name) for name in expected} == expected
+
+
+def test_tokenizer_lanes_are_bounded_and_a_search_has_its_own():
+    from core.errors import TooManyRequests
+    from engine.lanes import MAX_PENDING_BULK_PER_THREAD, SMALL_REQUEST_DOCS, TokenizerLanes
+
+    lanes = TokenizerLanes("m", bulk_threads=1)
+    gate = threading.Event()
+
+    async def run():
+        bulk = [asyncio.ensure_future(lanes.run(SMALL_REQUEST_DOCS + 1, gate.wait)) for _ in range(MAX_PENDING_BULK_PER_THREAD)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(TooManyRequests):
+            await lanes.run(SMALL_REQUEST_DOCS + 1, lambda: "never runs")
+        # The bulk lane is full and blocked; a small request still runs at once on its own lane.
+        assert await asyncio.wait_for(lanes.run(3, lambda: "search"), 5) == "search"
+        gate.set()
+        await asyncio.gather(*bulk)
+        assert lanes.bulk.pending == 0
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 30))
+    finally:
+        gate.set()
+        lanes.close()
+
+
+def test_a_budget_whose_warmup_runs_out_of_memory_is_refused_naming_the_numbers(backend):
+    from engine.warmup import BudgetDoesNotHold
+
+    s = scheduler(backend, max_batch_tokens=512, max_batch_size=64)
+
+    def oom(pairs: int, padded: int) -> None:
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    s.fault_hook = oom
+    try:
+        with pytest.raises(BudgetDoesNotHold, match=r"8 pairs x 64 tokens \(max_batch_tokens 512\) ran out of memory"):
+            s.warmup(64)
+        assert s.running, "the stream that ran the warm-up is still serving"
+    finally:
+        s.close()

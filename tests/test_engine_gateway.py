@@ -1,0 +1,157 @@
+"""The engine's promises seen through real HTTP: a dead inference stream makes the model unavailable
+(/ready 503) until the supervisor restarts it; a NaN score is a 5xx naming the model, never a null; cost is
+checked before tokenizing; quota reservations count chunks; chunks per request are capped."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import pytest
+import torch
+
+from core.config import parse_registry
+from gateway.auth import key_sha256
+from tests.conftest import MINILM, LiveServer, app_client, minilm_registry
+from tests.tenant_fixtures import KEYS
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def docs(n: int, words: int = 6) -> list[str]:
+    return [" ".join(WORDS[(i + k) % len(WORDS)] for k in range(words)) + f" {i}" for i in range(n)]
+
+
+def rerank(url: str, documents: list, timeout: float = 60, **extra) -> httpx.Response:
+    return httpx.post(f"{url}/v1/rerank", json={"query": "alpha gamma", "documents": documents, **extra}, timeout=timeout)
+
+
+def metric(url: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(f"{url}/metrics").text.splitlines()
+        if line.startswith(name + "{") and 'model="minilm"' in line
+    )
+
+
+@pytest.fixture(scope="module")
+def srv():
+    reg = minilm_registry(server={"max_queue_pairs": 30, "max_chunks_per_request": 50}, max_batch_size=8, cpu_streams=1, dtype="float32")
+    with LiveServer(reg) as live:
+        yield live
+
+
+@pytest.fixture(autouse=True)
+def no_hooks(srv):
+    yield
+    srv.scheduler("minilm").step_hook = None
+
+
+def test_ready_is_503_while_a_dead_stream_restarts(srv):
+    scheduler = srv.scheduler("minilm")
+    fired = []
+
+    def die_once(step, info):
+        if step == "take" and not fired:
+            fired.append(step)
+            raise RuntimeError("injected: the stream dies")
+
+    scheduler.step_hook = die_once
+    resp = rerank(srv.url, docs(3))
+    assert resp.status_code == 503 and "died" in resp.json()["message"], resp.text
+    ready = httpx.get(f"{srv.url}/ready")
+    assert ready.status_code == 503 and ready.json()["models"]["minilm"] == "unavailable", ready.text
+    model = next(m for m in httpx.get(f"{srv.url}/v1/models").json()["data"] if m["id"] == "minilm")
+    assert model["state"] == "unavailable" and "injected: the stream dies" in model["reason"], model
+    refused = rerank(srv.url, docs(3))
+    assert refused.status_code == 503 and "unavailable" in refused.json()["message"]
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{srv.url}/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the supervisor never restarted the stream"
+        time.sleep(0.05)
+    assert rerank(srv.url, docs(3)).status_code == 200
+    assert scheduler.restarts == 1
+
+
+def test_a_non_finite_score_fails_its_request_naming_the_model(srv):
+    backend = srv.scheduler("minilm").backend
+    token = backend.tokenizer.convert_tokens_to_ids("zebra")
+    weights = backend.model.embeddings.word_embeddings.weight
+    saved = weights[token].clone()
+    with torch.no_grad():
+        weights[token] = float("inf")  # a real forward pass now yields NaN for any text with "zebra" in it
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            bad = pool.submit(rerank, srv.url, ["a zebra in the grass", *docs(3)])
+            good = pool.submit(rerank, srv.url, docs(4))
+            bad, good = bad.result(), good.result()
+    finally:
+        with torch.no_grad():
+            weights[token] = saved
+    assert bad.status_code >= 500 and "null" not in bad.text, bad.text
+    message = bad.json()["message"]
+    assert "'minilm'" in message and "NaN" in message, message
+    assert good.status_code == 200 and all(r["relevance_score"] is not None for r in good.json()["results"])
+    assert rerank(srv.url, ["a zebra in the grass"]).status_code == 200
+
+
+def test_cost_is_checked_before_tokenizing(srv):
+    scheduler = srv.scheduler("minilm")
+    started = []
+
+    def slow(step, info):
+        if step == "forward":
+            started.append(1)
+            time.sleep(0.4)
+
+    scheduler.step_hook = slow
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(rerank, srv.url, docs(28))
+        deadline = time.monotonic() + 10
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        tokenized = metric(srv.url, "rerank_tokenize_seconds_count")
+        refused = rerank(srv.url, docs(20))
+        assert refused.status_code == 429 and "overloaded" in refused.json()["message"], refused.text
+        assert metric(srv.url, "rerank_tokenize_seconds_count") == tokenized, "refused before it was tokenized"
+        assert first.result().status_code == 200
+
+
+def test_chunks_per_request_are_capped(srv):
+    long_doc = " ".join(WORDS * 20)
+    resp = rerank(srv.url, [long_doc], max_chunks_per_doc=10_000, max_tokens_per_doc=2)
+    assert resp.status_code == 400, resp.text
+    assert "max_chunks_per_request" in resp.json()["message"] and "50" in resp.json()["message"]
+    assert rerank(srv.url, [long_doc], max_chunks_per_doc=10, max_tokens_per_doc=8).status_code == 200
+
+
+def test_quota_reservation_counts_chunks(tmp_path):
+    reg = parse_registry(
+        {
+            "default_model": "minilm",
+            "models": {"minilm": {"backend": "embedding", "source": MINILM, "max_length": 64, "cpu_streams": 1}},
+            "tenants": {"alpha": {"api_key_sha256": key_sha256(KEYS["alpha"]), "search_units_per_day": 30}},
+            "usage": {"path": str(tmp_path / "usage.sqlite3")},
+        }
+    )
+    auth = {"Authorization": f"Bearer {KEYS['alpha']}"}
+    with app_client(reg) as client:
+        # The issue's case: one 400 KB document, 1 token per chunk, chunks unbounded: 2,000+ units.
+        huge = {"query": "alpha", "documents": ["alpha beta " * 40_000], "max_tokens_per_doc": 1, "max_chunks_per_doc": 10**9}
+        resp = client.post("/v1/rerank", json=huge, headers=auth)
+        assert resp.status_code == 429 and "search units per day" in resp.json()["message"], resp.text
+        # 400 chunks of a 2,000-character document cost 4 units: refused after 27 are used, never billed past 30.
+        small = {"query": "alpha", "documents": docs(3)}
+        for _ in range(27):
+            assert client.post("/v1/rerank", json=small, headers=auth).status_code == 200
+        chunked = {"query": "alpha", "documents": [" ".join(WORDS * 30)], "max_tokens_per_doc": 1, "max_chunks_per_doc": 400}
+        resp = client.post("/v1/rerank", json=chunked, headers=auth)
+        assert resp.status_code == 429, resp.text
+        usage = client.get("/v1/usage", headers=auth).json()
+        assert usage["total"]["search_units"] == 27, usage
+        # With room, a chunked request is billed its real chunks.
+        ok = client.post("/v1/rerank", json={**chunked, "max_chunks_per_doc": 150}, headers=auth)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["meta"]["billed_units"]["search_units"] == 2
+        assert client.get("/v1/usage", headers=auth).json()["total"]["search_units"] == 29
