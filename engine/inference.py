@@ -131,7 +131,9 @@ class BatchRunner:
                 continue
             free_cached(self.device)
             width = max(s.length for s in slots)
-            self.on_oom(width, width * len(slots))
+            # What the batch cost against the budget: padded size, or a packed batch's real tokens.
+            cost = self.backend.batch_cost([s.work.prepared.items[s.item] for s in slots], [s.work.prepared.context for s in slots])
+            self.on_oom(width, cost)
             log.warning("OOM on model %s at %d pairs x %d tokens; splitting", self.name, len(slots), width)
             if len(slots) == 1:
                 done.append(Part(slots, error=f"out of memory scoring a single pair of {width} tokens on model {self.name!r}"))

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from backends.base import CPU_STREAMS, Backend, Prepared, configure_cpu_streams
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
 from engine.admission import Reservations, estimate_cost
-from engine.batching import SMALL_SHARE, take_batch
+from engine.batching import SMALL_SHARE, backend_cost, take_batch
 from engine.device import StreamContext, finish_host_thread_work
 from engine.fair_queue import FairQueue
 from engine.inference import BatchRunner
@@ -67,6 +67,7 @@ class Scheduler:
         cpu_streams: int = CPU_STREAMS,
     ) -> None:
         self.backend = backend
+        self._batch_cost = backend_cost(backend)
         self.name = backend.name
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -247,7 +248,9 @@ class Scheduler:
         """One batch of mixed lengths at the full token budget (engine.warmup), run in an inference thread.
         Returns pairs, length, seconds, peak_bytes, activation_bytes (0 on a CPU, memory_measured False),
         workspace_bytes, padded_tokens, real_tokens, shapes. Raises BudgetDoesNotHold on OOM."""
-        shapes = warmup_shapes(length, budget=self.max_batch_tokens, max_batch_size=self.max_batch_size)
+        shapes = warmup_shapes(
+            length, budget=self.max_batch_tokens, max_batch_size=self.max_batch_size, packed=self.backend.padding_free
+        )
 
         def measure() -> dict[str, Any]:
             return run_warmup(
@@ -284,7 +287,7 @@ class Scheduler:
                 for work, item, tag, rtag in pulled:
                     self._window.append(Slot(work, item, work.lengths[item], next(self._seq), tag, rtag))
                 if self._window:
-                    batch, self._window = take_batch(self._window, self._queue, budget, self.max_batch_size)
+                    batch, self._window = take_batch(self._window, self._queue, budget, self.max_batch_size, self._batch_cost)
                     batch = [s for s in batch if s.work.state == "queued"]
                     if not batch:
                         continue
@@ -331,12 +334,13 @@ class Scheduler:
         for work in to_tell:
             work.deliver(error=InferenceFailed(message))
 
-    def _lower_budget(self, width: int, padded: int) -> None:
-        """After an OOM: what did not fit lowers the budget for a while; new batches are built under it."""
+    def _lower_budget(self, width: int, cost: int) -> None:
+        """After an OOM: what did not fit (its cost, Backend.batch_cost) lowers the budget for a while; new
+        batches are built under it."""
         self.oom_recoveries += 1
         if self.metrics:
             self.metrics.oom_recoveries.labels(self.name).inc()
-        self._token_cap = max(width, min(self._token_cap, padded // 2))
+        self._token_cap = max(width, min(self._token_cap, cost // 2))
         self._cap_until = time.monotonic() + OOM_COOLDOWN_S
 
     def _observed(self, real_tokens: int, seconds: float) -> None:

@@ -34,12 +34,17 @@ def mixed_lengths(n: int, width: int) -> list[int]:
     return [width - (width - low) * k // (n - 1) for k in range(n)]
 
 
-def warmup_shapes(length: int, *, budget: int, max_batch_size: int) -> list[list[int]]:
+def warmup_shapes(length: int, *, budget: int, max_batch_size: int, packed: bool = False) -> list[list[int]]:
+    """`packed`: the backend packs batches without padding (Backend.padding_free), so the batch builder
+    fills the budget with real tokens (engine.batching); the mixed batch has only about half, and a batch
+    of real tokens at the full budget is run as well."""
     width = max(2, min(length, budget))
     n = max(1, min(max_batch_size, budget // width))
     shapes = [mixed_lengths(n, width)]
     if n == 1 and max_batch_size >= 2 and width >= 4:
         shapes.append(mixed_lengths(2, width // 2))
+    if packed and n > 1:
+        shapes.append([width] * n)
     return shapes
 
 

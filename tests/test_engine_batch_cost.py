@@ -1,0 +1,84 @@
+"""The batch builder budgets a batch with the backend's own cost (Backend.batch_cost) when it has one: a
+padding-free (packed) batch costs its real tokens, so short pairs ride along with a long one that a
+padded budget (longest x count) would have sent alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from backends.flag import FlagBackend
+from bench.models import build_minilm_cross_encoder
+from core.config import ModelSpec, effective
+from engine import Scheduler
+
+BUDGET = 256
+
+
+def load(model_dir, padding_free: str) -> FlagBackend:
+    spec = ModelSpec(backend="flag", source=str(model_dir), max_length=128, dtype="float32", runtime="torch", padding_free=padding_free)
+    backend = FlagBackend("ce", spec, effective(spec, "cpu"))
+    backend.load()
+    return backend
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_minilm_cross_encoder(tmp_path_factory.mktemp("minilm-ce-cost"))
+
+
+def run(backend: FlagBackend, docs: list[str]) -> tuple[list[list[int]], list[float]]:
+    """Score docs in one request through a scheduler; returns the pair lengths of every batch collated."""
+    batches: list[list[int]] = []
+    collate = backend.collate
+
+    def recording(items, contexts):  # records, then runs the backend's own collate
+        batches.append([len(it.input_ids) for it in items])
+        return collate(items, contexts)
+
+    backend.collate = recording
+    scheduler = Scheduler(backend, max_batch_tokens=BUDGET, max_batch_size=64, max_queue_pairs=10_000, max_queue_tokens=10**7, streams=1)
+
+    async def go():
+        prepared = await scheduler.prepare("alpha gamma", docs, max_length=128, max_chunks=1, instruction=None)
+        return await scheduler.submit(prepared, top_n=len(docs), raw_scores=True)
+
+    try:
+        done = asyncio.run(go())
+    finally:
+        scheduler.close()
+        del backend.collate
+    scores = dict(zip(done.indices, done.scores))
+    return batches, [scores[i] for i in range(len(docs))]
+
+
+def test_packed_batches_are_budgeted_by_their_real_tokens(model_dir) -> None:
+    long_doc = " ".join(f"word{k}" for k in range(200))  # truncated to max_length: the widest pair
+    docs = [long_doc] + [f"short doc {k}" for k in range(12)]
+    packed = load(model_dir, "on")
+    assert packed.padding_free
+    batches, scores = run(packed, docs)
+    assert all(sum(b) <= BUDGET for b in batches), batches
+    # Without the backend's cost the long pair goes alone: 12 short pairs + it are 13 x 128 padded tokens.
+    assert any(max(b) * len(b) > BUDGET for b in batches), f"no batch packed past its padded size: {batches}"
+    assert len(batches) == 1, batches
+
+    padded = load(model_dir, "off")
+    padded_batches, padded_scores = run(padded, docs)
+    assert all(max(b) * len(b) <= BUDGET for b in padded_batches), padded_batches
+    assert len(padded_batches) >= 2
+    assert scores == pytest.approx(padded_scores, abs=1e-4)
+
+
+def test_a_packed_backend_warms_up_with_the_budget_in_real_tokens(model_dir) -> None:
+    """Packed batches fill the budget with real tokens, so the warm-up (which proves the budget's memory at
+    load) runs such a batch too, not only the mixed-length one whose real tokens are about half."""
+    scheduler = Scheduler(load(model_dir, "on"), max_batch_tokens=BUDGET, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
+    try:
+        warm = scheduler.warmup(64)
+    finally:
+        scheduler.close()
+    assert warm["real_tokens"] < BUDGET * 0.6  # the mixed batch
+    assert [4, 64] in warm["shapes"][1:], warm["shapes"]  # and 4 x 64 real tokens = the budget
