@@ -18,18 +18,17 @@ from litestar.handlers import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
-from gateway import auth, routing
+from gateway import auth, dialect_routes, pipeline
 from core.config import Registry, cuda_device_name, detect_gpu_type
 from core.errors import BadRequest, NotFound
 from gateway.http_errors import EXCEPTION_HANDLERS
-from gateway.limits import Limiter, OverLimit, build_limiter
+from gateway.limits import Limiter, build_limiter
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
 from gateway.protocol import cohere
 from gateway.reload import Reloader
 from gateway.service import Caller, RerankService
 from gateway.shadow import ShadowRecorder
-from gateway.types import RerankResult, search_units
 from gateway.usage import UsageStore, total
 
 log = logging.getLogger("rerank_gateway")
@@ -64,15 +63,6 @@ def admin_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     auth.require_admin(connection, connection.app.state.service.registry)
 
 
-async def _wait_disconnect(request: Request) -> None:
-    """Resolves when the client goes away. The body is already read, so the next ASGI message on this
-    connection is the disconnect."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def _run_rerank(
     request: Request,
     service: RerankService,
@@ -83,51 +73,14 @@ async def _run_rerank(
     limiter: Limiter,
     usage: UsageStore,
 ) -> Response:
-    """Dialect -> internal request -> access check -> limits -> route -> model -> usage ledger -> dialect."""
+    """Dialect -> internal request -> gateway.pipeline -> dialect."""
     internal = cohere.to_internal(data, max_documents=service.registry.server.max_documents)
-    auth.check_model_access(caller, internal.model or service.registry.default_model, service.registry)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        tenant = service.registry.tenants.get(caller.tenant)
-        async with limiter.hold(caller.tenant, tenant, search_units(len(internal.texts))) as lease:
-            routed = await routing.rerank_routed(
-                service,
-                request.app.state.shadows,
-                internal,
-                caller=caller,
-                user=request.headers.get(routing.USER_HEADER),
-                variant=request.headers.get(routing.VARIANT_HEADER),
-                # A forced variant must be a model the caller may use by name.
-                allowed=lambda model_id: auth.may_use(caller, model_id),
-                disconnected=watcher,
-            )
-            result = routed.result
-            lease.used_units = search_units(result.scored_units)
-            # Recorded before the answer leaves: what was acknowledged is in the ledger.
-            await usage.record(
-                caller.tenant, result.model, documents=len(internal.texts), search_units=lease.used_units, tokens=result.total_tokens
-            )
-    except OverLimit as exc:
-        service.metrics.limited.labels(exc.tenant, exc.which).inc()
-        raise
-    finally:
-        watcher.cancel()
-    body = cohere.to_response(data, result, api_version=api_version)
-    return Response(body, headers=_timing_headers(result) | routed.headers(), media_type=MediaType.JSON)
+    routed = await pipeline.rerank(request, service, internal, caller=caller, limiter=limiter, usage=usage)
+    body = cohere.to_response(data, routed.result, api_version=api_version)
+    return Response(body, headers=pipeline.headers(routed), media_type=MediaType.JSON)
 
 
-def _timing_headers(result: RerankResult) -> dict[str, str]:
-    # As TEI does: where the time went, in milliseconds.
-    return {
-        "x-queue-time": f"{result.queue_s * 1000:.2f}",
-        "x-tokenize-time": f"{result.tokenize_s * 1000:.2f}",
-        "x-inference-time": f"{result.inference_s * 1000:.2f}",
-        "x-compute-tokens": str(result.total_tokens),
-        "x-rerank-model": result.model,
-    }
-
-
-@post(["/v1/rerank", "/rerank"], status_code=200, summary="Rerank (Cohere v1 / Jina)")
+@post("/v1/rerank", status_code=200, summary="Rerank (Cohere v1 / Jina)")
 async def rerank_v1(
     request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore, data: cohere.CohereRerankRequest
 ) -> Response:
@@ -250,7 +203,7 @@ def create_app(
 
     return Litestar(
         route_handlers=[
-            rerank_v1, rerank_v2, list_models, route_report, my_usage, all_usage, admin_reload, health, ready, metrics,
+            rerank_v1, rerank_v2, *dialect_routes.HANDLERS, list_models, route_report, my_usage, all_usage, admin_reload, health, ready, metrics,
         ],
         dependencies={
             "service": Provide(_service, sync_to_thread=False),

@@ -1,0 +1,78 @@
+"""What every rerank route does between its dialect's decoding and encoding: internal request -> access
+check -> limits -> route -> model -> usage ledger. One copy, whatever dialect the client speaks."""
+
+from __future__ import annotations
+
+import asyncio
+
+from litestar import Request
+
+from gateway import auth, routing
+from gateway.limits import Limiter, OverLimit
+from gateway.routing import Routed
+from gateway.service import Caller, RerankService
+from gateway.types import RerankRequest, RerankResult, search_units
+from gateway.usage import UsageStore
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Resolves when the client goes away. The body is already read, so the next ASGI message on this
+    connection is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def rerank(
+    request: Request,
+    service: RerankService,
+    internal: RerankRequest,
+    *,
+    caller: Caller,
+    limiter: Limiter,
+    usage: UsageStore,
+) -> Routed:
+    auth.check_model_access(caller, internal.model or service.registry.default_model, service.registry)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        tenant = service.registry.tenants.get(caller.tenant)
+        async with limiter.hold(caller.tenant, tenant, search_units(len(internal.texts))) as lease:
+            routed = await routing.rerank_routed(
+                service,
+                request.app.state.shadows,
+                internal,
+                caller=caller,
+                user=request.headers.get(routing.USER_HEADER),
+                variant=request.headers.get(routing.VARIANT_HEADER),
+                # A forced variant must be a model the caller may use by name.
+                allowed=lambda model_id: auth.may_use(caller, model_id),
+                disconnected=watcher,
+            )
+            result = routed.result
+            lease.used_units = search_units(result.scored_units)
+            # Recorded before the answer leaves: what was acknowledged is in the ledger.
+            await usage.record(
+                caller.tenant, result.model, documents=len(internal.texts), search_units=lease.used_units, tokens=result.total_tokens
+            )
+    except OverLimit as exc:
+        service.metrics.limited.labels(exc.tenant, exc.which).inc()
+        raise
+    finally:
+        watcher.cancel()
+    return routed
+
+
+def headers(routed: Routed) -> dict[str, str]:
+    return timing_headers(routed.result) | routed.headers()
+
+
+def timing_headers(result: RerankResult) -> dict[str, str]:
+    # As TEI does: where the time went, in milliseconds.
+    return {
+        "x-queue-time": f"{result.queue_s * 1000:.2f}",
+        "x-tokenize-time": f"{result.tokenize_s * 1000:.2f}",
+        "x-inference-time": f"{result.inference_s * 1000:.2f}",
+        "x-compute-tokens": str(result.total_tokens),
+        "x-rerank-model": result.model,
+    }
