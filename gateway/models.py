@@ -69,6 +69,9 @@ class ModelEntry:
         if self.reason:
             out["reason"] = self.reason
         if self.remote is not None:
+            # No device, precision or batching here: the upstream has them.
+            for key in ("profile", "device", "dtype", "max_length", "max_batch_tokens"):
+                del out[key]
             out["upstream"] = self.remote.describe()
         return out
 

@@ -58,10 +58,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def serve_process(registry_path: Path, *, log: IO[str] | None = None, ready_timeout_s: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`rerank-gateway serve` as a real subprocess on a free loopback port; yields (url, process) once
-    /ready answers 200, and stops it afterwards. Output goes to `log` (a file) or is kept for errors."""
-    port = free_port()
+def serve_process(
+    registry_path: Path, *, log: IO[str] | None = None, ready_timeout_s: float = 180, port: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`rerank-gateway serve` as a real subprocess on a loopback port (a free one unless given); yields
+    (url, process) once /ready answers 200, and stops it afterwards. Output goes to `log` (a file) or is
+    kept for errors."""
+    port = port or free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = log if log is not None else subprocess.PIPE
     proc = subprocess.Popen(
@@ -84,8 +87,9 @@ def serve_process(registry_path: Path, *, log: IO[str] | None = None, ready_time
             time.sleep(0.2)
         yield url, proc
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 class LiveServer:
