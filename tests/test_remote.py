@@ -121,6 +121,8 @@ def front(upstreams):
             "routes": {
                 "migrate": {"split": {"via-cohere": 100}, "shadow": {"model": "local", "percent": 100}},
                 "pooled": {"split": {"pool": 100}, "fallback": ["local"]},
+                # After the flip: local primary, the remote one as fallback and as a shadow.
+                "flipped": {"split": {"local": 100}, "fallback": ["via-cohere"], "shadow": {"model": "via-gateway", "percent": 100}},
             },
             "server": {"request_timeout_s": 20},
             "usage": {"path": None},
@@ -300,6 +302,12 @@ def test_remote_primary_with_local_shadow_gives_the_agreement_report(front):
     assert pair["primary"] == "via-cohere" and pair["shadow"] == "local" and pair["compared"] >= 3
     # The same weights on both sides: the hosted stand-in and the local model agree completely.
     assert pair["top1_agreement"] == 1.0 and pair["kendall_tau"] == pytest.approx(1.0)
+    # And the other way round, once the local model answers: a remote shadow is compared the same way.
+    r = httpx.post(f"{front.url}/v2/rerank", json={"model": "flipped", "query": QUERY, "documents": DOCS}, timeout=30)
+    assert r.status_code == 200 and r.headers["x-rerank-model"] == "local"
+    flipped = lambda: httpx.get(f"{front.url}/v1/routes/flipped/report").json()
+    wait_for(lambda: flipped()["shadow"]["requests"].get("compared", 0) >= 1, timeout_s=20, what="a remote shadow comparison")
+    assert flipped()["shadow"]["agreement"][0]["shadow"] == "via-gateway"
 
 
 # --- the registry and the pool, without servers -------------------------------------------------------------
