@@ -21,7 +21,7 @@ from gateway.metrics import Metrics
 
 EJECT_AFTER = 3
 FIRST_COOL_DOWN_S = 1.0
-MAX_COOL_DOWN_S = 30.0
+MAX_COOL_DOWN_S = 10.0
 
 
 @dataclass(eq=False)

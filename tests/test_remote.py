@@ -93,8 +93,64 @@ def upstreams(tmp_path_factory):
             up.stop()
 
 
+class Misbehaving:
+    """Loopback upstreams that fail in the ways real ones do: one accepts connections and never answers
+    (a stalled server), one answers 200 with a body that is not the dialect's."""
+
+    def __init__(self) -> None:
+        import http.server
+        import socket
+
+        self._stall = socket.socket()
+        self._stall.bind(("127.0.0.1", 0))
+        self._stall.listen(64)
+        self.stall_url = f"http://127.0.0.1:{self._stall.getsockname()[1]}"
+        self._held: list = []
+
+        def hold() -> None:
+            while True:
+                try:
+                    conn, _ = self._stall.accept()
+                except OSError:
+                    return
+                self._held.append(conn)  # read nothing, answer nothing
+
+        class Garbage(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                body = b'{"results": [{"index": 99, "relevance_score": "high"}]}'
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._garbage = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
+        self.garbage_url = f"http://127.0.0.1:{self._garbage.server_address[1]}"
+        for target in (hold, self._garbage.serve_forever):
+            threading.Thread(target=target, daemon=True).start()
+
+    def close(self) -> None:
+        self._garbage.shutdown()
+        self._stall.close()
+        for conn in self._held:
+            conn.close()
+
+
 @pytest.fixture(scope="module")
-def front(upstreams):
+def misbehaving():
+    servers = Misbehaving()
+    yield servers
+    servers.close()
+
+
+@pytest.fixture(scope="module")
+def front(upstreams, misbehaving):
     a = upstreams["a"].url
     models: dict[str, Any] = {"local": minilm(cpu_streams=1)}
     for dialect, suffix in DIALECT_PATHS.items():
@@ -112,6 +168,11 @@ def front(upstreams):
         "backend": "remote", "dialect": "gateway", "upstream_model": "minilm",
         "endpoints": [upstreams["k1"].url, upstreams["k2"].url], "timeout_s": 10,
     }
+    models["stall-or-a"] = {
+        "backend": "remote", "dialect": "gateway", "upstream_model": "minilm", "endpoints": [misbehaving.stall_url, a],
+        "api_key_env": "RERANK_TEST_FRONT_KEY", "timeout_s": 1,
+    }
+    models["garbage"] = {"backend": "remote", "dialect": "cohere", "endpoints": [misbehaving.garbage_url]}
     models["no-key"] = {"backend": "remote", "dialect": "cohere", "endpoints": [a], "api_key_env": "RERANK_TEST_UNSET_KEY"}
     models["unreachable"] = {"backend": "remote", "dialect": "cohere", "endpoints": [f"http://127.0.0.1:{free_port()}"]}
     registry = parse_registry(
@@ -186,20 +247,24 @@ def test_a_key_from_the_environment_reaches_the_upstream_and_nowhere_else(upstre
 def test_upstream_429_is_retried_after_its_retry_after(upstreams, front):
     keyed = f"{upstreams['a'].url}/v2/rerank"
     body = {"model": "minilm", "query": QUERY, "documents": DOCS[:3]}
-    # Spend the limited tenant's one request of this window, directly, until the upstream says 429.
-    for _ in range(5):
-        direct = httpx.post(keyed, json=body, headers={"authorization": f"Bearer {LIMITED_KEY}"})
-        if direct.status_code == 429:
-            break
-    assert direct.status_code == 429
-    retry_after = int(direct.headers["retry-after"])
     client = httpx.Client(base_url=front.url)
-    before = metric(client, "rerank_upstream_requests_total", model="limited", outcome="http_429") or 0.0
-    started = time.monotonic()
-    via = httpx.post(f"{front.url}/v2/rerank", json={**body, "model": "limited"}, timeout=30)
-    elapsed = time.monotonic() - started
-    assert via.status_code == 200, via.text
-    assert (metric(client, "rerank_upstream_requests_total", model="limited", outcome="http_429") or 0.0) > before
+    rate_limited = lambda: metric(client, "rerank_upstream_requests_total", model="limited", outcome="http_429") or 0.0
+    for _ in range(3):  # again only if the upstream's 3-second window ended between the two calls below
+        # Spend the limited tenant's one request of this window, directly, until the upstream says 429.
+        for _ in range(5):
+            direct = httpx.post(keyed, json=body, headers={"authorization": f"Bearer {LIMITED_KEY}"})
+            if direct.status_code == 429:
+                break
+        assert direct.status_code == 429
+        retry_after = int(direct.headers["retry-after"])
+        before = rate_limited()
+        started = time.monotonic()
+        via = httpx.post(f"{front.url}/v2/rerank", json={**body, "model": "limited"}, timeout=30)
+        elapsed = time.monotonic() - started
+        assert via.status_code == 200, via.text
+        if rate_limited() > before:
+            break
+    assert rate_limited() > before
     # Not called again before the window the upstream named was over.
     assert elapsed >= retry_after - 1.0
 
@@ -260,7 +325,8 @@ def test_one_endpoint_killed_and_restarted_under_load_fails_nothing(upstreams, f
         k1.stop()
         k1.start()  # same port: the pool probes it back after its cool-down
         back = ok_on(k1)
-        wait_for(lambda: ok_on(k1) > back, timeout_s=30, what="k1 probed back into the pool")
+        # Probes while it starts fail and double its cool-down (1, 2, 4 ... s): allow for a slow start.
+        wait_for(lambda: ok_on(k1) > back, timeout_s=60, what="k1 probed back into the pool")
     statuses = [r for r in load.results if r[0] != 200]
     assert not statuses, statuses[:5]
     assert len(load.results) > served_while_down > 0
@@ -277,6 +343,28 @@ def test_both_endpoints_killed_the_route_falls_back(upstreams, front):
         assert r.headers["x-rerank-model"] == "local" and r.headers["x-rerank-fallback"] == "pool=unavailable"
     direct = httpx.post(f"{front.url}/v2/rerank", json={"model": "pool", "query": QUERY, "documents": DOCS}, timeout=30)
     assert direct.status_code == 503 and "every upstream endpoint is ejected" in direct.json()["message"]
+
+
+def test_a_stalled_endpoint_times_out_and_the_other_answers(front, misbehaving):
+    f = httpx.Client(base_url=front.url)
+    stalled = lambda outcome: metric(f, "rerank_upstream_requests_total", model="stall-or-a", endpoint=misbehaving.stall_url, outcome=outcome) or 0.0
+    # The load-time probe already found it silent and ejected it for a second; once that is over, calls
+    # probe it again, time out after timeout_s (1 s) and go to the other endpoint.
+    deadline = time.monotonic() + 20
+    while stalled("timeout") < 1 and time.monotonic() < deadline:
+        r = httpx.post(f"{front.url}/v2/rerank", json={"model": "stall-or-a", "query": QUERY, "documents": DOCS}, timeout=30)
+        assert r.status_code == 200, r.text
+        time.sleep(0.3)
+    assert stalled("timeout") >= 1
+    assert (metric(f, "rerank_upstream_ejections_total", model="stall-or-a", endpoint=misbehaving.stall_url) or 0) >= 2
+    assert (metric(f, "rerank_upstream_requests_total", model="stall-or-a", outcome="ok") or 0) >= 1
+
+
+def test_a_malformed_upstream_answer_is_a_503_never_a_wrong_ranking(front, misbehaving):
+    r = httpx.post(f"{front.url}/v2/rerank", json={"model": "garbage", "query": QUERY, "documents": DOCS}, timeout=30)
+    assert r.status_code == 503 and "malformed" in r.json()["message"]
+    f = httpx.Client(base_url=front.url)
+    assert (metric(f, "rerank_upstream_requests_total", model="garbage", outcome="bad_response") or 0) >= 1
 
 
 # --- unavailable with a reason, routes and shadows ----------------------------------------------------------
