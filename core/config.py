@@ -103,6 +103,9 @@ class Tenant(_Strict):
     search_units_per_day: int | None = None
     max_concurrent_requests: int | None = None
     priority: float = 1.0
+    # A front door (another rerank-gateway calling with `dialect: gateway`): it may name the tenant each
+    # request is for, which then gets its own fair share here; limits, access and usage stay this tenant's.
+    forwards_tenants: bool = False
 
 
 class LimitsConfig(_Strict):

@@ -4,11 +4,15 @@ check -> limits -> route -> model -> usage ledger. One copy, whatever dialect th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
+import re
 
 from litestar import Request
 
 from gateway import auth, routing
 from gateway.limits import Limiter, OverLimit
+from gateway.protocol.upstream import TENANT_HEADER, TENANT_WEIGHT_HEADER
 from gateway.routing import Routed
 from gateway.service import Caller, RerankService
 from gateway.types import RerankRequest, RerankResult, search_units
@@ -34,6 +38,7 @@ async def rerank(
     usage: UsageStore,
 ) -> Routed:
     auth.check_model_access(caller, internal.model or service.registry.default_model, service.registry)
+    queued_as = forwarded_tenant(request, service, caller)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
         tenant = service.registry.tenants.get(caller.tenant)
@@ -42,7 +47,7 @@ async def rerank(
                 service,
                 request.app.state.shadows,
                 internal,
-                caller=caller,
+                caller=queued_as,
                 user=request.headers.get(routing.USER_HEADER),
                 variant=request.headers.get(routing.VARIANT_HEADER),
                 # A forced variant must be a model the caller may use by name.
@@ -61,6 +66,25 @@ async def rerank(
     finally:
         watcher.cancel()
     return routed
+
+
+_TENANT_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
+
+
+def forwarded_tenant(request: Request, service: RerankService, caller: Caller) -> Caller:
+    """The caller a request queues as. A tenant marked `forwards_tenants` (a front door) may name the
+    tenant behind each request: it queues as "<front door>/<tenant>" with that tenant's weight, so the
+    front door's tenants share this gateway's models fairly. Anyone else's header is ignored."""
+    name = request.headers.get(TENANT_HEADER)
+    tenant = service.registry.tenants.get(caller.tenant)
+    if name is None or tenant is None or not tenant.forwards_tenants or not _TENANT_NAME.fullmatch(name):
+        return caller
+    try:
+        weight = float(request.headers.get(TENANT_WEIGHT_HEADER, caller.weight))
+    except ValueError:
+        weight = caller.weight
+    weight = weight if math.isfinite(weight) and 0 < weight <= 1000 else caller.weight
+    return dataclasses.replace(caller, tenant=f"{caller.tenant}/{name}", weight=weight)
 
 
 def headers(routed: Routed) -> dict[str, str]:

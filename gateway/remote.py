@@ -28,7 +28,7 @@ from core.errors import (
 )
 from gateway.endpoints import Endpoint, EndpointPool
 from gateway.metrics import Metrics
-from gateway.protocol.upstream import DIALECTS
+from gateway.protocol.upstream import DIALECTS, TENANT_HEADER, TENANT_WEIGHT_HEADER
 from gateway.types import RerankRequest, RerankResult, Scored
 
 if TYPE_CHECKING:
@@ -119,8 +119,11 @@ class RemoteModel:
         n = len(req.texts)
         top_n = min(req.top_n or n, n)
         starts = range(0, n, self.max_per_call)
+        # A rerank-gateway upstream queues each of our tenants fairly when it trusts us to say which.
+        forward = {TENANT_HEADER: caller.tenant, TENANT_WEIGHT_HEADER: f"{caller.weight:g}"}
+        headers = forward if self.dialect.forwards_tenant and caller.tenant else {}
         calls = [
-            asyncio.ensure_future(self._call(req, req.texts[s : s + self.max_per_call], top_n if req.top_n else None, deadline))
+            asyncio.ensure_future(self._call(req, req.texts[s : s + self.max_per_call], top_n if req.top_n else None, deadline, headers))
             for s in starts
         ]
         every = asyncio.gather(*calls)
@@ -151,7 +154,9 @@ class RemoteModel:
         )
 
     # -- one call, with its retries ------------------------------------------------------------------------
-    async def _call(self, req: RerankRequest, texts: list[str], top_n: int | None, deadline: float) -> Scored:
+    async def _call(
+        self, req: RerankRequest, texts: list[str], top_n: int | None, deadline: float, headers: dict[str, str]
+    ) -> Scored:
         body = msgspec.json.encode(self.dialect.body(req, texts, self.upstream_model, top_n))
         tried: set[Endpoint] = set()
         error: GatewayError | None = None
@@ -167,14 +172,16 @@ class RemoteModel:
                 raise (error if isinstance(exc, ModelUnavailable) and error is not None else exc) from None
             tried.add(endpoint)
             try:
-                return await self._send(endpoint, body, len(texts), top_n, deadline)
+                return await self._send(endpoint, body, headers, len(texts), top_n, deadline)
             except _Retry as retry:
                 error = retry.error
             finally:
                 self.pool.release(endpoint)
         raise error or Timeout(f"model {self.model_id!r}: no upstream answer in time")
 
-    async def _send(self, endpoint: Endpoint, body: bytes, n: int, top_n: int | None, deadline: float) -> Scored:
+    async def _send(
+        self, endpoint: Endpoint, body: bytes, headers: dict[str, str], n: int, top_n: int | None, deadline: float
+    ) -> Scored:
         labels = (self.model_id, endpoint.url)
         started = time.perf_counter()
         outcome = "cancelled"
@@ -182,7 +189,7 @@ class RemoteModel:
             timeout = max(0.001, min(self.timeout_s, deadline - time.monotonic()))
             try:
                 response = await self._http().post(
-                    endpoint.url + self.dialect.path, content=body, headers={"content-type": "application/json"}, timeout=timeout
+                    endpoint.url + self.dialect.path, content=body, headers={"content-type": "application/json", **headers}, timeout=timeout
                 )
             except httpx.ConnectError as exc:
                 outcome = "connect_error"

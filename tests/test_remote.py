@@ -33,6 +33,7 @@ from tests.routes_fixtures import DOCS, QUERY, metric, minilm, wait_for
 
 FRONT_KEY = "k-front-0123456789"  # the front door's key at the keyed upstream
 LIMITED_KEY = "k-limited-0123456789"  # one request per 3-second window there
+DIRECT_KEY = "k-direct-0123456789"  # a tenant of `a` that is not a front door
 AUTH = {"authorization": f"Bearer {FRONT_KEY}"}
 ENV = {"RERANK_TEST_FRONT_KEY": FRONT_KEY, "RERANK_TEST_LIMITED_KEY": LIMITED_KEY}
 DIALECT_PATHS = {"cohere": "", "jina": "", "vllm": "", "voyage": "/voyage/v1", "tei": "", "gateway": ""}
@@ -77,7 +78,8 @@ def upstreams(tmp_path_factory):
         d,
         "keyed",
         tenants={
-            "front": {"api_key_sha256": key_sha256(FRONT_KEY)},
+            "front": {"api_key_sha256": key_sha256(FRONT_KEY), "forwards_tenants": True},
+            "direct": {"api_key_sha256": key_sha256(DIRECT_KEY)},
             "limited": {"api_key_sha256": key_sha256(LIMITED_KEY), "requests_per_minute": 1},
         },
         limits={"rate_window_s": 3},
@@ -380,7 +382,7 @@ def test_missing_key_or_unreachable_pool_is_unavailable_with_the_reason(front):
     assert r.status_code == 503 and "RERANK_TEST_UNSET_KEY" in r.json()["message"]
 
 
-def test_remote_primary_with_local_shadow_gives_the_agreement_report(front):
+def test_remote_primary_with_local_shadow_gives_the_agreement_report(upstreams, front):
     for _ in range(3):
         r = httpx.post(f"{front.url}/v2/rerank", json={"model": "migrate", "query": QUERY, "documents": DOCS, "top_n": 3}, timeout=30)
         assert r.status_code == 200 and r.headers["x-rerank-model"] == "via-cohere" and len(r.json()["results"]) == 3
@@ -396,6 +398,21 @@ def test_remote_primary_with_local_shadow_gives_the_agreement_report(front):
     flipped = lambda: httpx.get(f"{front.url}/v1/routes/flipped/report").json()
     wait_for(lambda: flipped()["shadow"]["requests"].get("compared", 0) >= 1, timeout_s=20, what="a remote shadow comparison")
     assert flipped()["shadow"]["agreement"][0]["shadow"] == "via-gateway"
+    # The shadow ran as the front door's shadow tenant, and `a` (which trusts this front door to say so)
+    # queued it as that tenant, at the shadow's tiny weight, not as the front door's own traffic.
+    a = httpx.Client(base_url=upstreams["a"].url)
+    assert (metric(a, "rerank_requests_total", model="minilm", status="200", tenant="front/__shadow__") or 0) >= 1
+
+
+def test_only_a_front_door_may_name_the_tenant(upstreams):
+    a = httpx.Client(base_url=upstreams["a"].url)
+    r = a.post(
+        "/v2/rerank", json={"model": "minilm", "query": QUERY, "documents": DOCS[:2]},
+        headers={"authorization": f"Bearer {DIRECT_KEY}", "x-rerank-tenant": "someone-else", "x-rerank-tenant-weight": "1000"},
+    )
+    assert r.status_code == 200
+    assert metric(a, "rerank_requests_total", tenant="direct/someone-else") is None
+    assert (metric(a, "rerank_requests_total", model="minilm", tenant="direct") or 0) >= 1
 
 
 # --- the registry and the pool, without servers -------------------------------------------------------------

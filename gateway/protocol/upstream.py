@@ -19,6 +19,12 @@ from gateway.protocol import cohere, tei, voyage
 from gateway.types import RerankRequest, Scored
 
 
+# What `dialect: gateway` adds to each call: the tenant the front door serves it for, and its weight (a
+# rerank-gateway honours them from a tenant marked `forwards_tenants`, gateway.pipeline).
+TENANT_HEADER = "x-rerank-tenant"
+TENANT_WEIGHT_HEADER = "x-rerank-tenant-weight"
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamDialect:
     name: str
@@ -29,6 +35,7 @@ class UpstreamDialect:
     error: Callable[[bytes], str]
     raw_scores: bool = False  # whether the upstream can return raw (unnormalised) scores
     top_n: bool = True  # whether the upstream cuts to top_n itself
+    forwards_tenant: bool = False  # whether calls name the tenant (TENANT_HEADER)
 
 
 def _gateway_body(req: RerankRequest, texts: list[str], model: str, top_n: int | None) -> dict[str, Any]:
@@ -57,6 +64,7 @@ DIALECTS: dict[str, UpstreamDialect] = {
         raw_scores=True, top_n=False,
     ),
     "gateway": UpstreamDialect(
-        "gateway", cohere.PATH_V2, 10_000, _gateway_body, cohere.upstream_answer, cohere.upstream_error, raw_scores=True
+        "gateway", cohere.PATH_V2, 10_000, _gateway_body, cohere.upstream_answer, cohere.upstream_error,
+        raw_scores=True, forwards_tenant=True,
     ),
 }
