@@ -5,7 +5,10 @@ Workload: the benchmark's 16 closed-loop clients x 20-document requests (bench.w
 benchmark's MiniLM-L6 cross-encoder (bench.models) served by backend `flag` with the benchmark's CPU
 profile. Rounds alternate direct / via / via / direct ... so drift on a shared machine falls on both.
 Both gateways share this machine's cores: the front door's CPU is taken from the model, which a front
-door on its own machine would not do, so the figure is an upper bound for the hop.
+door on its own machine would not do, so the figure is an upper bound for the hop. Reported besides
+the paired round ratios (noisy on a shared machine): each process's CPU per request, the front door's own
+time per request (latency minus its wait on the upstream), and a sequential probe (one client, direct and
+via interleaved) whose p50 difference is the hop's latency with no queueing in the model.
 
     flock /tmp/rerank-heavy.lock .venv/bin/python -m bench.remote_hop [--rounds 4] [--requests-per-client 6]
 """
@@ -93,12 +96,29 @@ async def _round(url: str, requests: list[Request], clients: int, own: list[floa
         return time.perf_counter() - start, latencies
 
 
+def _sequential(direct: str, via: str, requests: list[Request], n: int) -> dict[str, list[float]]:
+    """One client, one request at a time, direct and via interleaved (order flipped each time): the hop's
+    latency with no queueing in the model, and drift on a shared machine falling on both alike."""
+    lat: dict[str, list[float]] = {"direct": [], "via": []}
+    with httpx.Client(timeout=600) as client:
+        for i in range(n):
+            req = requests[i % len(requests)]
+            for name, url in ((("direct", direct), ("via", via)) if i % 2 else (("via", via), ("direct", direct))):
+                start = time.perf_counter()
+                r = client.post(f"{url}/v1/rerank", json={"model": MODEL_ID, "query": req.query, "documents": req.documents})
+                if r.status_code != 200:
+                    raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:300]}")
+                lat[name].append(time.perf_counter() - start)
+    return lat
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=4, help="rounds per system (alternating)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--docs-per-request", type=int, default=20)
     p.add_argument("--requests-per-client", type=int, default=6)
+    p.add_argument("--sequential", type=int, default=100, help="interleaved one-at-a-time requests per system")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="remote-hop-") as tmp:
@@ -129,6 +149,7 @@ def main() -> None:
                         cpu["front_via"] += _cpu_s(p2.pid) - f0
                     seconds, lat = results[name][-1]
                     print(f"round {rnd} {name:6s} {pairs / seconds:7.1f} pairs/s  p50 {statistics.median(lat) * 1000:7.1f} ms", flush=True)
+            seq = _sequential(direct, via, requests, args.sequential)
         finally:
             for proc in (p2, p1):
                 proc.terminate()
@@ -161,6 +182,8 @@ def main() -> None:
         # CPU per request: what the hop costs in throughput when the front door shares the model's cores.
         "cpu_ms_per_request": {k: round(v / (len(requests) * args.rounds) * 1000, 2) for k, v in cpu.items()},
         "front_cpu_share_of_model_cpu": round(cpu["front_via"] / max(cpu["model_via"], 1e-9), 4),
+        "sequential_p50_ms": {k: round(statistics.median(v) * 1000, 2) for k, v in seq.items()},
+        "sequential_added_p50_ms": round((statistics.median(seq["via"]) - statistics.median(seq["direct"])) * 1000, 2),
         "front_door_own_ms": {"p50": round(statistics.median(front_own) * 1000, 2), "p99": round(sorted(front_own)[int(0.99 * len(front_own))] * 1000, 2)},
     }
     print(json.dumps(out, indent=2))

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from gateway.service import Caller
 
 log = logging.getLogger("rerank_gateway.remote")
+# httpx logs every call at INFO: one line per upstream call costs the front door about a millisecond of
+# CPU per request (measured, bench/remote_hop.py), and rerank_upstream_* metrics already count them.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 MAX_ATTEMPTS = 4
 BACKOFF_S = 0.05
