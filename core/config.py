@@ -21,7 +21,9 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 # Weight quantization: "nf4" is bitsandbytes 4-bit NormalFloat with double quantization; compute runs in `dtype`.
 # "int8" is dynamic int8 (weights int8, activations quantized per batch) on a CPU runtime (backends.runtimes).
 Quantization = Literal["none", "nf4", "int8"]
-BackendKind = Literal["embedding", "flag", "gte", "qwen3"]
+BackendKind = Literal["embedding", "flag", "gte", "qwen3", "remote"]
+# What a `backend: remote` upstream speaks (gateway.protocol has one module per dialect).
+Dialect = Literal["cohere", "jina", "voyage", "tei", "vllm", "gateway"]
 # Backends that load weights through bitsandbytes when asked for `quantization: nf4`.
 QUANTIZABLE_BACKENDS = ("qwen3",)
 # How a model's forward runs on a CPU (backends.runtimes): "auto" measures the installed runtimes at load
@@ -53,7 +55,7 @@ class Profile(_Strict):
 
 class ModelSpec(_Strict):
     backend: BackendKind
-    source: str
+    source: str = ""  # required by every backend but remote
     aliases: list[str] = []
     max_length: int = 512
     dtype: Dtype = "auto"
@@ -82,6 +84,17 @@ class ModelSpec(_Strict):
     weights_gb: float | None = None
     activation_kb_per_token: float | None = None
     profiles: dict[str, Profile] = {}
+    # -- backend: remote (another rerank service answers; see gateway.remote) -------------------------
+    dialect: Dialect | None = None
+    upstream_model: str | None = None  # the `model` sent upstream; the model id when unset
+    endpoints: list[str] = []  # base URLs, one pool
+    api_key_env: str | None = None  # the name of the environment variable holding the key, never the key
+    max_documents_per_call: int | None = None  # the dialect's own limit when unset
+    timeout_s: float = 30.0
+    max_concurrency_per_endpoint: int = 64
+
+
+REMOTE_KEYS = ("dialect", "upstream_model", "endpoints", "api_key_env", "max_documents_per_call")
 
 
 class GpuType(_Strict):
@@ -125,6 +138,9 @@ class Tenant(_Strict):
     search_units_per_day: int | None = None
     max_concurrent_requests: int | None = None
     priority: float = 1.0
+    # A front door (another rerank-gateway calling with `dialect: gateway`): it may name the tenant each
+    # request is for, which then gets its own fair share here; limits, access and usage stay this tenant's.
+    forwards_tenants: bool = False
 
 
 class LimitsConfig(_Strict):
@@ -249,6 +265,7 @@ def _semantic_problems(reg: Registry) -> list[str]:
             problems.append(f"models.{model_id}.cpu_streams: must be at least 1")
         if spec.max_length < 8:
             problems.append(f"models.{model_id}.max_length: must be at least 8")
+        problems.extend(_remote_problems(model_id, spec))
     for route_name, route in reg.routes.items():
         if route_name in names:
             problems.append(f"routes.{route_name}: the name is already a model id or alias")
@@ -301,6 +318,31 @@ def _semantic_problems(reg: Registry) -> list[str]:
     if reg.limits.rate_window_s <= 0 or reg.limits.quota_window_s <= 0:
         problems.append("limits: rate_window_s and quota_window_s must be > 0")
     return problems
+
+
+def _remote_problems(model_id: str, spec: ModelSpec) -> list[str]:
+    where = f"models.{model_id}"
+    if spec.backend != "remote":
+        stray = [k for k in REMOTE_KEYS if getattr(spec, k) not in (None, [])]
+        out = [f"{where}.{k}: only for backend: remote" for k in stray]
+        return out + ([] if spec.source else [f"{where}.source: required by backend {spec.backend}"])
+    out = []
+    if spec.dialect is None:
+        out.append(f"{where}.dialect: required by backend: remote")
+    if not spec.endpoints:
+        out.append(f"{where}.endpoints: needs at least one base URL")
+    for i, url in enumerate(spec.endpoints):
+        if not re.fullmatch(r"https?://[^\s/@]+(/\S*)?", url):
+            out.append(f"{where}.endpoints[{i}]: not an http(s) base URL without credentials")
+    if spec.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", spec.api_key_env):
+        out.append(f"{where}.api_key_env: not an environment variable name (the key itself never goes in the file)")
+    if spec.max_documents_per_call is not None and spec.max_documents_per_call < 1:
+        out.append(f"{where}.max_documents_per_call: must be at least 1")
+    if spec.timeout_s <= 0:
+        out.append(f"{where}.timeout_s: must be > 0")
+    if spec.max_concurrency_per_endpoint < 1:
+        out.append(f"{where}.max_concurrency_per_endpoint: must be at least 1")
+    return out
 
 
 def key_hashes(value: str | list[str] | None) -> list[str]:

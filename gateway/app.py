@@ -8,7 +8,7 @@ import datetime
 import signal
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator
+from typing import Annotated, AsyncIterator
 
 import msgspec
 
@@ -23,13 +23,13 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import Parameter
 
-from gateway import auth, routing
+from gateway import auth, dialect_routes, pipeline
 from core.config import Registry, cuda_device_name, detect_gpu_type
-from core.errors import BadRequest, ClientClosedRequest, Forbidden, NotFound, ServiceUnavailable, Unauthorized
+from core.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway import schemas, strict_json
-from gateway.http_errors import EXCEPTION_HANDLERS, error_responses
+from gateway.http_errors import ADMIN_ERRORS, AUTH_ERRORS, EXCEPTION_HANDLERS, RERANK_ERRORS, error_responses
 from gateway.lifecycle import Lifecycle
-from gateway.limits import Limiter, OverLimit, build_limiter
+from gateway.limits import Limiter, build_limiter
 from gateway.logs import with_request_id
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
@@ -37,7 +37,6 @@ from gateway.protocol import cohere
 from gateway.reload import Reloader
 from gateway.service import Caller, RerankService
 from gateway.shadow import ShadowRecorder
-from gateway.types import RerankResult, max_scored_units, search_units
 from gateway.usage import UsageStore, total
 
 log = logging.getLogger("rerank_gateway")
@@ -68,37 +67,8 @@ def _usage(state: State) -> UsageStore:
     return state.usage
 
 
-def _max_json_depth(request: Request) -> int:
-    return request.app.state.service.registry.server.max_json_depth
-
-
-# The statuses each kind of route can answer besides its success (OpenAPI, README error table).
-AUTH_ERRORS = (401,)
-RERANK_ERRORS = (400, 401, 403, 404, 413, 429, 503, 504)
-ADMIN_ERRORS = (401, 403)
-
-
 def admin_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     auth.require_admin(connection, connection.app.state.service.registry)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    """Resolves when the client goes away, or when the server's drain deadline passes (then the request's
-    queued pairs are dropped as for a disconnect, and it is answered 503). The body is already read, so
-    the next ASGI message on this connection is the disconnect."""
-
-    async def disconnect() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    waiters = {asyncio.ensure_future(disconnect()), asyncio.ensure_future(request.app.state.lifecycle.expired.wait())}
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 async def _run_rerank(
@@ -111,60 +81,19 @@ async def _run_rerank(
     limiter: Limiter,
     usage: UsageStore,
 ) -> Response:
-    """Dialect -> internal request -> access check -> limits -> route -> model -> usage ledger -> dialect."""
+    """Dialect -> internal request -> gateway.pipeline -> dialect."""
     internal = cohere.to_internal(data, max_documents=service.registry.server.max_documents)
-    auth.check_model_access(caller, internal.model or service.registry.default_model, service.registry)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        tenant = service.registry.tenants.get(caller.tenant)
-        # Quota is reserved for the most chunks the request can become (gateway.types.max_scored_units).
-        async with limiter.hold(caller.tenant, tenant, search_units(max_scored_units(internal))) as lease:
-            routed = await routing.rerank_routed(
-                service,
-                request.app.state.shadows,
-                internal,
-                caller=caller,
-                user=request.headers.get(routing.USER_HEADER),
-                variant=request.headers.get(routing.VARIANT_HEADER),
-                # A forced variant must be a model the caller may use by name.
-                allowed=lambda model_id: auth.may_use(caller, model_id),
-                disconnected=watcher,
-            )
-            result = routed.result
-            lease.used_units = search_units(result.scored_units)
-            # Recorded before the answer leaves: what was acknowledged is in the ledger.
-            await usage.record(
-                caller.tenant, result.model, documents=len(internal.texts), search_units=lease.used_units, tokens=result.total_tokens
-            )
-    except OverLimit as exc:
-        service.metrics.limited.labels(exc.tenant, exc.which).inc()
-        raise
-    except ClientClosedRequest:
-        if request.app.state.lifecycle.expired.is_set():
-            raise ServiceUnavailable("the server is shutting down and dropped this request's queued work; retry on another replica") from None
-        raise
-    finally:
-        watcher.cancel()
-    body = cohere.to_response(data, result, api_version=api_version)
-    return Response(body, headers=_timing_headers(result) | routed.headers(), media_type=MediaType.JSON)
+    routed = await pipeline.rerank(request, service, internal, caller=caller, limiter=limiter, usage=usage)
+    body = cohere.to_response(data, routed.result, api_version=api_version)
+    return Response(body, headers=pipeline.headers(routed), media_type=MediaType.JSON)
 
 
-def _timing_headers(result: RerankResult) -> dict[str, str]:
-    # As TEI does: where the time went, in milliseconds.
-    return {
-        "x-queue-time": f"{result.queue_s * 1000:.2f}",
-        "x-tokenize-time": f"{result.tokenize_s * 1000:.2f}",
-        "x-inference-time": f"{result.inference_s * 1000:.2f}",
-        "x-compute-tokens": str(result.total_tokens),
-        "x-rerank-model": result.model,
-    }
+_STRICT_RERANK = strict_json.strict_body(cohere.CohereRerankRequest)
 
 
-_STRICT_RERANK = strict_json.strict_body(cohere.CohereRerankRequest, _max_json_depth)
-
-
+# /rerank (Jina's path, also TEI's) lives in gateway.dialect_routes: its body says which dialect it is.
 @post(
-    ["/v1/rerank", "/rerank"], status_code=200, summary="Rerank (Cohere v1 / Jina)",
+    "/v1/rerank", status_code=200, summary="Rerank (Cohere v1 / Jina)",
     before_request=_STRICT_RERANK, responses=error_responses(*RERANK_ERRORS),
 )
 async def rerank_v1(
@@ -344,7 +273,7 @@ def create_app(
 
     app = Litestar(
         route_handlers=[
-            rerank_v1, rerank_v2, list_models, route_report, my_usage, all_usage, admin_reload, health, ready, metrics,
+            rerank_v1, rerank_v2, *dialect_routes.HANDLERS, list_models, route_report, my_usage, all_usage, admin_reload, health, ready, metrics,
         ],
         dependencies={
             "service": Provide(_service, sync_to_thread=False),

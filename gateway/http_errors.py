@@ -1,15 +1,17 @@
 """Litestar exception handlers and the error bodies they write.
 
 Every error leaves in the error shape of the route's dialect: a route handler names its `ErrorDialect` in
-`opt={ERROR_DIALECT: ...}` (see `dialect_opt`), and routes without one (and paths that match no route)
-answer in Cohere's `{"id", "message"}` (core.errors.error_body). The same dialect gives the OpenAPI
-document its error schema (`error_responses`), so the document and the wire cannot disagree."""
+`opt={ERROR_DIALECT: ...}` (see `dialect_opt`), a route whose body says its dialect (/rerank) names it per
+request (`use_dialect`), and routes without one (and paths that match no route) answer in Cohere's
+`{"id", "message"}` (core.errors.error_body). A dialect may also answer with statuses of its own (TEI's
+status follows its error type). The same dialect gives the OpenAPI document its error schema and statuses
+(`error_responses`), so the document and the wire cannot disagree."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Union
 
 import msgspec
 from litestar import MediaType, Request, Response
@@ -30,15 +32,23 @@ class ErrorBody(msgspec.Struct):
     message: str
 
 
+def _same_status(status: int, _exc: Exception | None) -> int:
+    return status
+
+
 @dataclass(frozen=True)
 class ErrorDialect:
-    """How one API dialect writes an error: the body type (for OpenAPI) and how to build it."""
+    """How one API dialect writes an error: the body type (for OpenAPI), how to build it, and the status
+    it answers with (the gateway's, unless the dialect has its own, as TEI's per error type)."""
 
     body_type: type
-    build: Callable[[int, str], Any]  # (status, message) -> body
+    build: Callable[[int, str, Exception | None], Any]  # (gateway status, message, the error) -> body
+    status: Callable[[int, Exception | None], int] = _same_status  # (gateway status, the error) -> status sent
+    # The statuses a gateway status can become in this dialect (for OpenAPI); the same status where absent.
+    documented: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
 
 
-COHERE = ErrorDialect(ErrorBody, lambda _status, message: error_body(message))
+COHERE = ErrorDialect(ErrorBody, lambda _status, message, _exc: error_body(message))
 
 # What each status means on this gateway: the OpenAPI descriptions and the README's error table.
 STATUS_MEANING = {
@@ -49,6 +59,8 @@ STATUS_MEANING = {
     405: "Method not allowed on this path",
     408: "The request headers or body were not received within the server's timeouts",
     413: "Request body larger than server.max_body_bytes",
+    422: "TEI dialect: invalid request (error_type Validation or Tokenizer)",
+    424: "TEI dialect: the model failed or did not finish in time (error_type Backend)",
     429: "A tenant's rate, quota or concurrency limit, or a model's queue is full (Retry-After says when)",
     431: "Request headers larger than server.max_header_bytes or more than server.max_headers",
     499: "The client closed the connection (never sent; logs and metrics only)",
@@ -57,26 +69,62 @@ STATUS_MEANING = {
 }
 
 
+# The statuses each kind of route can answer besides its success (OpenAPI, README error table).
+AUTH_ERRORS = (401,)
+RERANK_ERRORS = (400, 401, 403, 404, 413, 429, 503, 504)
+ADMIN_ERRORS = (401, 403)
+
+
 def dialect_opt(dialect: ErrorDialect) -> dict[str, Any]:
     return {ERROR_DIALECT: dialect}
 
 
-def error_responses(*statuses: int, dialect: ErrorDialect = COHERE) -> dict[int, ResponseSpec]:
-    """OpenAPI responses for a route's error statuses, in its dialect's shape."""
+def use_dialect(request: Request, dialect: ErrorDialect) -> None:
+    """Answer this request's errors in `dialect` from now on (a route whose body says its dialect)."""
+    request.state[ERROR_DIALECT] = dialect
+
+
+def error_responses(*statuses: int, dialect: ErrorDialect | tuple[ErrorDialect, ...] = COHERE) -> dict[int, ResponseSpec]:
+    """OpenAPI responses for a route's error statuses, in its dialect's shape and statuses. A route that
+    speaks several dialects (/rerank) documents, for each status, the body of every dialect that sends it."""
+    dialects = dialect if isinstance(dialect, tuple) else (dialect,)
+    bodies: dict[int, list[type]] = {}
+    for d in dialects:
+        for status in statuses:
+            for sent in d.documented.get(status, (status,)):
+                if d.body_type not in bodies.setdefault(sent, []):
+                    bodies[sent].append(d.body_type)
     return {
-        status: ResponseSpec(data_container=dialect.body_type, description=STATUS_MEANING[status], generate_examples=False)
-        for status in statuses
+        status: ResponseSpec(
+            data_container=types[0] if len(types) == 1 else Union[tuple(types)],  # noqa: UP007 - a runtime union of types
+            description=STATUS_MEANING[status],
+            generate_examples=False,
+        )
+        for status, types in sorted(bodies.items())
     }
 
 
-def error_response(request: Request | None, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    handler = request.scope.get("route_handler") if request is not None else None
-    dialect = (handler.opt.get(ERROR_DIALECT) if handler is not None else None) or COHERE
-    return Response(dialect.build(status, message), status_code=status, headers=headers or None, media_type=MediaType.JSON)
+def _dialect(request: Request | None) -> ErrorDialect:
+    if request is None:
+        return COHERE
+    chosen = request.scope.get("state", {}).get(ERROR_DIALECT)
+    if chosen is not None:
+        return chosen
+    handler = request.scope.get("route_handler")
+    return (handler.opt.get(ERROR_DIALECT) if handler is not None else None) or COHERE
+
+
+def error_response(
+    request: Request | None, status: int, message: str, headers: dict[str, str] | None = None, exc: Exception | None = None
+) -> Response:
+    dialect = _dialect(request)
+    return Response(
+        dialect.build(status, message, exc), status_code=dialect.status(status, exc), headers=headers or None, media_type=MediaType.JSON
+    )
 
 
 def gateway_error_handler(request: Request, exc: GatewayError) -> Response:
-    return error_response(request, exc.status_code, exc.message, exc.headers)
+    return error_response(request, exc.status_code, exc.message, exc.headers, exc)
 
 
 def http_exception_handler(request: Request, exc: HTTPException) -> Response:
@@ -93,17 +141,17 @@ def http_exception_handler(request: Request, exc: HTTPException) -> Response:
             message = f"invalid request: {'; '.join(parts)}"
     elif exc.status_code == 413:
         message = "request body is larger than the server accepts"
-    return error_response(request, exc.status_code, message, exc.headers)
+    return error_response(request, exc.status_code, message, exc.headers, exc)
 
 
 def invalid_utf8_handler(request: Request, exc: UnicodeDecodeError) -> Response:
     # Litestar decodes JSON bodies before our handlers run; invalid UTF-8 surfaces here.
-    return error_response(request, 400, f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}")
+    return error_response(request, 400, f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}", exc=exc)
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(request, 500, f"internal error: {type(exc).__name__}")
+    return error_response(request, 500, f"internal error: {type(exc).__name__}", exc=exc)
 
 
 EXCEPTION_HANDLERS = {

@@ -44,6 +44,13 @@ class Metrics:
         self.documents = Counter("rerank_documents", "Documents reranked", ["model", "tenant"], registry=r)
         self.billed_tokens = Counter("rerank_billed_tokens", "Tokens of answered requests", ["model", "tenant"], registry=r)
         self.limited = Counter("rerank_limited_requests", "Requests refused by a tenant limit", ["tenant", "limit"], registry=r)
+        # Upstream endpoints of `backend: remote` models (gateway.endpoints, gateway.remote).
+        up = ["model", "endpoint"]
+        self.upstream_requests = Counter("rerank_upstream_requests", "Calls to an upstream endpoint by outcome (ok, http_429, http_4xx, http_5xx, connect_error, timeout, transport_error, bad_response, cancelled)", [*up, "outcome"], registry=r)
+        self.upstream_seconds = Histogram("rerank_upstream_seconds", "Latency of calls to an upstream endpoint", up, buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_ejections = Counter("rerank_upstream_ejections", "Times an upstream endpoint was ejected for a cool-down", up, registry=r)
+        self.upstream_in_flight = Gauge("rerank_upstream_in_flight", "Calls outstanding on an upstream endpoint", up, registry=r)
+        self.upstream_up = Gauge("rerank_upstream_up", "1 while an upstream endpoint takes traffic, 0 while ejected", up, registry=r)
         self._real: dict[str, float] = {}
         self._padded: dict[str, float] = {}
 

@@ -23,6 +23,8 @@ from core.errors import ModelUnavailable
 from engine import Scheduler
 from gateway.metrics import Metrics
 from gateway.planning import usable_gb
+from gateway.remote import RemoteModel
+from gateway.runners import LocalRunner, Runner
 
 log = logging.getLogger("rerank_gateway")
 
@@ -42,6 +44,7 @@ class ModelEntry:
     state: State = "not_loaded"
     reason: str | None = None
     scheduler: Scheduler | None = None
+    remote: RemoteModel | None = None  # backend: remote, in place of a scheduler
     weights_bytes: int = 0
     warmup: dict | None = None
     load_seconds: float = 0.0
@@ -62,19 +65,25 @@ class ModelEntry:
             "owned_by": "rerank-gateway",
             "backend": self.spec.backend,
             "aliases": self.spec.aliases,
-            "profile": self.eff.profile,
-            "device": self.eff.device,
-            "dtype": str(self.scheduler.backend.dtype).removeprefix("torch.") if self.scheduler else self.eff.dtype,
-            "max_length": self.eff.max_length,
-            "max_batch_tokens": self.batch_tokens or self.eff.max_batch_tokens,
-            "budget_reason": self.budget_reason or self.eff.budget_reason,
-            "state": self.state,
         }
-        runtime = self.scheduler.backend.runtime if self.scheduler else None
-        if runtime is not None:
-            out["runtime"] = runtime.describe()
+        if self.spec.backend != "remote":
+            # A remote model has no device, precision or batching here: the upstream has them.
+            out |= {
+                "profile": self.eff.profile,
+                "device": self.eff.device,
+                "dtype": str(self.scheduler.backend.dtype).removeprefix("torch.") if self.scheduler else self.eff.dtype,
+                "max_length": self.eff.max_length,
+                "max_batch_tokens": self.batch_tokens or self.eff.max_batch_tokens,
+                "budget_reason": self.budget_reason or self.eff.budget_reason,
+            }
+            runtime = self.scheduler.backend.runtime if self.scheduler else None
+            if runtime is not None:
+                out["runtime"] = runtime.describe()
+        out["state"] = self.state
         if self.reason:
             out["reason"] = self.reason
+        if self.remote is not None:
+            out["upstream"] = self.remote.describe()
         return out
 
 
@@ -125,18 +134,37 @@ class ModelPool:
             if entry.scheduler is not None:
                 entry.scheduler.close()
                 entry.scheduler = None
+            if entry.remote is not None:
+                entry.remote.close()
 
     # -- access -----------------------------------------------------------------------------------------
     async def scheduler(self, model_id: str) -> Scheduler:
-        """The scheduler of a model, loading it first if it is lazy. Raises ModelUnavailable."""
+        """The scheduler of a local model, loading it first if it is lazy. Raises ModelUnavailable."""
+        entry = await self._ready(model_id)
+        if entry.scheduler is None:
+            raise ModelUnavailable(f"model {model_id!r} has no local scheduler (backend {entry.spec.backend})")
+        return entry.scheduler
+
+    async def runner(self, model_id: str) -> Runner:
+        """What answers a model's requests (gateway.runners), loading it first if it is lazy."""
+        entry = await self._ready(model_id)
+        if entry.remote is not None:
+            return entry.remote
+        assert entry.scheduler is not None
+        return LocalRunner(
+            model_id, entry.spec, entry.eff, entry.scheduler, self.metrics,
+            max_chunks_per_request=self.registry.server.max_chunks_per_request,
+        )
+
+    async def _ready(self, model_id: str) -> ModelEntry:
         entry = self.entries[model_id]
         if entry.state == "not_loaded":
             entry.state = "loading"
         if entry.state == "loading":
             await self.ensure_loaded(entry)
-        if entry.state != "ready" or entry.scheduler is None:
+        if entry.state != "ready" or (entry.scheduler is None and entry.remote is None):
             raise ModelUnavailable(f"model {model_id!r} is {entry.state}: {entry.reason or 'not loaded'}")
-        return entry.scheduler
+        return entry
 
     def start_loading(self, model_id: str) -> None:
         """Begin loading a lazy model without waiting for it (a route falls back meanwhile)."""
@@ -173,6 +201,11 @@ class ModelPool:
         start = time.perf_counter()
         entry.state = "loading"
         try:
+            if entry.spec.backend == "remote":
+                entry.remote = RemoteModel.open(entry.model_id, entry.spec, self.metrics)
+                entry.state, entry.reason = "ready", None
+                log.info("model %s ready: %s upstream, %d endpoint(s)", entry.model_id, entry.spec.dialect, len(entry.spec.endpoints))
+                return
             backend = backend_class(entry.spec.backend)(entry.model_id, entry.spec, entry.eff)
             if backend.device.type == "cuda":
                 import torch

@@ -121,4 +121,7 @@ def _switch_off(entry: ModelEntry) -> Scheduler | None:
     """Mark a retired entry off and detach its scheduler, which the caller closes."""
     entry.state, entry.reason = "off", "removed or replaced by a registry reload"
     scheduler, entry.scheduler = entry.scheduler, None
+    if entry.remote is not None:  # a remote model only holds connections
+        entry.remote.close()
+        entry.remote = None
     return scheduler

@@ -11,6 +11,22 @@ import msgspec
 from gateway.usage import UsageRow, UsageTotal
 
 
+class UpstreamEndpoint(msgspec.Struct, kw_only=True, omit_defaults=True):
+    url: str
+    state: Literal["up", "probing", "ejected"]
+    in_flight: int
+    ejected_for_s: float | None = None
+    last_error: str | None = None
+
+
+class Upstream(msgspec.Struct, kw_only=True):
+    """A `backend: remote` model's upstream: the dialect it speaks, the model it asks for, its endpoints."""
+
+    dialect: str
+    model: str
+    endpoints: list[UpstreamEndpoint]
+
+
 class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     object: Literal["model"]
@@ -18,17 +34,20 @@ class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     owned_by: str
     backend: str
     aliases: list[str]
-    profile: str
-    device: str
-    dtype: str
-    max_length: int
-    max_batch_tokens: int
+    # A local model's device, precision and batching; a remote model has none here (its upstream does).
+    profile: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    max_length: int | None = None
+    max_batch_tokens: int | None = None
     # Where max_batch_tokens came from: the profile, or how it was chosen for a profile-less model.
     budget_reason: str | None = None
     # What runs the forward pass on a CPU: torch, openvino or onnxruntime (`runtime: auto` picks by measuring).
     runtime: str | None = None
     state: Literal["ready", "loading", "unavailable", "not_loaded", "off"]
     reason: str | None = None
+    # backend: remote, once loaded.
+    upstream: Upstream | None = None
 
 
 class ModelList(msgspec.Struct, kw_only=True):

@@ -1,5 +1,5 @@
 """The rerank pipeline, independent of any API dialect:
-name -> model id -> tokenize -> per-model scheduler -> top-k -> RerankResult."""
+name -> model id -> the model's runner (local: tokenize, scheduler, top-k; remote: upstream calls) -> RerankResult."""
 
 from __future__ import annotations
 
@@ -46,50 +46,14 @@ class RerankService:
         entry = self.pool.entries[model_id]
         entry.active += 1
         try:
-            scheduler = await self.pool.scheduler(model_id)
-            eff = self.pool.entries[model_id].eff
-            spec = self.pool.entries[model_id].spec
-            tokenize_start = time.perf_counter()
-            prepared = await scheduler.prepare(
-                req.query,
-                req.texts,
-                max_length=eff.max_length,
-                max_chunks=req.max_chunks_per_doc or 1,
-                instruction=req.instruction or spec.instruction,
-                max_doc_tokens=req.max_tokens_per_doc,
+            runner = await self.pool.runner(model_id)
+            result = await runner.rerank(
+                req, caller=caller, timeout_s=self.registry.server.request_timeout_s, disconnected=disconnected
             )
-            tokenize_s = time.perf_counter() - tokenize_start
-            cap = self.registry.server.max_chunks_per_request
-            if len(prepared.items) > cap:
-                raise BadRequest(
-                    f"invalid request: the documents split into {len(prepared.items)} chunks; the maximum is {cap} "
-                    "per request (server.max_chunks_per_request): lower max_chunks_per_doc or raise max_tokens_per_doc"
-                )
-            top_n = min(req.top_n or len(req.texts), len(req.texts))
-            done = await scheduler.submit(
-                prepared,
-                top_n=top_n,
-                raw_scores=req.raw_scores,
-                tenant=caller.tenant,
-                weight=caller.weight,
-                priority=req.priority,
-                timeout_s=self.registry.server.request_timeout_s,
-                disconnected=disconnected,
-            )
-            self.metrics.queue_seconds.labels(model_id).observe(done.queue_s)
-            self.metrics.search_units.labels(model_id, caller.tenant).inc(search_units(len(prepared.items)))
+            self.metrics.search_units.labels(model_id, caller.tenant).inc(search_units(result.scored_units))
             self.metrics.documents.labels(model_id, caller.tenant).inc(len(req.texts))
-            self.metrics.billed_tokens.labels(model_id, caller.tenant).inc(prepared.tokens)
-            return RerankResult(
-                model=model_id,
-                indices=done.indices,
-                scores=done.scores,
-                total_tokens=prepared.tokens,
-                scored_units=len(prepared.items),
-                queue_s=done.queue_s,
-                tokenize_s=tokenize_s,
-                inference_s=done.inference_s,
-            )
+            self.metrics.billed_tokens.labels(model_id, caller.tenant).inc(result.total_tokens)
+            return result
         except GatewayError as exc:
             status = str(exc.status_code)
             raise

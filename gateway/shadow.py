@@ -113,13 +113,13 @@ class ShadowRecorder:
         entry = service.pool.entries.get(shadow_id)
         if len(self._tasks) >= MAX_IN_FLIGHT:
             return self._outcome(route, shadow_id, "dropped_backlog")
-        if entry is None or entry.state != "ready" or entry.scheduler is None:
+        if entry is None or entry.state != "ready" or (entry.scheduler is None and entry.remote is None):
             if entry is not None and entry.state == "not_loaded":
                 service.pool.start_loading(shadow_id)
             return self._outcome(route, shadow_id, "dropped_unavailable")
         # More than one batch already waiting means the model has real work to do: skip rather than queue.
-        queued_pairs, _ = entry.scheduler.queue_depth()
-        if queued_pairs > entry.scheduler.max_batch_size:
+        # (A remote shadow has no queue here; MAX_IN_FLIGHT bounds it.)
+        if entry.scheduler is not None and entry.scheduler.queue_depth()[0] > entry.scheduler.max_batch_size:
             return self._outcome(route, shadow_id, "dropped_busy")
         task = asyncio.get_running_loop().create_task(self._run(service, route, shadow_id, req, primary))
         self._tasks.add(task)

@@ -65,7 +65,12 @@ def decode(body: bytes, type_: type, *, max_depth: int) -> Any:
         raise BadRequest(f"invalid request: body is not valid JSON: {exc}") from None
 
 
-def strict_body(type_: type, max_depth: Callable[[Request], int]) -> Callable[[Request], Awaitable[None]]:
+def server_max_depth(request: Request) -> int:
+    """server.max_json_depth of the registry the app serves now."""
+    return request.app.state.service.registry.server.max_json_depth
+
+
+def strict_body(type_: type, max_depth: Callable[[Request], int] = server_max_depth) -> Callable[[Request], Awaitable[None]]:
     """A before_request hook: the body must decode strictly into `type_` before the handler runs."""
 
     async def hook(request: Request) -> None:

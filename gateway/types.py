@@ -17,6 +17,9 @@ class RerankRequest:
     priority: int = 0
     instruction: str | None = None
     user: str | None = None
+    # False refuses (400) a document that does not fit the model instead of truncating it (Voyage's
+    # `truncation: false`, TEI's `truncate: false`).
+    truncate: bool = True
 
 
 @dataclass(slots=True)
@@ -30,6 +33,16 @@ class RerankResult:
     tokenize_s: float = 0.0
     inference_s: float = 0.0
     route: str | None = None
+
+
+@dataclass(slots=True)
+class Scored:
+    """What an upstream rerank service answered for one call: positions within the texts it was sent,
+    best first, and the tokens it metered when it says."""
+
+    indices: list[int]
+    scores: list[float]
+    tokens: int | None = None
 
 
 def search_units(scored_units: int) -> int:

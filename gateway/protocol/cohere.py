@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import msgspec
 
 from core.errors import BadRequest
-from gateway.types import RerankRequest, RerankResult, search_units
+from gateway.types import RerankRequest, RerankResult, Scored, search_units
 
 
 # Integer ranges the server enforces; msgspec checks them and the OpenAPI document states them.
@@ -129,3 +129,43 @@ def to_response(
         model=result.model,
         usage=Usage(result.total_tokens),
     )
+
+
+# -- calling an upstream that speaks Cohere (backend: remote; jina, vllm and gateway reuse these) ---------
+
+PATH_V1 = "/v1/rerank"
+PATH_V2 = "/v2/rerank"
+# Cohere's recommended maximum per request (it accepts 10,000).
+MAX_DOCUMENTS_PER_CALL = 1000
+
+
+class _UpstreamResult(msgspec.Struct):
+    index: int
+    relevance_score: float
+
+
+class _UpstreamResponse(msgspec.Struct):
+    results: list[_UpstreamResult]
+    usage: Usage | None = None  # Jina, vLLM and rerank-gateway report tokens; Cohere does not
+
+
+class _UpstreamError(msgspec.Struct):
+    message: str
+
+
+def upstream_body(req: RerankRequest, texts: list[str], model: str, top_n: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "query": req.query, "documents": texts}
+    if top_n is not None:
+        body["top_n"] = top_n
+    if req.max_tokens_per_doc is not None:
+        body["max_tokens_per_doc"] = req.max_tokens_per_doc
+    return body
+
+
+def upstream_answer(content: bytes, headers: Any) -> Scored:
+    resp = msgspec.json.decode(content, type=_UpstreamResponse)
+    return Scored([r.index for r in resp.results], [r.relevance_score for r in resp.results], resp.usage.total_tokens if resp.usage else None)
+
+
+def upstream_error(content: bytes) -> str:
+    return msgspec.json.decode(content, type=_UpstreamError).message
