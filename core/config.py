@@ -198,16 +198,19 @@ def parse_registry(data: Any, origin: str = "registry") -> Registry:
     return registry
 
 
-def load_registry(path: str | Path) -> Registry:
+def read_yaml(path: str | Path) -> Any:
+    """A registry file's data; RegistryError naming the file when it cannot be read or is not YAML."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise RegistryError(f"{path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise RegistryError(f"{path}: not valid YAML: {exc}") from None
-    registry = parse_registry(data, str(path))
-    return registry
+
+
+def load_registry(path: str | Path) -> Registry:
+    return parse_registry(read_yaml(path), str(path))
 
 
 def _explain(data: Any, cls: type[msgspec.Struct], prefix: str = "") -> str:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import yaml
 from litestar import Litestar
 
-from core.config import RegistryError, parse_registry
+from core.config import RegistryError, parse_registry, read_yaml
 
 log = logging.getLogger("rerank_gateway.registry_watch")
 
@@ -57,12 +57,7 @@ def merged_text(base: Path, overlays: list[Path]) -> str:
     """The merged registry as YAML; RegistryError when a file is unreadable or the result is invalid."""
     data: Any = {}
     for path in [base, *overlays]:
-        try:
-            part = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise RegistryError(f"{path}: cannot read: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise RegistryError(f"{path}: not valid YAML: {exc}") from None
+        part = read_yaml(path)
         # An empty source is refused, never taken as "nothing to add": a Secret caught empty must not
         # drop every tenant and leave the gateway open to anyone.
         if not isinstance(part, dict) or not part:
