@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+# Before torch is imported (OpenMP reads it once): idle intra-op threads sleep instead of spinning. A CPU
+# stream's spinning helpers took the cores the event loop and the tokenizer needed, so a search beside bulk
+# batches waited longer for both. Measured in README "Fair scheduling". An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from core.config import RegistryError, cuda_device_name, detect_gpu_type, load_registry
 

@@ -6,6 +6,9 @@ start of each step of its loop (engine.inference.STEPS, plus "take", before the 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -18,6 +21,8 @@ from backends.embedding import EmbeddingBackend
 from core.config import ModelSpec, effective
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout
 from engine import Scheduler
+from engine.device import CPU_STREAM_NICE
+from engine.scheduler import SEARCH_RECENT_S, SEARCH_RUN_SHARE
 from engine.inference import STEPS
 from tests.conftest import MINILM
 
@@ -231,7 +236,7 @@ def _queued(s: Scheduler, n: int, length: int, tenant: str = ""):
     prepared = Prepared(items=[Encoded(np.full(length, 1000, dtype=np.int32)) for _ in range(n)], doc_index=list(range(n)), n_docs=n)
     work = new_work(prepared, top_n=1, raw_scores=False, tenant=tenant, priority=0)
     with s._cv:
-        s._queue.push(work, 1.0)
+        s._push(work, 1.0)
     return work
 
 
@@ -253,6 +258,64 @@ def test_a_small_request_is_not_queued_behind_a_bulk_request_of_its_own_tenant(b
         assert all(slot.work is bulk for slot in s._next_job())
     finally:
         s.close()
+
+
+def test_bulk_batches_shrink_while_searches_arrive(backend):
+    """A batch cannot be interrupted: while searches keep arriving, a bulk request's batches take a quarter
+    of the budget, so the next search waits for a short batch in flight; without searches, full batches."""
+    s = scheduler(backend, max_batch_tokens=1024, max_batch_size=128, streams=0)
+
+    def padded(batch) -> int:
+        return max(slot.length for slot in batch) * len(batch)
+
+    try:
+        bulk = _queued(s, 2000, 20)
+        assert padded(s._next_job()) > 1024 // 2, "no search around: full batches"
+        small = _queued(s, 3, 20)
+        assert all(slot.work is small for slot in s._next_job())
+        for _ in range(3):
+            batch = s._next_job()
+            assert all(slot.work is bulk for slot in batch)
+            assert padded(batch) <= 1024 // SEARCH_RUN_SHARE < 1024 // 2
+        s._search_at -= SEARCH_RECENT_S  # the last search is a while ago
+        assert padded(s._next_job()) > 1024 // 2
+    finally:
+        s.close()
+
+
+def test_the_query_is_embedded_in_the_inference_stream_beside_its_documents(backend):
+    """Tokenizing runs no model call: the bi-encoder's query becomes one more row of its first batch, in a
+    low-priority inference thread, and scores as if it were embedded alone."""
+    prepared = backend.prepare("alpha gamma", docs(5), max_length=64, max_chunks=1, instruction=None)
+    assert prepared.context.vector is None
+    s = scheduler(backend)
+    seen = []
+    s.step_hook = lambda step, info: seen.append(
+        (threading.current_thread().name, info.inputs["input_ids"].shape[0], os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    ) if step == "forward" else None
+    try:
+        done = asyncio.run(ask(s, docs(5)))
+    finally:
+        s.close()
+    assert [(name.startswith("infer-"), rows) for name, rows, _ in seen] == [(True, 6)]
+    assert seen[0][2] >= CPU_STREAM_NICE, "inference threads yield the CPU to the event loop and searches"
+    with torch.inference_mode():
+        def embed(text: str) -> torch.Tensor:  # one text alone, through the model call the backend uses
+            return backend.runtime(dict(backend.tokenizer([text], truncation=True, max_length=64, return_tensors="pt")))[0]
+
+        query = embed("alpha gamma")
+        alone = torch.stack([backend.relevance((embed(d) * query).sum()) for d in docs(5)])
+    assert torch.allclose(torch.tensor(done.scores), alone[done.indices], atol=1e-5)
+
+
+def test_serve_lets_idle_openmp_threads_sleep():
+    """Set before torch loads: spinning OpenMP helpers took the cores a search's parsing needed."""
+    code = "import gateway.cli, torch, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env | {"OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE", "an explicit setting wins"
 
 
 def test_gpu_names_never_confuse_similar_cards():

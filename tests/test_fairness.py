@@ -180,11 +180,11 @@ async def _measure_in_tenant(url: str) -> dict:
     return {"alone_p99": _p99(alone), "beside_p99": _p99(beside), "busy": busy, "big_done": big_done}
 
 
-# Without fair sharing inside a tenant the searches waited for the whole bulk request: 2,468 ms against
-# 13 ms alone (190x). With it, on this 2-core machine, quiet, the ratio of two 20-sample p99s ranges
-# 2.3x-4.3x from run to run (issue 9 asks for <= 3x: met in some runs, not reliably). The bound guards
-# the mechanism without failing on that spread; the README reports the measured range.
-IN_TENANT_BOUND = 8
+# Issue 9's bound. Without fair sharing inside a tenant the searches waited for the whole bulk request:
+# 2,468 ms against 13 ms alone (190x). With fair shares only, 2.3x-6.1x from run to run on this 2-core
+# machine; with the query embedded in the stream, bulk batches shrunk while searches arrive and inference
+# threads niced, 1.4x-2.4x.
+IN_TENANT_BOUND = 3
 
 
 def test_small_searches_do_not_wait_behind_a_bulk_request_of_their_own_tenant(server):
