@@ -62,7 +62,7 @@ def take_batch(
     run_budget: int | None = None,
 ) -> tuple[list[Slot], list[Slot]]:
     """(batch, rest of the window). `window` must not be empty. `cost`: see backend_cost. `run_budget`:
-    the budget of a length run, when smaller than `budget` (a request kept whole still gets `budget`)."""
+    the budget of a bulk request's length run, when smaller than `budget` (small requests keep `budget`)."""
     lead = min(window, key=lambda s: (s.tag, s.seq))
     tenant = lead.work.tenant
     # Across tenants the tenant tag decides; inside the chosen tenant, the request tag.
@@ -109,7 +109,8 @@ def _build(
                 batch.append(s)
         taken = {id(s) for s in batch}
         return batch, [s for s in window if id(s) not in taken]
-    budget = run_budget
+    if not small(first.work):  # a search alone in the window still goes in one batch
+        budget = run_budget
     ordered = sorted(window, key=lambda s: s.length)
     anchor = next(i for i, s in enumerate(ordered) if s is first)
     lo = hi = anchor  # inclusive bounds of the run in length order; ordered[hi] is its widest pair

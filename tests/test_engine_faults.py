@@ -229,11 +229,12 @@ def test_queued_token_ids_are_compact_and_score_the_same(backend):
         s.close()
 
 
-def _queued(s: Scheduler, n: int, length: int, tenant: str = ""):
+def _queued(s: Scheduler, n: int, length: int, tenant: str = "", lengths: list[int] | None = None):
     from backends.base import Encoded, Prepared
     from engine.work import new_work
 
-    prepared = Prepared(items=[Encoded(np.full(length, 1000, dtype=np.int32)) for _ in range(n)], doc_index=list(range(n)), n_docs=n)
+    lengths = lengths or [length] * n
+    prepared = Prepared(items=[Encoded(np.full(k, 1000, dtype=np.int32)) for k in lengths], doc_index=list(range(n)), n_docs=n)
     work = new_work(prepared, top_n=1, raw_scores=False, tenant=tenant, priority=0)
     with s._cv:
         s._push(work, 1.0)
@@ -279,6 +280,16 @@ def test_bulk_batches_shrink_while_searches_arrive(backend):
             assert padded(batch) <= 1024 // SEARCH_RUN_SHARE < 1024 // 2
         s._search_at -= SEARCH_RECENT_S  # the last search is a while ago
         assert padded(s._next_job()) > 1024 // 2
+    finally:
+        s.close()
+    # A search alone still goes in one batch, though padded it is over the bulk runs' share.
+    s = scheduler(backend, max_batch_tokens=1024, max_batch_size=128, streams=0)
+    try:
+        _queued(s, 3, 20)
+        assert len(s._next_job()) == 3
+        search = _queued(s, 12, 0, lengths=[5] * 11 + [40])
+        batch = s._next_job()
+        assert padded(batch) > 1024 // SEARCH_RUN_SHARE and all(slot.work is search for slot in batch) and len(batch) == 12
     finally:
         s.close()
 
