@@ -41,7 +41,7 @@ WINDOW_BATCHES = 8
 # For this long after a small request (a search: at most 1/SMALL_SHARE of the budget) was queued, bulk
 # requests' batches take at most 1/SEARCH_RUN_SHARE of the budget, so the next search waits for a shorter
 # batch in flight. The fairness test's tiny BERT (1,024 tokens, 1 stream on 2 cores), a 3-document search
-# beside 2,000-document requests of its tenant, p99 over alone: 2.6-4.2x at 1/2, 1.4-2.4x at 1/4. The
+# beside 2,000-document requests of its tenant, p99 over alone: 2.6-4.2x at 1/2, 1.4-2.8x at 1/4. The
 # price: a bulk request beside a closed loop of searches ran 2.8x (1/2) and 4.5x (1/4) its time alone,
 # against 1.6x with full batches, while the loop completed 356 and 708 searches against 191.
 SEARCH_RECENT_S = 1.0

@@ -183,7 +183,7 @@ async def _measure_in_tenant(url: str) -> dict:
 # Issue 9's bound. Without fair sharing inside a tenant the searches waited for the whole bulk request:
 # 2,468 ms against 13 ms alone (190x). With fair shares only, 2.3x-6.1x from run to run on this 2-core
 # machine; with the query embedded in the stream, bulk batches shrunk while searches arrive and inference
-# threads niced, 1.4x-2.4x.
+# threads niced, 1.4x-2.8x.
 IN_TENANT_BOUND = 3
 
 
