@@ -112,23 +112,16 @@ class _DeviceGate:
 
     @contextlib.contextmanager
     def shared(self, device: torch.device) -> Iterator[None]:
-        if device.type != "cuda":
+        with self._held(device, exclusive=False):
             yield
-            return
-        key = str(device)
-        with self._cv:
-            while self._writer.get(key):
-                self._cv.wait()
-            self._readers[key] = self._readers.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._readers[key] -= 1
-                self._cv.notify_all()
 
     @contextlib.contextmanager
     def exclusive(self, device: torch.device) -> Iterator[None]:
+        with self._held(device, exclusive=True):
+            yield
+
+    @contextlib.contextmanager
+    def _held(self, device: torch.device, exclusive: bool) -> Iterator[None]:
         if device.type != "cuda":
             yield
             return
@@ -136,14 +129,20 @@ class _DeviceGate:
         with self._cv:
             while self._writer.get(key):
                 self._cv.wait()
-            self._writer[key] = True  # new batches wait from here on
-            while self._readers.get(key, 0):
-                self._cv.wait()
+            if exclusive:
+                self._writer[key] = True  # new batches wait from here on
+                while self._readers.get(key, 0):
+                    self._cv.wait()
+            else:
+                self._readers[key] = self._readers.get(key, 0) + 1
         try:
             yield
         finally:
             with self._cv:
-                self._writer[key] = False
+                if exclusive:
+                    self._writer[key] = False
+                else:
+                    self._readers[key] -= 1
                 self._cv.notify_all()
 
 

@@ -393,3 +393,31 @@ def test_a_budget_whose_warmup_runs_out_of_memory_is_refused_naming_the_numbers(
         assert s.running, "the stream that ran the warm-up is still serving"
     finally:
         s.close()
+
+
+def test_the_device_gate_lets_batches_share_and_a_peak_measurement_run_alone():
+    """The gate's logic (on a CPU it is a no-op; a torch.device("cuda") needs no GPU to name one)."""
+    from engine.device import _DeviceGate
+
+    gate, cuda = _DeviceGate(), torch.device("cuda:0")
+    events: list[str] = []
+    with gate.shared(cuda), gate.shared(cuda):  # batches share the device
+        measuring = threading.Thread(target=lambda: _hold(gate.exclusive(cuda), events, "measure"))
+        measuring.start()
+        time.sleep(0.2)
+        assert events == [], "the measurement waits for the batches in flight"
+        late = threading.Thread(target=lambda: _hold(gate.shared(cuda), events, "late batch"))
+        late.start()
+        time.sleep(0.2)
+        events.append("batches done")
+    measuring.join(5)
+    late.join(5)
+    assert events == ["batches done", "measure", "late batch"], "a batch arriving during the wait runs after it"
+    with gate.exclusive(torch.device("cpu")), gate.exclusive(torch.device("cpu")):
+        pass  # a no-op on a CPU: nothing to wait for
+
+
+def _hold(cm, events: list[str], name: str) -> None:
+    with cm:
+        events.append(name)
+        time.sleep(0.05)

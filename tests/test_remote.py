@@ -29,6 +29,7 @@ from gateway.auth import key_sha256
 from gateway.endpoints import EndpointPool
 from gateway.metrics import Metrics
 from tests.conftest import LiveServer, free_port, serve_process
+from tests.load import Load
 from tests.routes_fixtures import DOCS, QUERY, metric, minilm, wait_for
 
 FRONT_KEY = "k-front-0123456789"  # the front door's key at the keyed upstream
@@ -287,39 +288,11 @@ def test_client_disconnect_cancels_the_upstream_call(upstreams, front):
 # --- an endpoint pool under faults -------------------------------------------------------------------------
 
 
-class Load:
-    """Clients sending to a route until stopped; every answer is kept."""
-
-    def __init__(self, url: str, model: str, clients: int = 4) -> None:
-        self.url, self.model, self.results = url, model, []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as c:
-            while not self._stop.is_set() and len(self.results) < 5000:
-                try:
-                    r = c.post("/v2/rerank", json={"model": self.model, "query": QUERY, "documents": DOCS})
-                    self.results.append((r.status_code, r.headers.get("x-rerank-model"), r.headers.get("x-rerank-fallback")))
-                except httpx.HTTPError as exc:
-                    self.results.append((type(exc).__name__, None, None))
-
-    def __enter__(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-
-
 def test_one_endpoint_killed_and_restarted_under_load_fails_nothing(upstreams, front):
     k1 = upstreams["k1"]
     f = httpx.Client(base_url=front.url)
     ok_on = lambda up: metric(f, "rerank_upstream_requests_total", model="pool", endpoint=up.url, outcome="ok") or 0.0
-    with Load(front.url, "pooled") as load:
+    with Load(front.url, {"model": "pooled", "query": QUERY, "documents": DOCS}) as load:
         wait_for(lambda: ok_on(k1) > 0 and ok_on(upstreams["k2"]) > 0, timeout_s=20, what="traffic on both endpoints")
         k1.kill()
         wait_for(lambda: (metric(f, "rerank_upstream_ejections_total", model="pool", endpoint=k1.url) or 0) >= 1, timeout_s=10, what="k1 ejected")
@@ -329,10 +302,9 @@ def test_one_endpoint_killed_and_restarted_under_load_fails_nothing(upstreams, f
         back = ok_on(k1)
         # Probes while it starts fail and double its cool-down (1, 2, 4 ... s): allow for a slow start.
         wait_for(lambda: ok_on(k1) > back, timeout_s=60, what="k1 probed back into the pool")
-    statuses = [r for r in load.results if r[0] != 200]
-    assert not statuses, statuses[:5]
+    assert not load.failed(), load.failed()[:5]
     assert len(load.results) > served_while_down > 0
-    assert all(model == "pool" and fallback is None for _, model, fallback in load.results)
+    assert all(h.get("x-rerank-model") == "pool" and h.get("x-rerank-fallback") is None for _, h in load.results)
     assert metric(f, "rerank_upstream_up", model="pool", endpoint=k1.url) == 1
 
 

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import MINILM, free_port, remote_backend_available, serve_process
+from tests.load import Load
 from core.config import ServerSettings
 from gateway.auth import key_sha256
 from tests.tenant_fixtures import RedisServer
@@ -70,36 +71,6 @@ def _start_together(stack: contextlib.ExitStack, *servers) -> list:
         return list(pool.map(stack.enter_context, servers))
 
 
-class Load:
-    """Client threads sending reranks to the front door until stopped; every answer is recorded."""
-
-    def __init__(self, url: str, threads: int = 3) -> None:
-        self.url, self.statuses, self.errors = url, [], []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {TENANT_KEY}"}) as client:
-            while not self._stop.is_set():
-                try:
-                    self.statuses.append(client.post(f"{self.url}/v2/rerank", json=BODY).status_code)
-                except httpx.HTTPError as exc:
-                    self.errors.append(repr(exc))
-
-    def __enter__(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-
-    def failed(self) -> list:
-        return [s for s in self.statuses if s != 200] + self.errors
-
-
 @contextlib.contextmanager
 def topology(tmp_path: Path, redis: RedisServer, drain_s: float = 10.0) -> Iterator[dict]:
     """Two workers on fixed ports (a restarted one comes back on its address, as a pod behind its Service
@@ -139,7 +110,7 @@ def test_worker_killed_under_load_loses_no_client_request(tmp_path, redis_server
         seen = [json.loads(line) for f in t["logs"] for line in f.read_text().splitlines() if "e2e-trace-1" in line]
         assert any(r["logger"] == "rerank_gateway.access" and r["tenant"] == "frontdoor" and r["status"] == 200 for r in seen), seen
 
-        with Load(t["front"]) as load:
+        with Load(t["front"], BODY, clients=3, headers={"Authorization": f"Bearer {TENANT_KEY}"}) as load:
             time.sleep(1.5)
             # The victim was taking its share of the load when it died.
             assert '"status": 200' in t["logs"][0].read_text().split("e2e-trace-1")[-1]
@@ -147,7 +118,7 @@ def test_worker_killed_under_load_loses_no_client_request(tmp_path, redis_server
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=10)
             time.sleep(3.0)
-        answered = len(load.statuses)
+        answered = len(load.results)
         assert answered > 20 and load.failed() == [], load.failed()[:5]
         # The survivor answers on its own afterwards.
         assert httpx.post(f"{t['front']}/v2/rerank", json=BODY, headers={"Authorization": f"Bearer {TENANT_KEY}"}, timeout=30).status_code == 200
@@ -157,7 +128,7 @@ def test_worker_killed_under_load_loses_no_client_request(tmp_path, redis_server
 @needs_drain
 def test_rolling_restart_of_both_workers_loses_no_client_request(tmp_path, redis_server):
     with topology(tmp_path, redis_server, drain_s=10.0) as t:
-        with Load(t["front"]) as load:
+        with Load(t["front"], BODY, clients=3, headers={"Authorization": f"Bearer {TENANT_KEY}"}) as load:
             for i in range(2):
                 time.sleep(1.0)
                 _, proc = t["workers"][i]
@@ -166,7 +137,7 @@ def test_rolling_restart_of_both_workers_loses_no_client_request(tmp_path, redis
                 # The replacement comes up on the same address, as a new pod behind the Service.
                 t["workers"][i] = t["stack"].enter_context(t["restart"](i))
             time.sleep(1.0)
-        assert len(load.statuses) > 20 and load.failed() == [], load.failed()[:5]
+        assert len(load.results) > 20 and load.failed() == [], load.failed()[:5]
 
 
 def test_two_front_doors_share_one_tenant_rate_limit_through_redis(tmp_path, redis_server):
