@@ -48,8 +48,8 @@ def server(tmp_path_factory):
         "models": {"tiny": {"backend": "embedding", "source": str(model), "max_length": 128, "max_batch_tokens": 1024, "max_batch_size": 128,
                             # This tests the scheduler's fairness; with a tiny model the forward is mostly
                             # Python, and a second CPU stream adds GIL contention with the event loop.
-                            # On torch: the runtimes have tests of their own (tests/test_runtimes.py).
-                            "cpu_streams": 1, "runtime": "torch"}},
+                            # The runtime is the default (auto: OpenVINO here, when installed).
+                            "cpu_streams": 1}},
         "tenants": {
             "alpha": {"api_key_sha256": key_sha256(KEYS["alpha"])},
             "beta": {"api_key_sha256": key_sha256(KEYS["beta"])},
