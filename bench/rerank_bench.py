@@ -299,12 +299,14 @@ class Gateway(HttpSystem):
         self._start([sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry), "--port", str(self.port)],
                     work_dir, "gateway", child_env())
         self.dtype = ""
+        self.runtime = ""
         self.budget: dict[str, Any] = {}
 
     def on_ready(self) -> None:
         model = httpx.get(f"{self.base}/v1/models", timeout=5).json()["data"][0]
         self.dtype = model["dtype"]
-        self.budget = {"max_batch_tokens": model["max_batch_tokens"], "budget_reason": model.get("budget_reason")}
+        self.runtime = model.get("runtime") or "torch"
+        self.budget = {"max_batch_tokens": model["max_batch_tokens"], "budget_reason": model.get("budget_reason"), "runtime": self.runtime}
 
     def tokens(self) -> tuple[float, float]:
         text = httpx.get(f"{self.base}/metrics", timeout=10).text
@@ -434,7 +436,7 @@ def run(sizes: Sizes, model_dir: Path, work_dir: Path, systems: list[str]) -> di
         labels = {name: w.label for name, w in workers.items()}
         peaks = {name: w.peak_rss() for name, w in workers.items()}
         for name, server in servers.items():
-            labels[name] = server.label + (f", {server.dtype}" if isinstance(server, Gateway) else "")
+            labels[name] = server.label + (f", runtime {server.runtime}, {server.dtype}" if isinstance(server, Gateway) else "")
             peaks[name] = server.peak_rss()
         gateway_budget = servers["gateway"].budget if "gateway" in servers else None
     finally:
