@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from backends import backend_class
-from backends.runtimes import RuntimeUnavailable
+from backends.runtimes import RuntimeUnavailable, spearman
 from backends.runtimes.cache import MANIFEST, verify
 from bench.models import build_minilm_cross_encoder
 from bench.workload import big_request, vocabulary
@@ -65,12 +65,6 @@ def relevance(backend, query: str, docs: list[str]) -> torch.Tensor:
     with torch.inference_mode():
         raw = backend.forward(backend.collate(prepared.items, [prepared.context] * len(prepared.items)))
         return backend.relevance(raw)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    n = len(a)
-    return 1 - 6 * float(((ra - rb) ** 2).sum()) / (n * (n * n - 1))
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +180,18 @@ def test_bi_encoder_query_and_documents_run_on_the_runtime(runtime) -> None:
     scores = relevance(load("embedding", MINILM, runtime=runtime, dtype="float32"), "river city music", docs)
     assert (scores - ref).abs().max() <= 1e-2
     assert spearman(scores, ref) >= 0.999
+
+
+@needs_ov_int8
+def test_bi_encoder_int8_keeps_the_ranking() -> None:
+    # The load-time check ranks the check pairs' embeddings by similarity to one vector; then the scores.
+    docs = tm.sentences(40, min_words=2, max_words=40)
+    ref = relevance(load("embedding", MINILM, runtime="torch", dtype="float32"), "river city music", docs)
+    backend = load("embedding", MINILM, quantization="int8")
+    assert backend.runtime.precision == "int8"
+    scores = relevance(backend, "river city music", docs)
+    assert spearman(scores, ref) >= 0.99
+    assert 0 < (scores - ref).abs().max() <= 1e-2
 
 
 @pytest.mark.parametrize(

@@ -41,3 +41,15 @@ class TorchRuntime(Runtime):
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.module(**inputs)
+
+
+class Positional(torch.nn.Module):
+    """A scoring module with positional inputs in a fixed order, as the exporters (ONNX, OpenVINO) trace it."""
+
+    def __init__(self, inner: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.names = names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.inner(**dict(zip(self.names, args)))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from backends.runtimes.base import Runtime, feeds
+from backends.runtimes.base import Positional, Runtime, feeds
 
 IR_FILE = "model.xml"
 _PRECISION_HINT = {"bfloat16": "bf16", "float32": "f32"}
@@ -34,10 +34,8 @@ def convert_ir(module: torch.nn.Module, sample: dict[str, torch.Tensor], folder:
     """Write `module` (float32, on the CPU) as folder/model.xml with dynamic batch and sequence axes."""
     import openvino as ov
 
-    from backends.runtimes.onnx import _Positional
-
     names = list(sample)
-    wrapper = _Positional(module, names).eval()
+    wrapper = Positional(module, names).eval()
     example = tuple(sample[n].cpu() for n in names)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python branch on a shape; the IR is verified after it is loaded.
