@@ -79,7 +79,7 @@ class OpenVinoRuntime(Runtime):
         self.precision = "int8" if precision == "int8" else self.compute
         self._threads = threads
         # OpenVINO 2026.4 computes wrong scores for a weight-compressed model compiled with NUM_STREAMS > 1
-        # (Spearman 0.2 against float32 on the benchmark; the parity check catches it): there, each engine
+        # (Spearman -1 to 0.2 against float32 on the benchmark; the parity check catches it): there, each engine
         # stream compiles a one-stream copy of its own. Other precisions share one multi-stream compile.
         self._per_stream = self.precision == "int8"
         self.compiled = self._compile(1 if self._per_stream else streams)
