@@ -127,6 +127,8 @@ def test_int8_streams_score_alike_concurrently(ce_dir, workload, ce_reference) -
     import threading
 
     backend = load("flag", ce_dir, quantization="int8", cpu_streams=2)
+    # The loading thread verified and timed it on one copy, then gave that copy back for a stream to take.
+    assert len(backend.runtime._spare) == 1
     prepared = backend.prepare(workload.query, workload.documents, max_length=MAX_LENGTH, max_chunks=1, instruction=None)
     halves = [prepared.items[: len(prepared.items) // 2], prepared.items[len(prepared.items) // 2 :]]
     batches = [backend.collate(items, [None] * len(items)) for items in halves]
@@ -144,6 +146,8 @@ def test_int8_streams_score_alike_concurrently(ce_dir, workload, ce_reference) -
     [t.join() for t in threads]
     for k in range(2):
         assert torch.equal(together[k], alone[k])
+    # The threads have ended: their copies are spares again (this thread still holds the first).
+    assert len(backend.runtime._spare) == 2
     assert spearman(backend.relevance(torch.cat(alone)), ce_reference) >= 0.99
 
 

@@ -151,6 +151,7 @@ def start_runtime(backend: Any) -> Runtime:
     else:
         # The exported copy serves: free the torch weights (the config stays for the backend to read).
         backend.model = module.model.to("meta")
+    runtime.release_thread()
     log.info("model %s runs on %s", backend.name, runtime.describe())
     return runtime
 

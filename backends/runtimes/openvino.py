@@ -119,6 +119,10 @@ class OpenVinoRuntime(Runtime):
         request = self._local.request = compiled.create_infer_request()
         return request
 
+    def release_thread(self) -> None:
+        # The thread's infer request, and its lease: a per-stream compiled copy goes back to the spares.
+        self._local.__dict__.clear()
+
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         request = self._request()
         request.infer(feeds(inputs, self.input_names))
