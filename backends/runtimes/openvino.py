@@ -8,8 +8,9 @@ Xeon with AMX, README "Speed").
 OpenVINO computes in bfloat16 where the CPU has native bf16 (avx512_bf16 / AMX) and the model's dtype
 asks for it, float32 otherwise. `quantization: int8` is NNCF's weight-only int8 (asymmetric, one scale
 per output channel) of that IR: weights are stored in int8 and decompressed in the kernel, activations
-stay in the compute precision. Static int8 (activations too, AMX-INT8) measured only 1.09x bf16 here and
-ranked the benchmark's documents at Spearman 0.90-0.94 against float32, below the 0.99 wanted.
+stay in the compute precision. Static int8 (activations too, AMX-INT8) measured only 1.1-1.2x bf16 here
+and ranked the benchmark's documents at Spearman 0.84-0.94 against float32, below the 0.99 wanted
+(bench/openvino_options.py).
 
 The CPU plugin runs `streams` requests in parallel, each on its share of the cores; every engine stream
 (a Python thread) gets its own infer request, since one request is not thread-safe.
