@@ -19,7 +19,7 @@ from core import budgets
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 # Weight quantization: "nf4" is bitsandbytes 4-bit NormalFloat with double quantization; compute runs in `dtype`.
-# "int8" is dynamic int8 (weights int8, activations quantized per batch) on a CPU runtime (backends.runtimes).
+# "int8" is int8 on a CPU runtime (backends.runtimes): weight-only int8 on OpenVINO, dynamic int8 on ONNX Runtime.
 Quantization = Literal["none", "nf4", "int8"]
 BackendKind = Literal["embedding", "flag", "gte", "qwen3", "remote"]
 # What a `backend: remote` upstream speaks (gateway.protocol has one module per dialect).

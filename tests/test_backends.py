@@ -48,7 +48,9 @@ def qwen3_dir(tiny_root) -> Path:
 
 
 def _model(backend: str, source: Path, **fields) -> dict:
-    return {"backend": backend, "source": str(source), "max_batch_tokens": MAX_BATCH_TOKENS, **fields}
+    # On torch: these tests read the torch modules (an exported runtime frees them, and `auto` picks by a
+    # timing that a loaded machine can flip); tests/test_runtimes.py covers the runtimes.
+    return {"backend": backend, "source": str(source), "max_batch_tokens": MAX_BATCH_TOKENS, "runtime": "torch", **fields}
 
 
 @pytest.fixture(scope="module")

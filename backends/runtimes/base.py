@@ -22,6 +22,10 @@ class Runtime:
     def describe(self) -> str:
         return f"{self.name} ({self.precision})"
 
+    def release_thread(self) -> None:
+        """Drop what the calling thread holds for its calls (the loading thread, once it has verified and
+        timed the runtime: the engine's streams call it from threads of their own)."""
+
 
 def feeds(inputs: dict[str, torch.Tensor], names: list[str]) -> dict[str, Any]:
     """The exported graph's inputs as numpy arrays. A batch without token_type_ids (warm-up batches) gets
@@ -41,3 +45,15 @@ class TorchRuntime(Runtime):
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.module(**inputs)
+
+
+class Positional(torch.nn.Module):
+    """A scoring module with positional inputs in a fixed order, as the exporters (ONNX, OpenVINO) trace it."""
+
+    def __init__(self, inner: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.names = names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.inner(**dict(zip(self.names, args)))

@@ -24,7 +24,7 @@ log = logging.getLogger("rerank_gateway.runtimes")
 
 MANIFEST = "manifest.json"
 # Bumped when the export code changes what it writes: old exports then miss and are rebuilt.
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: OpenVINO IR from the PyTorch frontend (was via ONNX)
 
 
 def cache_root() -> Path:

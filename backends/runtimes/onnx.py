@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from backends.runtimes.base import Runtime, feeds
+from backends.runtimes.base import Positional, Runtime, feeds
 
 log = logging.getLogger("rerank_gateway.runtimes")
 
@@ -28,24 +28,12 @@ OPSET = 17
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-class _Positional(torch.nn.Module):
-    """The scoring module with positional inputs in a fixed order, as the exporter wants them."""
-
-    def __init__(self, inner: torch.nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self.inner = inner
-        self.names = names
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.inner(**dict(zip(self.names, args)))
-
-
 def export_onnx(module: torch.nn.Module, sample: dict[str, torch.Tensor], folder: Path) -> None:
     """Write `module` (float32, on the CPU) as folder/model.onnx."""
     names = list(sample)
     # eval() on the wrapper too: the exporter restores the top module's training flag afterwards, on
     # the whole tree, and a fresh module's flag is True (dropout on for every later torch call).
-    fp32 = _Positional(module, names).eval()
+    fp32 = Positional(module, names).eval()
     params = sum(p.numel() for p in fp32.parameters())
     dynamic = {n: {0: "batch", 1: "sequence"} for n in names}
     dynamic["scores"] = {0: "batch"}
