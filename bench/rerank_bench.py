@@ -305,7 +305,7 @@ class Gateway(HttpSystem):
     def on_ready(self) -> None:
         model = httpx.get(f"{self.base}/v1/models", timeout=5).json()["data"][0]
         self.dtype = model["dtype"]
-        self.runtime = model.get("runtime") or "torch"
+        self.runtime = model.get("runtime") or f"torch ({self.dtype})"
         self.budget = {"max_batch_tokens": model["max_batch_tokens"], "budget_reason": model.get("budget_reason"), "runtime": self.runtime}
 
     def tokens(self) -> tuple[float, float]:
@@ -436,7 +436,8 @@ def run(sizes: Sizes, model_dir: Path, work_dir: Path, systems: list[str]) -> di
         labels = {name: w.label for name, w in workers.items()}
         peaks = {name: w.peak_rss() for name, w in workers.items()}
         for name, server in servers.items():
-            labels[name] = server.label + (f", runtime {server.runtime}, {server.dtype}" if isinstance(server, Gateway) else "")
+            # The runtime names its precision, e.g. "openvino (bfloat16)".
+            labels[name] = server.label + (f", runtime {server.runtime}" if isinstance(server, Gateway) else "")
             peaks[name] = server.peak_rss()
         gateway_budget = servers["gateway"].budget if "gateway" in servers else None
     finally:
