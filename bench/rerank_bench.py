@@ -296,8 +296,11 @@ class Gateway(HttpSystem):
                 indent=2,
             )
         )
+        # The gateway runs with the environment a user gives it: its tokenizer lanes keep the library's
+        # own threading off (engine/lanes.py), and the other systems' "true" would turn it on.
+        env = {k: v for k, v in child_env().items() if k != "TOKENIZERS_PARALLELISM"}
         self._start([sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry), "--port", str(self.port)],
-                    work_dir, "gateway", child_env())
+                    work_dir, "gateway", env)
         self.dtype = ""
         self.runtime = ""
         self.budget: dict[str, Any] = {}
