@@ -9,7 +9,7 @@ stream and budget), which took a 3-document search's tokenize time from 4 ms to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ class Query:
 @dataclass(slots=True)
 class QueryBatch(Batch):
     # Queries not embedded yet: their rows follow the documents' rows in `inputs`.
-    queries: list[Query] | None = None
+    queries: list[Query] = field(default_factory=list)
 
 
 class MeanPooled(torch.nn.Module):
@@ -89,10 +89,10 @@ class EmbeddingBackend(Backend):
         batch = super().collate(items + [q.item for q in pending], contexts)
         return QueryBatch(inputs=batch.inputs, contexts=contexts, queries=pending)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: QueryBatch) -> torch.Tensor:
         embedded = self.runtime(batch.inputs)
         n = len(batch.contexts)
-        for row, query in enumerate(getattr(batch, "queries", None) or []):
+        for row, query in enumerate(batch.queries):
             # Two streams may embed the same query at once; both write the same vector.
             query.vector = embedded[n + row].clone()
         queries = torch.stack([c.vector for c in batch.contexts])

@@ -182,13 +182,6 @@ class PeakMeter:
                 self.after = torch.cuda.memory_allocated(self.device)
 
 
-def finish_host_thread_work(device: torch.device) -> None:
-    """Wait for what this thread queued on its own stream (an embedding backend computes the query vector
-    while tokenizing, on the tokenizer thread's stream): the inference stream reads it without an event."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-
-
 def free_cached(device: torch.device) -> None:
     """Give the allocator's cached blocks back after an OOM, so the retry can use them."""
     if device.type == "cuda":

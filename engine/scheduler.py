@@ -24,7 +24,7 @@ from backends.base import CPU_STREAMS, Backend, Prepared, configure_cpu_streams
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
 from engine.admission import Reservations, estimate_cost
 from engine.batching import SMALL_SHARE, backend_cost, take_batch
-from engine.device import StreamContext, finish_host_thread_work
+from engine.device import StreamContext
 from engine.fair_queue import FairQueue
 from engine.inference import BatchRunner
 from engine.lanes import TokenizerLanes
@@ -180,9 +180,7 @@ class Scheduler:
         return prepared
 
     def _tokenize(self, query: str, documents: list[str], kwargs: dict[str, Any]) -> Prepared:
-        prepared = compact(self.backend.prepare(query, documents, **kwargs))
-        finish_host_thread_work(self.backend.device)
-        return prepared
+        return compact(self.backend.prepare(query, documents, **kwargs))
 
     def admit(self, prepared: Prepared) -> None:
         """The real cost, after tokenizing."""
