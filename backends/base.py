@@ -122,6 +122,14 @@ class Backend(abc.ABC):
         truncated); max_chunks=1 means plain truncation. max_doc_tokens (Cohere's max_tokens_per_doc)
         caps the document tokens in each scored pair, below what max_length leaves."""
 
+    def merge(self, parts: list[Prepared]) -> Prepared:
+        """One request from the Prepared of consecutive slices of its documents (the engine tokenizes a big
+        request's slices on several threads). Pairs are independent of each other, so this concatenates;
+        a backend with a per-request context overrides it, since the slices each made their own."""
+        if any(p.context is not None for p in parts):
+            raise NotImplementedError(f"backend {type(self).__name__} must merge its per-request contexts")
+        return concat_prepared(parts, context=None, tokens=sum(p.tokens for p in parts))
+
     # -- per batch (runs in the engine's inference thread) ---------------------------------------------
     def collate(self, items: list[Encoded], contexts: list[Any]) -> Batch:
         """Pad a batch. On a GPU the host tensors are pinned and copied with non_blocking, so the copy
@@ -172,6 +180,19 @@ class Backend(abc.ABC):
     def synthetic_context(self) -> Any:
         """The per-request context a warm-up pair is scored with (None for cross-encoders)."""
         return None
+
+
+def concat_prepared(parts: list[Prepared], *, context: Any, tokens: int) -> Prepared:
+    """The items of consecutive document slices in order, their document indices moved to the whole
+    request's."""
+    items: list[Encoded] = []
+    doc_index: list[int] = []
+    offset = 0
+    for part in parts:
+        items += part.items
+        doc_index += [offset + d for d in part.doc_index]
+        offset += part.n_docs
+    return Prepared(items=items, doc_index=doc_index, n_docs=offset, context=context, tokens=tokens)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

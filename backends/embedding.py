@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from backends.base import Backend, Batch, Encoded, Prepared, cut_text, items_from_encoding, resolve_source
+from backends.base import Backend, Batch, Encoded, Prepared, concat_prepared, cut_text, items_from_encoding, resolve_source
 
 
 @dataclass(eq=False, slots=True)
@@ -78,6 +78,12 @@ class EmbeddingBackend(Backend):
         items, doc_index = items_from_encoding(enc, max_chunks)
         tokens = len(q["input_ids"]) + sum(len(i.input_ids) for i in items)
         return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), context=Query(query_item), tokens=tokens)
+
+    def merge(self, parts: list[Prepared]) -> Prepared:
+        """Every slice tokenized the same query: the request keeps one, and counts its tokens once."""
+        query = parts[0].context
+        repeated = (len(parts) - 1) * len(query.item.input_ids)
+        return concat_prepared(parts, context=query, tokens=sum(p.tokens for p in parts) - repeated)
 
     def synthetic_context(self) -> Query:
         return Query(self.synthetic_item(8), vector=torch.zeros(self.model.config.hidden_size, device=self.device))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backends.base import Backend, Batch, Encoded, Prepared, cuda_has_native_bf16, cut_text, resolve_source
+from backends.base import Backend, Batch, Encoded, Prepared, concat_prepared, cuda_has_native_bf16, cut_text, resolve_source
 from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix
 
 PREFIX = (
@@ -151,6 +151,21 @@ class Qwen3Backend(Backend):
         context = SharedPrefix(prefix) if len(prefix) > 1 else None
         return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), context=context,
                         tokens=sum(len(i.input_ids) for i in items))
+
+    def merge(self, parts: list[Prepared]) -> Prepared:
+        """The request's shared prefix is the longest one its slices' prefixes share (each slice's is
+        already cut to leave its pairs their last token); none if a slice has none."""
+        contexts = [p.context for p in parts]
+        context = None
+        if all(c is not None for c in contexts):
+            ids = contexts[0].ids
+            for c in contexts[1:]:
+                n = 0
+                while n < min(len(ids), len(c.ids)) and ids[n] == c.ids[n]:
+                    n += 1
+                ids = ids[:n]
+            context = SharedPrefix(ids) if len(ids) > 1 else None
+        return concat_prepared(parts, context=context, tokens=sum(p.tokens for p in parts))
 
     # -- per batch --------------------------------------------------------------------------------------
     def collate(self, items: list[Encoded], contexts: list) -> Batch:

@@ -2,8 +2,10 @@
 
 Requests with at most SMALL_REQUEST_DOCS documents go to a lane of their own, so a 20-document search
 never waits behind a 10,000-document tokenization (seconds on a CPU). Big requests are tokenized at the
-lowest CPU priority: they use the cores the inference threads and small requests leave idle. Each lane
-refuses work (429) past a bound of waiting requests, so a burst cannot queue unbounded text in memory.
+lowest CPU priority: they use the cores the inference threads and small requests leave idle, and in
+consecutive slices of their documents, one per thread of the bulk lane, so a big request on an idle server
+is tokenized on every core while its inference streams wait for it. Each lane refuses work (429) past a
+bound of waiting requests, so a burst cannot queue unbounded text in memory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import threading
 from typing import Callable, TypeVar
 
+from backends.base import cpu_cores
 from core.errors import TooManyRequests
 
 T = TypeVar("T")
@@ -28,6 +31,17 @@ SMALL_REQUEST_DOCS = 256
 # Requests waiting or running per lane before new ones are refused.
 MAX_PENDING_SMALL = 256
 MAX_PENDING_BULK_PER_THREAD = 4
+# A big request is cut into slices of at least this many documents (half a small request's limit), so
+# slices stay batch-encoder calls of some size.
+MIN_SLICE_DOCS = 128
+# Bulk-lane threads: one per core, at least two (one big request does not hold the whole lane), at most
+# eight (a cap on threads per loaded model, not a measured optimum: this was measured on two cores only).
+# Tokenizing 1,000 documents takes ~0.3 s on one core, which a GPU's inference stream would wait out.
+MAX_BULK_THREADS = 8
+
+
+def default_bulk_threads() -> int:
+    return max(2, min(MAX_BULK_THREADS, cpu_cores()))
 
 
 def _bulk_thread_priority() -> None:
@@ -39,22 +53,34 @@ def _bulk_thread_priority() -> None:
 
 
 class _Lane:
-    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, bound: int) -> None:
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, threads: int, bound: int) -> None:
         self.pool = pool
+        self.threads = threads
         self.bound = bound
         self.pending = 0
 
+    def slices(self, n_docs: int) -> list[tuple[int, int]]:
+        """Consecutive [start, stop) slices of the documents, one per thread the request can use."""
+        count = max(1, min(self.threads, n_docs // MIN_SLICE_DOCS))
+        cuts = [n_docs * k // count for k in range(count + 1)]
+        return list(zip(cuts, cuts[1:]))
+
 
 class TokenizerLanes:
-    def __init__(self, name: str, bulk_threads: int = 2) -> None:
+    def __init__(self, name: str, bulk_threads: int | None = None) -> None:
+        bulk_threads = bulk_threads or default_bulk_threads()
         self.name = name
-        self.small = _Lane(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tok-small-{name}"), MAX_PENDING_SMALL)
+        self.small = _Lane(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tok-small-{name}"), 1, MAX_PENDING_SMALL)
         self.bulk = _Lane(
             concurrent.futures.ThreadPoolExecutor(bulk_threads, thread_name_prefix=f"tok-{name}", initializer=_bulk_thread_priority),
+            bulk_threads,
             MAX_PENDING_BULK_PER_THREAD * bulk_threads,
         )
 
-    async def run(self, n_docs: int, fn: Callable[[], T]) -> T:
+    async def run(self, n_docs: int, fn: Callable[[int, int], T]) -> list[T]:
+        """fn(start, stop) for consecutive slices of a request's n_docs documents, run on the request's lane
+        (one slice unless it is a big request and the bulk lane has several threads); the results in
+        document order. The request counts once towards the lane's bound, whatever its slices."""
         lane = self.small if n_docs <= SMALL_REQUEST_DOCS else self.bulk
         if lane.pending >= lane.bound:
             raise TooManyRequests(
@@ -62,8 +88,9 @@ class TokenizerLanes:
                 retry_after_s=1.0,
             )
         lane.pending += 1
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.get_running_loop().run_in_executor(lane.pool, fn)
+            return list(await asyncio.gather(*(loop.run_in_executor(lane.pool, fn, a, b) for a, b in lane.slices(n_docs))))
         finally:
             lane.pending -= 1
 

@@ -70,7 +70,7 @@ class Scheduler:
         max_queue_pairs: int,
         max_queue_tokens: int,
         metrics: Any = None,
-        tokenize_threads: int = 2,
+        tokenize_threads: int | None = None,
         streams: int | None = None,
         cpu_streams: int = CPU_STREAMS,
     ) -> None:
@@ -172,7 +172,8 @@ class Scheduler:
         self._reserved.add(pairs, tokens)
         start = time.perf_counter()
         try:
-            prepared = await self._lanes.run(len(documents), lambda: self._tokenize(query, documents, kwargs))
+            parts = await self._lanes.run(len(documents), lambda a, b: self._tokenize(query, documents[a:b], kwargs))
+            prepared = parts[0] if len(parts) == 1 else self.backend.merge(parts)
         finally:
             self._reserved.remove(pairs, tokens)
         if self.metrics:

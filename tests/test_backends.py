@@ -406,3 +406,112 @@ def test_max_tokens_per_doc_caps_each_document(client, model):
     # The capped long document costs at most what the short one plus one more token costs (a leading
     # space may merge into the first document token, so the short one can come out a token shorter).
     assert alone_capped_long["usage"]["total_tokens"] <= alone_short["usage"]["total_tokens"] + 1
+
+
+# --- big requests: tokenized in slices on the bulk lane's threads, merged by the backend ------------------
+
+
+def _same_prepared(merged, whole) -> None:
+    assert [list(i.input_ids) for i in merged.items] == [list(i.input_ids) for i in whole.items]
+    types = lambda p: [None if i.token_type_ids is None else list(i.token_type_ids) for i in p.items]  # noqa: E731
+    assert types(merged) == types(whole)
+    assert merged.doc_index == whole.doc_index
+    assert (merged.n_docs, merged.tokens) == (whole.n_docs, whole.tokens)
+
+
+def _sliced(backend, query: str, docs: list[str], cuts: list[int], **kwargs):
+    bounds = list(zip([0, *cuts], [*cuts, len(docs)]))
+    return backend.merge([backend.prepare(query, docs[a:b], **kwargs) for a, b in bounds])
+
+
+@pytest.mark.parametrize("model", ["flag", "gte", "qwen3"])
+@pytest.mark.parametrize("max_chunks", [1, 3])
+def test_slices_merge_into_the_request_prepared_whole(client, model, max_chunks):
+    """The pairs, document indices (chunks included), token count and context of a request tokenized in
+    slices are those of the request tokenized in one call."""
+    backend = backend_of(client, model)
+    docs = documents(40, seed=31)
+    kwargs = {"max_length": 128 if model != "gte" else 64, "max_chunks": max_chunks, "instruction": None}
+    whole = backend.prepare(QUERY, docs, **kwargs)
+    merged = _sliced(backend, QUERY, docs, [7, 20, 21], **kwargs)
+    _same_prepared(merged, whole)
+    assert merged.context == whole.context
+
+
+def test_qwen3_slices_keep_the_prefix_their_documents_share(client):
+    """Qwen3's shared prefix covers every token all the request's pairs start with, documents' first words
+    included: merged slices find the same prefix as one call, longer when every document starts alike and
+    back to the template's when one slice's documents start otherwise."""
+    backend = backend_of(client, "qwen3")
+    kwargs = {"max_length": 128, "max_chunks": 1, "instruction": None}
+    alike = ["kalo mira " + d for d in documents(12, seed=5)]
+    template = backend.prepare(QUERY, documents(12, seed=5), **kwargs).context.ids
+    for docs in (alike, alike[:6] + documents(6, seed=6)):
+        whole = backend.prepare(QUERY, docs, **kwargs)
+        merged = _sliced(backend, QUERY, docs, [6], **kwargs)
+        assert merged.context.ids == whole.context.ids
+    assert len(backend.prepare(QUERY, alike, **kwargs).context.ids) > len(template)
+    assert _sliced(backend, QUERY, alike[:6] + documents(6, seed=6), [6], **kwargs).context.ids == template
+
+
+@pytest.mark.parametrize("model", ["flag", "qwen3"])
+def test_a_big_request_is_tokenized_on_every_bulk_thread_and_scores_as_small_ones(client, model, monkeypatch):
+    """A request above SMALL_REQUEST_DOCS is tokenized in one slice per bulk-lane thread (so it tokenizes
+    on every core), and scores, ranks and meters exactly as the same documents sent in small requests."""
+    import threading
+
+    from engine.lanes import SMALL_REQUEST_DOCS
+
+    backend = backend_of(client, model)
+    seen: list[tuple[str, int]] = []
+    prepare = backend.prepare
+
+    def watched(query, docs, **kwargs):
+        seen.append((threading.current_thread().name, len(docs)))
+        return prepare(query, docs, **kwargs)
+
+    monkeypatch.setattr(backend, "prepare", watched)
+    docs = documents(2 * SMALL_REQUEST_DOCS + 40, seed=41)
+    resp = client.post("/v1/rerank", json={"model": model, "query": QUERY, "documents": docs})
+    assert resp.status_code == 200, resp.text
+    big = resp.json()
+    threads = {name for name, _ in seen}
+    assert len(seen) == 2 and len(threads) == 2 and all(name.startswith(f"tok-{model}_") for name in threads), seen
+    assert sum(n for _, n in seen) == len(docs)
+    monkeypatch.undo()
+    scores, tokens = [math.nan] * len(docs), 0
+    for start in range(0, len(docs), 100):
+        part = client.post("/v1/rerank", json={"model": model, "query": QUERY, "documents": docs[start : start + 100]}).json()
+        tokens += part["usage"]["total_tokens"]
+        for r in part["results"]:
+            scores[start + r["index"]] = r["relevance_score"]
+    by_index = {r["index"]: r["relevance_score"] for r in big["results"]}
+    assert [by_index[i] for i in range(len(docs))] == pytest.approx(scores, abs=1e-5)
+    assert big["usage"]["total_tokens"] == tokens
+
+
+def test_embedding_slices_share_one_query_counted_once():
+    """The bi-encoder's slices each tokenize the query: the merged request embeds one and meters its
+    tokens once, and a big request scores as small ones do."""
+    from engine.lanes import SMALL_REQUEST_DOCS
+    from tests.conftest import app_client, minilm_registry
+
+    # float32: bf16 scores move by ~1e-3 with the batch a pair lands in.
+    with app_client(minilm_registry(dtype="float32")) as c:
+        backend = backend_of(c, "minilm")
+        docs = documents(3 * SMALL_REQUEST_DOCS // 2, seed=43)
+        kwargs = {"max_length": 64, "max_chunks": 1, "instruction": None}
+        whole = backend.prepare(QUERY, docs, **kwargs)
+        merged = _sliced(backend, QUERY, docs, [100, 250], **kwargs)
+        _same_prepared(merged, whole)
+        assert list(merged.context.item.input_ids) == list(whole.context.item.input_ids)
+        big = c.post("/v1/rerank", json={"query": QUERY, "documents": docs}).json()
+        alone = c.post("/v1/rerank", json={"query": QUERY, "documents": docs[:1]}).json()
+        one_doc = len(backend.prepare(QUERY, docs[:1], **kwargs).items[0].input_ids)
+        query_tokens = alone["usage"]["total_tokens"] - one_doc
+        assert big["usage"]["total_tokens"] == query_tokens + sum(len(i.input_ids) for i in whole.items)
+        small = {}
+        for start in range(0, len(docs), 100):
+            for r in c.post("/v1/rerank", json={"query": QUERY, "documents": docs[start : start + 100]}).json()["results"]:
+                small[start + r["index"]] = r["relevance_score"]
+        assert {r["index"]: r["relevance_score"] for r in big["results"]} == pytest.approx(small, abs=1e-5)

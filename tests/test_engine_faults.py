@@ -357,24 +357,50 @@ def test_tokenizer_lanes_are_bounded_and_a_search_has_its_own():
     from core.errors import TooManyRequests
     from engine.lanes import MAX_PENDING_BULK_PER_THREAD, SMALL_REQUEST_DOCS, TokenizerLanes
 
-    lanes = TokenizerLanes("m", bulk_threads=1)
+    lanes = TokenizerLanes("m", bulk_threads=2)
     gate = threading.Event()
+    big = 4 * SMALL_REQUEST_DOCS
 
     async def run():
-        bulk = [asyncio.ensure_future(lanes.run(SMALL_REQUEST_DOCS + 1, gate.wait)) for _ in range(MAX_PENDING_BULK_PER_THREAD)]
+        # Each big request runs as two slices, and still counts once towards the lane's bound.
+        bulk = [asyncio.ensure_future(lanes.run(big, lambda a, b: gate.wait() and (a, b))) for _ in range(2 * MAX_PENDING_BULK_PER_THREAD)]
         await asyncio.sleep(0.05)
         with pytest.raises(TooManyRequests):
-            await lanes.run(SMALL_REQUEST_DOCS + 1, lambda: "never runs")
-        # The bulk lane is full and blocked; a small request still runs at once on its own lane.
-        assert await asyncio.wait_for(lanes.run(3, lambda: "search"), 5) == "search"
+            await lanes.run(big, lambda a, b: "never runs")
+        # The bulk lane is full and blocked; a small request still runs at once on its own lane, whole.
+        assert await asyncio.wait_for(lanes.run(3, lambda a, b: ("search", a, b)), 5) == [("search", 0, 3)]
         gate.set()
-        await asyncio.gather(*bulk)
+        assert (await asyncio.gather(*bulk))[0] == [(0, big // 2), (big // 2, big)]
         assert lanes.bulk.pending == 0
 
     try:
         asyncio.run(asyncio.wait_for(run(), 30))
     finally:
         gate.set()
+        lanes.close()
+
+
+def test_a_failing_slice_fails_its_request_and_frees_the_lane():
+    """One slice of a big request raising fails the request with that error; the lane's count comes back
+    and the next big request runs."""
+    from engine.lanes import SMALL_REQUEST_DOCS, TokenizerLanes
+
+    lanes = TokenizerLanes("m", bulk_threads=2)
+
+    def second_slice_breaks(a, b):
+        if a:
+            raise ValueError("tokenizer broke")
+        return a, b
+
+    async def run():
+        with pytest.raises(ValueError, match="tokenizer broke"):
+            await lanes.run(2 * SMALL_REQUEST_DOCS, second_slice_breaks)
+        assert lanes.bulk.pending == 0
+        assert await lanes.run(2 * SMALL_REQUEST_DOCS, lambda a, b: b - a) == [SMALL_REQUEST_DOCS, SMALL_REQUEST_DOCS]
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 30))
+    finally:
         lanes.close()
 
 
