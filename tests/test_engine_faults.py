@@ -380,6 +380,43 @@ def test_tokenizer_lanes_are_bounded_and_a_search_has_its_own():
         lanes.close()
 
 
+def test_a_big_request_cancelled_while_its_slices_tokenize_leaves_nothing_behind(backend, monkeypatch):
+    """The client of a big request goes away while its slices are being tokenized: its reservation and its
+    place in the lane are released at once, nothing of it is queued when the slices finish, and the next
+    big request is tokenized in slices and scored."""
+    s = scheduler(backend)
+    gate, started = threading.Event(), threading.Event()
+    prepare = backend.prepare
+
+    def held(query, documents, **kwargs):
+        started.set()
+        gate.wait(30)
+        return prepare(query, documents, **kwargs)
+
+    async def run():
+        monkeypatch.setattr(backend, "prepare", held)
+        task = asyncio.ensure_future(ask(s, docs(600)))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        assert s._reserved.pairs == 600 and s._lanes.bulk.pending == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (s._reserved.pairs, s._reserved.tokens, s._lanes.bulk.pending) == (0, 0, 0)
+        gate.set()
+        monkeypatch.undo()
+        await asyncio.sleep(0.2)  # the abandoned slices finish on their threads
+        assert s.queue_depth() == (0, 0)
+        done = await asyncio.wait_for(ask(s, docs(600)), 60)
+        assert sorted(done.indices) == list(range(600))
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 90))
+    finally:
+        gate.set()
+        s.close()
+
+
 def test_a_failing_slice_fails_its_request_and_frees_the_lane():
     """One slice of a big request raising fails the request with that error; the lane's count comes back
     and the next big request runs."""
