@@ -223,7 +223,10 @@ def test_each_dialect_as_upstream_ranks_as_the_model_does(upstreams, front, dial
     assert tokens > direct_tokens if dialect == "tei" else tokens == direct_tokens
     assert via.json()["meta"]["billed_units"]["search_units"] == 1
     top = httpx.post(f"{front.url}/v2/rerank", json={"model": f"via-{dialect}", "query": QUERY, "documents": DOCS, "top_n": 3}, timeout=30)
-    assert _ranking(top) == _ranking(via)[:3]
+    # The same top 3; scores equal up to float32 rounding: via-tei's three concurrent calls share the
+    # upstream's batches differently from one request to the next (it failed 1 run in 4 on exact floats).
+    assert [i for i, _ in _ranking(top)] == [i for i, _ in _ranking(via)[:3]]
+    assert [s for _, s in _ranking(top)] == pytest.approx([s for _, s in _ranking(via)[:3]], abs=1e-6)
 
 
 def test_split_2500_documents_and_merge(upstreams, front):
