@@ -52,7 +52,9 @@ class Batch:
 
 
 class Backend(abc.ABC):
-    """Base class. Subclasses set `tokenizer`, `model`, `pad_id` and implement `load`, `prepare`, `forward`."""
+    """Base class. Subclasses set `tokenizer`, `encoder` (a backends.request_encoder.RequestEncoder, which
+    `prepare` tokenizes with: it is safe on several threads at once), `model`, `pad_id` and implement `load`,
+    `prepare`, `forward`."""
 
     padding_side: Literal["left", "right"] = "right"
     # True when batches are packed without padding (backends.varlen): a batch then costs its real tokens,
@@ -69,6 +71,7 @@ class Backend(abc.ABC):
         self.dtype = resolve_dtype(eff.dtype, self.device)
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
+        self.encoder: Any = None
         self.pad_id = 0
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -262,56 +265,3 @@ def resolve_source(source: str) -> str:
         module = importlib.import_module(source.removeprefix("package:"))
         return str(module.get_model_path())
     return source
-
-
-def pair_items(
-    tokenizer: Any,
-    query: str,
-    documents: list[str],
-    *,
-    max_length: int,
-    max_chunks: int,
-    query_max_length: int,
-    max_doc_tokens: int | None = None,
-) -> Prepared:
-    """Cross-encoder input: `[CLS] query [SEP] doc [SEP]` per pair, truncating only the document.
-
-    The query is cut to query_max_length tokens first (as FlagReranker does), so a long query cannot
-    squeeze the document out. With max_chunks > 1 a long document becomes up to max_chunks windows, each
-    paired with the whole query; the engine scores a document by its best chunk.
-    """
-    q_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
-    if len(q_ids) > query_max_length:
-        query = tokenizer.decode(q_ids[:query_max_length])
-        q_ids = q_ids[:query_max_length]
-    if max_doc_tokens is not None:
-        max_length = min(max_length, len(q_ids) + tokenizer.num_special_tokens_to_add(pair=True) + max_doc_tokens)
-    cut = [cut_text(d, max_length * max_chunks) for d in documents]
-    enc = tokenizer(
-        [query] * len(cut),
-        cut,
-        truncation="only_second",
-        max_length=max_length,
-        return_overflowing_tokens=max_chunks > 1,
-        stride=0,
-    )
-    items, doc_index = items_from_encoding(enc, max_chunks)
-    return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), tokens=sum(len(i.input_ids) for i in items))
-
-
-def items_from_encoding(enc: Any, max_chunks: int) -> tuple[list[Encoded], list[int]]:
-    """Items and their document index from a tokenizer output, keeping at most max_chunks per document."""
-    ids = enc["input_ids"]
-    types = enc.get("token_type_ids")
-    mapping = enc.get("overflow_to_sample_mapping") or list(range(len(ids)))
-    items: list[Encoded] = []
-    doc_index: list[int] = []
-    per_doc: dict[int, int] = {}
-    for k, doc in enumerate(mapping):
-        seen = per_doc.get(doc, 0)
-        if seen >= max_chunks:
-            continue
-        per_doc[doc] = seen + 1
-        items.append(Encoded(ids[k], types[k] if types is not None else None))
-        doc_index.append(doc)
-    return items, doc_index

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from backends.base import Backend, Batch, Encoded, Prepared, concat_prepared, cut_text, items_from_encoding, resolve_source
+from backends.base import Backend, Batch, Encoded, Prepared, concat_prepared, cut_text, resolve_source
+from backends.request_encoder import RequestEncoder
 
 
 @dataclass(eq=False, slots=True)
@@ -59,24 +60,25 @@ class EmbeddingBackend(Backend):
             .eval()
         )
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self.encoder = RequestEncoder(self.tokenizer)
         self.start_runtime()
 
     def scoring_module(self) -> torch.nn.Module:
         return MeanPooled(self.model).eval()
 
     def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
-        q = self.tokenizer(cut_text(query, max_length), truncation=True, max_length=max_length)
+        encoder = self.encoder
+        room = max_length - encoder.special_single
+        query_item = encoder.single(encoder.windows(encoder.encode([cut_text(query, max_length)])[0], room, 1)[0])
         if max_doc_tokens is not None:
-            max_length = min(max_length, max_doc_tokens + self.tokenizer.num_special_tokens_to_add(pair=False))
-        query_item = Encoded(input_ids=q["input_ids"], token_type_ids=q.get("token_type_ids"))
-        enc = self.tokenizer(
-            [cut_text(d, max_length * max_chunks) for d in documents],
-            truncation=True,
-            max_length=max_length,
-            return_overflowing_tokens=max_chunks > 1,
-        )
-        items, doc_index = items_from_encoding(enc, max_chunks)
-        tokens = len(q["input_ids"]) + sum(len(i.input_ids) for i in items)
+            room = min(room, max_doc_tokens)
+        items: list[Encoded] = []
+        doc_index: list[int] = []
+        for k, doc in enumerate(encoder.encode([cut_text(d, (room + encoder.special_single) * max_chunks) for d in documents])):
+            for window in encoder.windows(doc, room, max_chunks):
+                items.append(encoder.single(window))
+                doc_index.append(k)
+        tokens = len(query_item.input_ids) + sum(len(i.input_ids) for i in items)
         return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), context=Query(query_item), tokens=tokens)
 
     def merge(self, parts: list[Prepared]) -> Prepared:

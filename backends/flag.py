@@ -3,7 +3,7 @@ FlagEmbedding's FlagReranker scores them.
 
 FlagReranker's own loading is AutoTokenizer + AutoModelForSequenceClassification on the model path; its
 tokenization is the pair format with only the document truncated after the query is cut to 3/4 of
-max_length (backends.base.pair_items). We do the same steps directly rather than import FlagEmbedding at
+max_length (backends.request_encoder.pair_items). We do the same steps directly rather than import FlagEmbedding at
 serve time: that would pull datasets, peft and pandas into the server, and load the weights in float32
 before casting (twice the host memory). tests/test_backends.py holds the scores equal to FlagReranker's.
 """
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from backends import varlen
-from backends.base import Backend, Batch, Encoded, Prepared, pair_items, resolve_source
+from backends.base import Backend, Batch, Encoded, Prepared, resolve_source
+from backends.request_encoder import RequestEncoder, pair_items
 
 
 class Logits(torch.nn.Module):
@@ -36,6 +37,7 @@ class FlagBackend(Backend):
         path = resolve_source(self.spec.source)
         trust = self.spec.trust_remote_code
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        self.encoder = RequestEncoder(self.tokenizer)
         model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust, dtype=self.load_dtype)
         # Batching, precision and placement are the engine's: float16 on GPUs unless the profile says otherwise.
         self.model = model.to(self.device).eval()
@@ -61,7 +63,7 @@ class FlagBackend(Backend):
 
     def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
         return pair_items(
-            self.tokenizer, query, documents,
+            self.encoder, self.tokenizer, query, documents,
             max_length=max_length, max_chunks=max_chunks, query_max_length=max_length * 3 // 4,
             max_doc_tokens=max_doc_tokens,
         )

@@ -18,6 +18,7 @@ from typing import Any
 
 from backends.base import resolve_source
 from backends.flag import FlagBackend
+from backends.request_encoder import RequestEncoder
 
 log = logging.getLogger("rerank_gateway.gte")
 
@@ -132,4 +133,5 @@ class GteBackend(FlagBackend):
             self.tokenizer = AutoTokenizer.from_pretrained(path, config=config)
         self.model = model.to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id
+        self.encoder = RequestEncoder(self.tokenizer)
         self.start()

@@ -24,6 +24,7 @@ import torch
 
 from backends.base import Backend, Batch, Encoded, Prepared, concat_prepared, cuda_has_native_bf16, cut_text, resolve_source
 from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix
+from backends.request_encoder import RequestEncoder
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
@@ -77,6 +78,9 @@ class Qwen3Backend(Backend):
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "right"
+        # split_special_tokens: "<|im_end|>" inside user text stays plain text, so a document cannot close
+        # the user turn and answer "yes" for the model.
+        self.encoder = RequestEncoder(self.tokenizer, split_special_tokens=True)
         kwargs: dict = {"dtype": self.dtype, "trust_remote_code": trust}
         if self.eff.quantization == "nf4":
             from transformers import BitsAndBytesConfig
@@ -115,34 +119,30 @@ class Qwen3Backend(Backend):
         """prefix + tokens(<Instruct>/<Query>/<Document>) + suffix; only the middle part is truncated, from
         its end, to max_length - len(prefix) - len(suffix), as the official code does. A query that would
         leave the document less than a quarter of that is cut first."""
-        tok = self.tokenizer
+        encoder = self.encoder
         instruction = instruction or self.spec.instruction or DEFAULT_INSTRUCTION
         budget = max(1, max_length - len(self.prefix_ids) - len(self.suffix_ids))
-        # split_special_tokens: "<|im_end|>" inside user text stays plain text, so a document cannot close
-        # the user turn and answer "yes" for the model.
-        text_kw = {"add_special_tokens": False, "split_special_tokens": True}
-        q_ids = tok(cut_text(query, budget), **text_kw)["input_ids"]
+        q_ids = encoder.ids(cut_text(query, budget))
         if len(q_ids) > budget * 3 // 4:
-            query = tok.decode(q_ids[: budget * 3 // 4])
+            query = self.tokenizer.decode(q_ids[: budget * 3 // 4])
         items: list[Encoded] = []
         doc_index: list[int] = []
         # The template's fixed part before the document: instruction, query and "<Document>:".
-        head = tok(pair_text(instruction, query, "")[:-1], **text_kw)["input_ids"]
+        head = encoder.ids(pair_text(instruction, query, "")[:-1])
         if max_doc_tokens is not None:
             budget = min(budget, len(head) + max_doc_tokens)
         if max_chunks <= 1:
             texts = [pair_text(instruction, query, cut_text(d, budget)) for d in documents]
-            enc = tok(texts, truncation=True, max_length=budget, **text_kw)["input_ids"]
-            for k, middle in enumerate(enc):
-                items.append(Encoded(self.prefix_ids + middle + self.suffix_ids))
+            for k, middle in enumerate(encoder.encode(texts)):
+                items.append(Encoded(self.prefix_ids + middle.ids[:budget] + self.suffix_ids))
                 doc_index.append(k)
         else:
             # Chunks: the instruction and query head every window of the document. The head ends at
             # "<Document>:" and each document starts with its space, which is where the byte-level
             # pre-tokenizer splits anyway, so a one-chunk document tokenizes as the whole text would.
             window = max(1, budget - len(head))
-            docs = tok([" " + cut_text(d, window * max_chunks) for d in documents], **text_kw)["input_ids"]
-            for k, ids in enumerate(docs):
+            docs = encoder.encode([" " + cut_text(d, window * max_chunks) for d in documents])
+            for k, ids in enumerate(doc.ids for doc in docs):
                 for start in range(0, max(len(ids), 1), window)[:max_chunks]:
                     items.append(Encoded(self.prefix_ids + head + ids[start : start + window] + self.suffix_ids))
                     doc_index.append(k)

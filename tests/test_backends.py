@@ -505,6 +505,7 @@ def test_embedding_slices_share_one_query_counted_once():
         merged = _sliced(backend, QUERY, docs, [100, 250], **kwargs)
         _same_prepared(merged, whole)
         assert list(merged.context.item.input_ids) == list(whole.context.item.input_ids)
+        _ignores_the_shared_tokenizer_settings(backend, docs[:12], max_length=64, max_chunks=2, instruction=None)
         big = c.post("/v1/rerank", json={"query": QUERY, "documents": docs}).json()
         alone = c.post("/v1/rerank", json={"query": QUERY, "documents": docs[:1]}).json()
         one_doc = len(backend.prepare(QUERY, docs[:1], **kwargs).items[0].input_ids)
@@ -515,3 +516,52 @@ def test_embedding_slices_share_one_query_counted_once():
             for r in c.post("/v1/rerank", json={"query": QUERY, "documents": docs[start : start + 100]}).json()["results"]:
                 small[start + r["index"]] = r["relevance_score"]
         assert {r["index"]: r["relevance_score"] for r in big["results"]} == pytest.approx(small, abs=1e-5)
+
+
+# --- tokenizing on several threads at once -------------------------------------------------------------
+
+
+def _ignores_the_shared_tokenizer_settings(backend, docs: list[str], **kwargs) -> None:
+    """The transformers tokenizer rewrites its truncation settings on every call, so two threads using it
+    could encode under each other's. Requests use the backend's RequestEncoder instead: the transformers
+    tokenizer's truncation neither changes a request's tokens nor is changed by one."""
+    before = backend.prepare(QUERY, docs, **kwargs)
+    shared = backend.tokenizer.backend_tokenizer
+    shared.enable_truncation(5)
+    try:
+        after = backend.prepare(QUERY, docs, **kwargs)
+        assert shared.truncation["max_length"] == 5
+    finally:
+        shared.no_truncation()
+    _same_prepared(after, before)
+
+
+@pytest.mark.parametrize("model", ["flag", "gte", "qwen3"])
+def test_requests_tokenize_apart_from_the_shared_tokenizer(client, model):
+    kwargs = {"max_length": 128 if model != "gte" else 64, "max_chunks": 2, "instruction": None}
+    _ignores_the_shared_tokenizer_settings(backend_of(client, model), documents(12, seed=51), **kwargs)
+
+
+@pytest.mark.parametrize("model", ["flag", "qwen3"])
+def test_two_threads_with_different_cuts_each_get_their_own(client, model):
+    """Two threads tokenize at once, one capping documents at 4 tokens (max_tokens_per_doc), one not:
+    every result is the one each gets alone."""
+    import threading
+
+    backend = backend_of(client, model)
+    docs = documents(6, seed=53)
+    kwargs = {"max_length": 128, "max_chunks": 1, "instruction": None}
+    alone = {cap: [list(i.input_ids) for i in backend.prepare(QUERY, docs, max_doc_tokens=cap, **kwargs).items] for cap in (4, None)}
+    wrong: list[int | None] = []
+
+    def hammer(cap):
+        for _ in range(300):
+            if [list(i.input_ids) for i in backend.prepare(QUERY, docs, max_doc_tokens=cap, **kwargs).items] != alone[cap]:
+                wrong.append(cap)
+
+    threads = [threading.Thread(target=hammer, args=(cap,)) for cap in (4, None)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert alone[4] != alone[None] and wrong == []
