@@ -43,6 +43,9 @@ class Prepared:
     context: Any = None
     # Real (unpadded) tokens, for usage metering.
     tokens: int = 0
+    # Documents cut to fit (max_length, max_chunks_per_doc, max_tokens_per_doc): part of their text was
+    # not scored. A request with truncation off is refused when there is one.
+    cut_docs: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -190,12 +193,14 @@ def concat_prepared(parts: list[Prepared], *, context: Any, tokens: int) -> Prep
     request's."""
     items: list[Encoded] = []
     doc_index: list[int] = []
+    cut_docs: list[int] = []
     offset = 0
     for part in parts:
         items += part.items
         doc_index += [offset + d for d in part.doc_index]
+        cut_docs += [offset + d for d in part.cut_docs]
         offset += part.n_docs
-    return Prepared(items=items, doc_index=doc_index, n_docs=offset, context=context, tokens=tokens)
+    return Prepared(items=items, doc_index=doc_index, n_docs=offset, context=context, tokens=tokens, cut_docs=cut_docs)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

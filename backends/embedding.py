@@ -69,17 +69,25 @@ class EmbeddingBackend(Backend):
     def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
         encoder = self.encoder
         room = max_length - encoder.special_single
-        query_item = encoder.single(encoder.windows(encoder.encode([cut_text(query, max_length)])[0], room, 1)[0])
+        query_windows, _ = encoder.windows(encoder.encode([cut_text(query, max_length)])[0], room, 1)
+        query_item = encoder.single(query_windows[0])
         if max_doc_tokens is not None:
             room = min(room, max_doc_tokens)
         items: list[Encoded] = []
         doc_index: list[int] = []
-        for k, doc in enumerate(encoder.encode([cut_text(d, (room + encoder.special_single) * max_chunks) for d in documents])):
-            for window in encoder.windows(doc, room, max_chunks):
+        cut_docs: list[int] = []
+        texts = [cut_text(d, (room + encoder.special_single) * max_chunks) for d in documents]
+        for k, doc in enumerate(encoder.encode(texts)):
+            windows, left_over = encoder.windows(doc, room, max_chunks)
+            for window in windows:
                 items.append(encoder.single(window))
                 doc_index.append(k)
+            if left_over or len(texts[k]) < len(documents[k]):
+                cut_docs.append(k)
         tokens = len(query_item.input_ids) + sum(len(i.input_ids) for i in items)
-        return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), context=Query(query_item), tokens=tokens)
+        return Prepared(
+            items=items, doc_index=doc_index, n_docs=len(documents), context=Query(query_item), tokens=tokens, cut_docs=cut_docs
+        )
 
     def merge(self, parts: list[Prepared]) -> Prepared:
         """Every slice tokenized the same query: the request keeps one, and counts its tokens once."""

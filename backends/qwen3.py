@@ -131,26 +131,32 @@ class Qwen3Backend(Backend):
         head = encoder.ids(pair_text(instruction, query, "")[:-1])
         if max_doc_tokens is not None:
             budget = min(budget, len(head) + max_doc_tokens)
+        cut_docs: list[int] = []
         if max_chunks <= 1:
-            texts = [pair_text(instruction, query, cut_text(d, budget)) for d in documents]
+            docs = [cut_text(d, budget) for d in documents]
+            texts = [pair_text(instruction, query, d) for d in docs]
             for k, middle in enumerate(encoder.encode(texts)):
                 items.append(Encoded(self.prefix_ids + middle.ids[:budget] + self.suffix_ids))
                 doc_index.append(k)
+                if len(middle.ids) > budget or len(docs[k]) < len(documents[k]):
+                    cut_docs.append(k)
         else:
             # Chunks: the instruction and query head every window of the document. The head ends at
             # "<Document>:" and each document starts with its space, which is where the byte-level
             # pre-tokenizer splits anyway, so a one-chunk document tokenizes as the whole text would.
             window = max(1, budget - len(head))
-            docs = encoder.encode([" " + cut_text(d, window * max_chunks) for d in documents])
-            for k, ids in enumerate(doc.ids for doc in docs):
+            docs = [cut_text(d, window * max_chunks) for d in documents]
+            for k, ids in enumerate(doc.ids for doc in encoder.encode([" " + d for d in docs])):
                 for start in range(0, max(len(ids), 1), window)[:max_chunks]:
                     items.append(Encoded(self.prefix_ids + head + ids[start : start + window] + self.suffix_ids))
                     doc_index.append(k)
+                if len(ids) > window * max_chunks or len(docs[k]) < len(documents[k]):
+                    cut_docs.append(k)
         # What every pair of this request starts with; each keeps at least its last token, the one scored.
         prefix = common_prefix([it.input_ids for it in items])
         context = SharedPrefix(prefix) if len(prefix) > 1 else None
         return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), context=context,
-                        tokens=sum(len(i.input_ids) for i in items))
+                        tokens=sum(len(i.input_ids) for i in items), cut_docs=cut_docs)
 
     def merge(self, parts: list[Prepared]) -> Prepared:
         """The request's shared prefix is the longest one its slices' prefixes share (each slice's is

@@ -41,12 +41,13 @@ class RequestEncoder:
         return self._core.encode(text, add_special_tokens=False).ids
 
     @staticmethod
-    def windows(encoding: Encoding, size: int, limit: int) -> list[Encoding]:
+    def windows(encoding: Encoding, size: int, limit: int) -> tuple[list[Encoding], bool]:
         """The encoding cut into consecutive windows of `size` tokens (the last may be shorter; an empty
         text is one empty window), at most `limit` of them: what a transformers call with truncation,
-        stride 0 and return_overflowing_tokens makes of a sequence."""
+        stride 0 and return_overflowing_tokens makes of a sequence. And whether tokens were left over."""
         encoding.truncate(max(size, 1), 0, "right")
-        return [encoding, *encoding.overflowing][: max(limit, 1)]
+        windows = [encoding, *encoding.overflowing]
+        return windows[: max(limit, 1)], len(windows) > max(limit, 1)
 
     def single(self, encoding: Encoding) -> Encoded:
         """One sequence with the model's special tokens."""
@@ -88,8 +89,14 @@ def pair_items(
     room = max_length - len(first.ids) - encoder.special_pair
     items: list[Encoded] = []
     doc_index: list[int] = []
-    for k, doc in enumerate(encoder.encode([cut_text(d, max_length * max_chunks) for d in documents])):
-        for window in encoder.windows(doc, room, max_chunks):
+    cut_docs: list[int] = []
+    texts = [cut_text(d, max_length * max_chunks) for d in documents]
+    for k, doc in enumerate(encoder.encode(texts)):
+        windows, left_over = encoder.windows(doc, room, max_chunks)
+        for window in windows:
             items.append(encoder.pair(first, window))
             doc_index.append(k)
-    return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), tokens=sum(len(i.input_ids) for i in items))
+        if left_over or len(texts[k]) < len(documents[k]):
+            cut_docs.append(k)
+    tokens = sum(len(i.input_ids) for i in items)
+    return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), tokens=tokens, cut_docs=cut_docs)

@@ -55,8 +55,11 @@ class LocalRunner:
                 f"invalid request: the documents split into {len(prepared.items)} chunks; the maximum is {cap} "
                 "per request (server.max_chunks_per_request): lower max_chunks_per_doc or raise max_tokens_per_doc"
             )
-        if not req.truncate:
-            _refuse_truncated(prepared.items, prepared.doc_index, self.eff.max_length)
+        if not req.truncate and prepared.cut_docs:
+            raise BadRequest(
+                f"invalid request: document {prepared.cut_docs[0]} does not fit the model's {self.eff.max_length} "
+                "tokens with the query, and truncation is off; shorten it or turn truncation on"
+            )
         top_n = min(req.top_n or len(req.texts), len(req.texts))
         done = await self.scheduler.submit(
             prepared,
@@ -79,13 +82,3 @@ class LocalRunner:
             tokenize_s=tokenize_s,
             inference_s=done.inference_s,
         )
-
-
-def _refuse_truncated(items: list, doc_index: list[int], max_length: int) -> None:
-    # Tokenization cuts at max_length, so a pair that fills it was (or may have been) cut.
-    for item, doc in zip(items, doc_index):
-        if len(item.input_ids) >= max_length:
-            raise BadRequest(
-                f"invalid request: document {doc} with the query fills the model's {max_length} tokens and "
-                f"truncation is off; shorten it or turn truncation on"
-            )

@@ -565,3 +565,39 @@ def test_two_threads_with_different_cuts_each_get_their_own(client, model):
     for t in threads:
         t.join()
     assert alone[4] != alone[None] and wrong == []
+
+
+# --- truncation off: refused exactly when a document is cut ------------------------------------------------
+
+
+def _longest_uncut(backend, word: str, **kwargs) -> int:
+    """The most repetitions of `word` that one document holds without being cut."""
+    lo, hi = 0, 4096
+    while lo < hi:
+        n = (lo + hi + 1) // 2
+        if backend.prepare(QUERY, [" ".join([word] * n)], **kwargs).cut_docs:
+            hi = n - 1
+        else:
+            lo = n
+    return lo
+
+
+# qwen3-rivers: a short instruction, so a short document fits the tiny model's 128 tokens.
+@pytest.mark.parametrize("model", ["flag", "qwen3-rivers"])
+def test_truncation_off_takes_a_document_that_exactly_fills_the_model_and_refuses_one_token_more(client, model):
+    """TEI's `truncate: false`: the document that exactly fills max_length is scored (a length check alone
+    refused it too), and one word more is a 422 naming the document."""
+    backend = backend_of(client, model)
+    max_length = backend.eff.max_length
+    kwargs = {"max_length": max_length, "max_chunks": 1, "instruction": None}
+    # A word each repetition of which is one more token, so some document fills max_length exactly.
+    word = next(w for w in ("kalo", "a", "the", "of", "x") if len(backend.encoder.ids(" ".join([w] * 9))) - len(backend.encoder.ids(" ".join([w] * 8))) == 1)
+    n = _longest_uncut(backend, word, **kwargs)
+    fits, over = " ".join([word] * n), " ".join([word] * (n + 1))
+    assert len(backend.prepare(QUERY, [fits], **kwargs).items[0].input_ids) == max_length
+    body = {"model": model, "query": QUERY, "truncate": False}
+    ok = client.post("/tei/rerank", json={**body, "texts": ["a short one", fits]})
+    assert ok.status_code == 200, ok.text
+    refused = client.post("/tei/rerank", json={**body, "texts": ["a short one", over]})
+    assert refused.status_code == 422 and "document 1 does not fit" in refused.json()["error"], refused.text
+    assert client.post("/tei/rerank", json={**body, "texts": ["a short one", over], "truncate": True}).status_code == 200
