@@ -416,7 +416,7 @@ def _same_prepared(merged, whole) -> None:
     types = lambda p: [None if i.token_type_ids is None else list(i.token_type_ids) for i in p.items]  # noqa: E731
     assert types(merged) == types(whole)
     assert merged.doc_index == whole.doc_index
-    assert (merged.n_docs, merged.tokens) == (whole.n_docs, whole.tokens)
+    assert (merged.n_docs, merged.tokens, merged.cut_docs) == (whole.n_docs, whole.tokens, whole.cut_docs)
 
 
 def _sliced(backend, query: str, docs: list[str], cuts: list[int], **kwargs):
