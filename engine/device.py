@@ -65,21 +65,23 @@ class DeviceTimer:
 
 log = logging.getLogger("rerank_gateway.engine")
 
-# Nice value of CPU inference threads (0 = the process's own). Bulk tokenization runs at 19, below them.
+# Nice value of CPU inference threads (0 = the process's own). Bulk tokenization runs below them.
 # With the fairness test's tiny BERT, a 3-document search beside bulk batches of its tenant: p99 19-28 ms
 # at 10 against 23-28 ms at 0 (README "Fair scheduling").
 CPU_STREAM_NICE = 10
+# Nice value of the bulk tokenizer lane's threads (engine.lanes): the lowest priority there is.
+BULK_TOKENIZE_NICE = 19
 
 
 def lower_cpu_priority(nice: int) -> None:
-    """Lower the calling thread's CPU priority (Linux: nice is per thread). Never fails a stream."""
+    """Lower the calling thread's CPU priority (Linux: nice is per thread). Never fails its thread."""
     if not sys.platform.startswith("linux"):
         return
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
     except OSError as exc:
-        log.debug("could not lower an inference thread's priority: %s", exc)
+        log.debug("could not lower a thread's priority to nice %d: %s", nice, exc)
 
 
 class StreamContext:

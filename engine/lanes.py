@@ -13,12 +13,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-import sys
-import threading
 from typing import Callable, TypeVar
 
 from backends.base import cpu_cores
 from core.errors import TooManyRequests
+from engine.device import BULK_TOKENIZE_NICE, lower_cpu_priority
 
 T = TypeVar("T")
 
@@ -44,14 +43,6 @@ def default_bulk_threads() -> int:
     return max(2, min(MAX_BULK_THREADS, cpu_cores()))
 
 
-def _bulk_thread_priority() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError:
-            pass
-
-
 class _Lane:
     def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, threads: int, bound: int) -> None:
         self.pool = pool
@@ -72,7 +63,7 @@ class TokenizerLanes:
         self.name = name
         self.small = _Lane(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tok-small-{name}"), 1, MAX_PENDING_SMALL)
         self.bulk = _Lane(
-            concurrent.futures.ThreadPoolExecutor(bulk_threads, thread_name_prefix=f"tok-{name}", initializer=_bulk_thread_priority),
+            concurrent.futures.ThreadPoolExecutor(bulk_threads, thread_name_prefix=f"tok-{name}", initializer=lower_cpu_priority, initargs=(BULK_TOKENIZE_NICE,)),
             bulk_threads,
             MAX_PENDING_BULK_PER_THREAD * bulk_threads,
         )
