@@ -73,17 +73,9 @@ class EmbeddingBackend(Backend):
         query_item = encoder.single(query_windows[0])
         if max_doc_tokens is not None:
             room = min(room, max_doc_tokens)
-        items: list[Encoded] = []
-        doc_index: list[int] = []
-        cut_docs: list[int] = []
-        texts = [cut_text(d, (room + encoder.special_single) * max_chunks) for d in documents]
-        for k, doc in enumerate(encoder.encode(texts)):
-            windows, left_over = encoder.windows(doc, room, max_chunks)
-            for window in windows:
-                items.append(encoder.single(window))
-                doc_index.append(k)
-            if left_over or len(texts[k]) < len(documents[k]):
-                cut_docs.append(k)
+        items, doc_index, cut_docs = encoder.documents(
+            documents, room=room, max_chunks=max_chunks, text_tokens=(room + encoder.special_single) * max_chunks, build=encoder.single
+        )
         tokens = len(query_item.input_ids) + sum(len(i.input_ids) for i in items)
         return Prepared(
             items=items, doc_index=doc_index, n_docs=len(documents), context=Query(query_item), tokens=tokens, cut_docs=cut_docs

@@ -11,7 +11,7 @@ truncation, no padding) and cuts sequences itself, so any number of threads can 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from tokenizers import Encoding, Tokenizer
 
@@ -49,6 +49,25 @@ class RequestEncoder:
         windows = [encoding, *encoding.overflowing]
         return windows[: max(limit, 1)], len(windows) > max(limit, 1)
 
+    def documents(
+        self, documents: list[str], *, room: int, max_chunks: int, text_tokens: int, build: Callable[[Encoding], Encoded]
+    ) -> tuple[list[Encoded], list[int], list[int]]:
+        """Each document (its text first cut to text_tokens tokens' worth of characters) in windows of `room`
+        tokens, at most max_chunks, each made an item by `build`. Returns the items, the document index of
+        each, and the documents cut to fit (text or tokens left over)."""
+        texts = [cut_text(d, text_tokens) for d in documents]
+        items: list[Encoded] = []
+        doc_index: list[int] = []
+        cut_docs: list[int] = []
+        for k, encoding in enumerate(self.encode(texts)):
+            windows, left_over = self.windows(encoding, room, max_chunks)
+            for window in windows:
+                items.append(build(window))
+                doc_index.append(k)
+            if left_over or len(texts[k]) < len(documents[k]):
+                cut_docs.append(k)
+        return items, doc_index, cut_docs
+
     def single(self, encoding: Encoding) -> Encoded:
         """One sequence with the model's special tokens."""
         return self._encoded(self._core.post_process(encoding, None, True))
@@ -79,24 +98,19 @@ def pair_items(
     becomes up to max_chunks windows, each paired with the whole query; the engine scores a document by its
     best chunk. `tokenizer` (the transformers one) only decodes the cut query.
     """
-    q_ids = encoder.ids(query)
-    if len(q_ids) > query_max_length:
-        query = tokenizer.decode(q_ids[:query_max_length])
-        q_ids = q_ids[:query_max_length]
-    if max_doc_tokens is not None:
-        max_length = min(max_length, len(q_ids) + encoder.special_pair + max_doc_tokens)
     first = encoder.encode([query])[0]
-    room = max_length - len(first.ids) - encoder.special_pair
-    items: list[Encoded] = []
-    doc_index: list[int] = []
-    cut_docs: list[int] = []
-    texts = [cut_text(d, max_length * max_chunks) for d in documents]
-    for k, doc in enumerate(encoder.encode(texts)):
-        windows, left_over = encoder.windows(doc, room, max_chunks)
-        for window in windows:
-            items.append(encoder.pair(first, window))
-            doc_index.append(k)
-        if left_over or len(texts[k]) < len(documents[k]):
-            cut_docs.append(k)
+    query_tokens = len(first.ids)
+    if query_tokens > query_max_length:
+        first = encoder.encode([tokenizer.decode(first.ids[:query_max_length])])[0]
+        query_tokens = query_max_length
+    if max_doc_tokens is not None:
+        max_length = min(max_length, query_tokens + encoder.special_pair + max_doc_tokens)
+    items, doc_index, cut_docs = encoder.documents(
+        documents,
+        room=max_length - len(first.ids) - encoder.special_pair,
+        max_chunks=max_chunks,
+        text_tokens=max_length * max_chunks,
+        build=lambda window: encoder.pair(first, window),
+    )
     tokens = sum(len(i.input_ids) for i in items)
     return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), tokens=tokens, cut_docs=cut_docs)
