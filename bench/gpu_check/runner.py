@@ -104,6 +104,21 @@ def _meta(plan: Plan, budget_s: float) -> dict[str, Any]:
     }
 
 
+# Process groups of the sections running now. The runner's own SIGTERM (`timeout` around it) ends them:
+# they lead sessions of their own, and a process left in its own session outlives the device tool's command.
+_ACTIVE: set[int] = set()
+
+
+class Stopped(Exception):
+    """The runner was told to stop (SIGTERM / SIGINT)."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    for pgid in list(_ACTIVE):
+        _kill_group(pgid, signal.SIGKILL)
+    raise Stopped(signal.Signals(signum).name)
+
+
 def _run_section(section: Section, plan: Plan, limit: float, work: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     parts, logs = work / "parts", work / "logs"
     parts.mkdir(parents=True, exist_ok=True)
@@ -121,6 +136,7 @@ def _run_section(section: Section, plan: Plan, limit: float, work: Path, ctx: di
             [sys.executable, "-m", "bench.gpu_check.section", section.name, "--plan", str(plan_path), "--part", str(part), "--context", str(ctx_path)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        _ACTIVE.add(child.pid)
         timed_out = False
         try:
             rc = child.wait(timeout=limit)
@@ -132,8 +148,10 @@ def _run_section(section: Section, plan: Plan, limit: float, work: Path, ctx: di
             except subprocess.TimeoutExpired:
                 _kill_group(child.pid, signal.SIGKILL)
                 rc = child.wait()
-        # Whatever the section left behind (a gateway it could not close) goes with it.
-        _kill_group(child.pid, signal.SIGKILL)
+        finally:
+            # Whatever the section left behind (a gateway it could not close) goes with it.
+            _kill_group(child.pid, signal.SIGKILL)
+            _ACTIVE.discard(child.pid)
     seconds = time.perf_counter() - start
     try:
         data = json.loads(part.read_text())
@@ -153,6 +171,19 @@ def _run_section(section: Section, plan: Plan, limit: float, work: Path, ctx: di
     if status != "ok":
         out["log_tail"] = log_path.read_text(errors="replace")[-2000:]
     return out
+
+
+def _stopped(section: Section, work: Path, started: float, why: str) -> dict[str, Any]:
+    """What a section had recorded when the whole run was stopped."""
+    try:
+        data = json.loads((work / "parts" / f"{section.name}.json").read_text())
+    except (OSError, ValueError):
+        data = {}
+    return {
+        "title": section.title, "status": "stopped", "seconds": round(time.perf_counter() - started, 1), "limit_s": 0,
+        "estimate_s": section.estimate_s, "result": data.get("result", {}), "errors": data.get("errors", {}),
+        "steps": data.get("steps", {}), "note": f"the run got {why}",
+    }
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -219,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     ctx: dict[str, Any] = {}
     mode = "smoke" if args.smoke else "gpu"
     print(f"gpu_check ({mode}): {len(chosen)} sections, deadline {budget:.0f} s; report -> {out_md}", flush=True)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    stopped = None
     for section in chosen:
+        if stopped:
+            break
         left = deadline - time.perf_counter() - REPORT_RESERVE_S
         limit = min(limits.get(section.name, SMOKE_LIMIT_S if args.smoke else section.limit_s), left)
         if limit < MIN_START_S[mode]:
@@ -229,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {section.name}: skipped ({max(left, 0):.0f} s left)", flush=True)
             continue
         print(f"  {section.name}: running (limit {limit:.0f} s) ...", flush=True)
-        out = _run_section(section, plan, limit, work, ctx)
+        started = time.perf_counter()
+        try:
+            out = _run_section(section, plan, limit, work, ctx)
+        except Stopped as exc:
+            stopped = str(exc)
+            out = _stopped(section, work, started, stopped)
         doc["sections"][section.name] = out
         ctx[section.name] = out["result"]
         doc["meta"]["wall_s"] = round(time.perf_counter() - start, 1)
@@ -237,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         errors = "; ".join(f"{k}: {v}" for k, v in out["errors"].items())[:300]
         print(f"  {section.name}: {out['status']} in {out['seconds']:.0f} s{(' - ' + errors) if errors else ''}", flush=True)
     doc["meta"]["wall_s"] = round(time.perf_counter() - start, 1)
+    if stopped:
+        doc["meta"]["stopped"] = f"the run got {stopped} and stopped"
     text = _write(out_json, out_md, doc)
     try:
         _archive_logs(work, out_logs)
