@@ -24,7 +24,9 @@ On the GPU machine of the device tool (no package index there): `make gpu-wheels
 the wheels the image lacks, ~25 MB, and the MiniLM tokenizer), then run, with `carry: [".whl"]` and
 timeout_s 600:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 timeout 560 python3 -m bench.gpu_check
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; GPU_CHECK_COMMIT=<sha> PYTHONUNBUFFERED=1 timeout 560 python3 -m bench.gpu_check
 
-The device tool sets OUT: gpu-check.md, gpu-check.json and gpu-check-logs.tar.gz come back from there.
+(<sha>: `git rev-parse --short HEAD` here; the machine gets the tree without .git.) The device tool sets OUT:
+gpu-check.md, gpu-check.json and gpu-check-logs.tar.gz come back from there. The check's own deadline
+(480 s) ends it well inside `timeout 560`; on SIGTERM it still ends its sections and writes the report.
 """

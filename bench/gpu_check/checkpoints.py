@@ -11,8 +11,8 @@ reuses them.
 
 from __future__ import annotations
 
-import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -95,17 +95,42 @@ def _build(name: str, path: Path, smoke: bool) -> Path:
     return real[name](path)
 
 
-def ensure(name: str, work: str | Path, smoke: bool) -> tuple[Path, float]:
-    """The checkpoint's folder and the seconds its build took here (0 when an earlier section built it)."""
+def ensure(name: str, work: str | Path, smoke: bool, *, isolated: bool = False) -> tuple[Path, float]:
+    """The checkpoint's folder and the seconds its build took here (0 when an earlier section built it).
+
+    `isolated`: build in a process of its own, for a section that only talks HTTP: its own process then
+    never holds a CUDA context (or cached blocks) beside the gateway whose memory it measures."""
     path = Path(work) / "models" / name
     done = path / ".complete"
     if done.exists():
         return path, 0.0
+    start = time.perf_counter()
+    if isolated:
+        cmd = [sys.executable, "-m", "bench.gpu_check.checkpoints", name, "--work", str(work), *(["--smoke"] if smoke else [])]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        return path, time.perf_counter() - start
     if path.exists():  # a build killed half way
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     print(f"building {name} ({'tiny' if smoke else 'real size'})", file=sys.stderr, flush=True)
     _build(name, path, smoke)
     done.write_text("ok\n")
+    try:
+        import torch
+
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
     return path, time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build one of the check's checkpoints")
+    ap.add_argument("name", choices=sorted(KINDS))
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    ensure(args.name, args.work, args.smoke)

@@ -148,7 +148,7 @@ def peers(rec: Recorder, plan: Plan, ctx: dict) -> None:
 
         ce = CrossEncoder(str(path), device=device, max_length=MAX_LENGTH)
         if device == "cuda":
-            ce.half()
+            (ce if isinstance(ce, torch.nn.Module) else ce.model).half()
         for batch in plan.peer_batches:
             ce.predict(warm, batch_size=batch, show_progress_bar=False)
             for n, r in reqs.items():

@@ -77,7 +77,7 @@ def _metrics_excerpt(gw: http_load.GatewayProcess, prefixes: tuple[str, ...] = (
 
 
 def http_bge(rec: Recorder, plan: Plan, ctx: dict) -> None:
-    path, built = ensure("bge_shape", plan.work, plan.smoke)
+    path, built = ensure("bge_shape", plan.work, plan.smoke, isolated=True)
     rec.put("build_s", built)
     words = workloads.bge_words(path)
     bigs = {n: workloads.bge_big(words, n) for n in sorted({*plan.big_docs, plan.beside_docs})}
@@ -132,7 +132,7 @@ def _closed(rec: Recorder, gw, clients: int, requests: list, tokens: list[int], 
 
 
 def t4_gte(rec: Recorder, plan: Plan, ctx: dict) -> None:
-    path, built = ensure("gte_base", plan.work, plan.smoke)
+    path, built = ensure("gte_base", plan.work, plan.smoke, isolated=True)
     rec.put("build_s", built)
     big, smalls = workloads.gte_t4(plan.t4_docs, plan.t4_long_docs, plan.t4_long_words, plan.t4_loop_requests, plan.small_docs)
     with rec.step("tokens"):
@@ -171,7 +171,7 @@ def t4_gte(rec: Recorder, plan: Plan, ctx: dict) -> None:
 
 
 def qwen3_gateway(rec: Recorder, plan: Plan, ctx: dict) -> None:
-    path, built = ensure("qwen3_4b", plan.work, plan.smoke)
+    path, built = ensure("qwen3_4b", plan.work, plan.smoke, isolated=True)
     rec.put("build_s", built)
     requests = workloads.qwen_pairs(plan.qwen_pairs, plan.qwen_doc_words)
     model = {"backend": "qwen3", "source": str(path), "quantization": "nf4", "max_length": plan.qwen_max_length, "load": "eager"}
@@ -191,7 +191,7 @@ def qwen3_gateway(rec: Recorder, plan: Plan, ctx: dict) -> None:
 
 
 def parity(rec: Recorder, plan: Plan, ctx: dict) -> None:
-    path, built = ensure("bge_shape", plan.work, plan.smoke)
+    path, built = ensure("bge_shape", plan.work, plan.smoke, isolated=True)
     rec.put("build_s", built)
     words = workloads.bge_words(path)
     req = workloads.bge_big(words, plan.parity_docs)

@@ -69,7 +69,7 @@ class Plan:
 def gpu_plan(work: Path) -> Plan:
     return Plan(
         smoke=False, work=str(work), big_docs=(1000, 10000), closed_loops=((16, 160), (64, 320)), small_docs=20,
-        beside_docs=10000, alone_requests=100, peer_batches=(32, 128), loop_budget=16384,
+        beside_docs=10000, alone_requests=100, peer_batches=(128, 32), loop_budget=16384,
         t4_docs=10000, t4_long_docs=20, t4_long_words=9000, t4_loop_requests=160,
         qwen_pairs=320, qwen_batch=32, qwen_max_length=512, qwen_doc_words=800, parity_docs=1000,
         table_budget=16384,
@@ -81,7 +81,7 @@ def smoke_plan(work: Path) -> Plan:
     """Every section end to end on a CPU with the tests' tiny models: proves the script, measures nothing."""
     return Plan(
         smoke=True, work=str(work), big_docs=(100, 300), closed_loops=((16, 32), (64, 64)), small_docs=20,
-        beside_docs=300, alone_requests=10, peer_batches=(32, 128), loop_budget=4096,
+        beside_docs=300, alone_requests=10, peer_batches=(128, 32), loop_budget=4096,
         t4_docs=300, t4_long_docs=3, t4_long_words=1500, t4_loop_requests=32,
         qwen_pairs=48, qwen_batch=16, qwen_max_length=256, qwen_doc_words=400, parity_docs=100,
         table_budget=1024,

@@ -98,7 +98,8 @@ def _meta(plan: Plan, budget_s: float) -> dict[str, Any]:
             pass
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "mode": "smoke" if plan.smoke else "gpu",
-        "commit": commit or "unknown", "gpu": gpu or "none", "cpu": cpu_model_name(),
+        # The device machine gets a copy of the tree without .git: the command can name the commit.
+        "commit": commit or os.environ.get("GPU_CHECK_COMMIT") or "unknown", "gpu": gpu or "none", "cpu": cpu_model_name(),
         "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), "versions": _versions(),
         "budget_s": budget_s,
     }
