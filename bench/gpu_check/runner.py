@@ -215,8 +215,9 @@ def _archive_logs(work: Path, dest: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="every section on this CPU with the tests' tiny models (proves the script)")
-    ap.add_argument("--sections", help=f"comma-separated, in this order: {','.join(s.name for s in SECTIONS)} (default: all)")
+    ap.add_argument("--sections", help=f"comma-separated, run in the order given (default: all, most valuable first: {','.join(s.name for s in SECTIONS)})")
     ap.add_argument("--limit", action="append", default=[], metavar="NAME=SECONDS", help="override one section's time limit")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a workload size of the plan (bench/gpu_check/plan.py), e.g. big_docs=[1000,5000]")
     ap.add_argument("--budget-s", type=float, help=f"deadline for the whole run (default {GPU_BUDGET_S} on a GPU, {SMOKE_BUDGET_S} smoke)")
     ap.add_argument("--work", type=Path, help="checkpoints, logs, part files (default /tmp/gpu-check[-smoke]; kept between runs)")
     ap.add_argument("--out", type=Path, help="folder for the report (default $OUT, else bench/results)")
@@ -230,13 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     for stale in ("logs", "parts", "modules"):
         shutil.rmtree(work / stale, ignore_errors=True)
     plan = smoke_plan(work) if args.smoke else gpu_plan(work)
+    if args.set:
+        fields = json.loads(plan.to_json())
+        for item in args.set:
+            key, _, value = item.partition("=")
+            if key not in fields or key in ("smoke", "work"):
+                ap.error(f"--set {key}: not a workload field of the plan")
+            fields[key] = json.loads(value)
+        plan = Plan.from_json(json.dumps(fields))
     budget = args.budget_s or (SMOKE_BUDGET_S if args.smoke else GPU_BUDGET_S)
     limits = {k: float(v) for k, v in (item.split("=", 1) for item in args.limit)}
     wanted = args.sections.split(",") if args.sections else [s.name for s in SECTIONS]
     unknown = set(wanted) - {s.name for s in SECTIONS}
     if unknown:
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
-    chosen = [s for s in SECTIONS if s.name in wanted]
+    by_name = {s.name: s for s in SECTIONS}
+    chosen = [by_name[name] for name in dict.fromkeys(wanted)]  # the order asked for
 
     out_dir = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
