@@ -17,7 +17,7 @@ from typing import Literal
 import msgspec
 
 from backends import backend_class
-from core.budgets import gpu_budget
+from core.budgets import KNEE_TOLERANCE, gpu_budget, knee, ladder_rungs
 from core.config import Effective, ModelSpec, Registry, effective
 from core.errors import ModelUnavailable
 from engine import Scheduler
@@ -52,6 +52,8 @@ class ModelEntry:
     # differs from the effective probe size).
     batch_tokens: int | None = None
     budget_reason: str | None = None
+    # A GPU budget chosen at the knee: each measured rung (max_batch_tokens, tokens_per_s, peak_bytes).
+    budget_ladder: list[dict] | None = None
     # Requests inside RerankService.rerank for this model: a reload that removes the model closes its
     # scheduler only once this drops to zero.
     active: int = 0
@@ -76,6 +78,8 @@ class ModelEntry:
                 "max_batch_tokens": self.batch_tokens or self.eff.max_batch_tokens,
                 "budget_reason": self.budget_reason or self.eff.budget_reason,
             }
+            if self.budget_ladder is not None:
+                out["budget_ladder"] = self.budget_ladder
             runtime = self.scheduler.backend.runtime if self.scheduler else None
             if runtime is not None:
                 out["runtime"] = runtime.describe()
@@ -240,11 +244,11 @@ class ModelPool:
             entry.state, entry.reason = "unavailable", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             log.warning("model %s unavailable: %s", entry.model_id, entry.reason)
 
-    def _scheduler(self, entry: ModelEntry, backend, max_batch_tokens: int) -> Scheduler:
+    def _scheduler(self, entry: ModelEntry, backend, max_batch_tokens: int, max_batch_size: int | None = None) -> Scheduler:
         return Scheduler(
             backend,
             max_batch_tokens=max_batch_tokens,
-            max_batch_size=entry.eff.max_batch_size,
+            max_batch_size=max_batch_size or entry.eff.max_batch_size,
             max_queue_pairs=self.registry.server.max_queue_pairs,
             max_queue_tokens=self.registry.server.max_queue_tokens,
             metrics=self.metrics,
@@ -252,23 +256,43 @@ class ModelPool:
         )
 
     def _size_budget(self, entry: ModelEntry, backend, probe: Scheduler) -> Scheduler:
-        """A GPU model with no profile: size its budget from the probe warm-up, then prove it with a
-        warm-up at the chosen size (a scheduler of its own; the probe's is closed)."""
+        """A GPU model with no profile: the memory the probe warm-up measured caps the budget; a ladder of
+        budgets under that cap is measured for real tokens/s, and the knee (core.budgets.knee) is taken and
+        proven with a warm-up at its size (a scheduler of its own; the probe's is closed). The allocator's
+        cache of the bigger rungs is given back, so the process holds weights + one batch at the knee."""
+        import torch
+
         # The inference thread's cuBLAS workspace (engine.warmup) is a fixed cost beside the weights, not
         # bytes per token: left out of the per-token rate.
         workspace = int(entry.warmup.get("workspace_bytes", 0))
-        tokens, why = gpu_budget(
+        cap, memory_why = gpu_budget(
             weights_bytes=entry.weights_bytes + workspace, activation_bytes=int(entry.warmup["activation_bytes"]) - workspace,
             probe_tokens=probe.max_batch_tokens, budget_bytes=self._budget_bytes(entry), max_length=entry.eff.max_length,
         )
-        probe.close()
-        scheduler = self._scheduler(entry, backend, tokens)
+        try:
+            rungs = probe.measure_ladder(ladder_rungs(entry.eff.max_length, cap), entry.eff.max_length)
+        finally:
+            probe.close()
+            torch.cuda.empty_cache()
+        if not rungs:
+            raise BudgetError(f"model {entry.model_id}: no budget of the ladder ran ({memory_why})")
+        tokens = knee([(r["max_batch_tokens"], r["tokens_per_s"]) for r in rungs])
+        fastest = max(rungs, key=lambda r: r["tokens_per_s"])
+        # Pairs per batch follow the budget: typical pairs must be able to fill it.
+        scheduler = self._scheduler(entry, backend, tokens, max_batch_size=max(entry.eff.max_batch_size, tokens // 32))
         try:
             entry.warmup = scheduler.warmup(entry.eff.max_length)
         except BaseException:
             scheduler.close()
             raise
-        entry.budget_reason = why
+        finally:
+            torch.cuda.empty_cache()
+        entry.budget_ladder = rungs
+        entry.budget_reason = (
+            f"auto (no profile for this GPU): {tokens} tokens, the smallest budget of the measured ladder within "
+            f"{KNEE_TOLERANCE:.0%} of the fastest ({fastest['tokens_per_s']} tokens/s at {fastest['max_batch_tokens']}); "
+            f"memory allows up to {cap} ({memory_why})"
+        )
         return scheduler
 
     def _budget_bytes(self, entry: ModelEntry) -> float:

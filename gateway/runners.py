@@ -6,9 +6,9 @@ cut to its top_n."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Protocol
 
+from backends.base import Prepared
 from core.config import Effective, ModelSpec
 from core.errors import BadRequest
 from gateway.metrics import Metrics
@@ -39,31 +39,33 @@ class LocalRunner:
     async def rerank(
         self, req: RerankRequest, *, caller: Caller, timeout_s: float, disconnected: asyncio.Future | None = None
     ) -> RerankResult:
-        tokenize_start = time.perf_counter()
-        prepared = await self.scheduler.prepare(
+        cap = self.max_chunks_per_request
+        max_length = self.eff.max_length
+
+        def check(part: Prepared, doc_base: int, chunks: int) -> None:
+            # Runs on each slice as it is tokenized, before it is queued: a refusal stops the whole request.
+            if chunks > cap:
+                raise BadRequest(
+                    f"invalid request: the documents split into at least {chunks} chunks; the maximum is {cap} "
+                    "per request (server.max_chunks_per_request): lower max_chunks_per_doc or raise max_tokens_per_doc"
+                )
+            if not req.truncate and part.cut_docs:
+                raise BadRequest(
+                    f"invalid request: document {doc_base + part.cut_docs[0]} does not fit the model's {max_length} "
+                    "tokens with the query, and truncation is off; shorten it or turn truncation on"
+                )
+
+        done, prepared = await self.scheduler.rerank(
             req.query,
             req.texts,
-            max_length=self.eff.max_length,
-            max_chunks=req.max_chunks_per_doc or 1,
-            instruction=req.instruction or self.spec.instruction,
-            max_doc_tokens=req.max_tokens_per_doc,
-        )
-        tokenize_s = time.perf_counter() - tokenize_start
-        cap = self.max_chunks_per_request
-        if len(prepared.items) > cap:
-            raise BadRequest(
-                f"invalid request: the documents split into {len(prepared.items)} chunks; the maximum is {cap} "
-                "per request (server.max_chunks_per_request): lower max_chunks_per_doc or raise max_tokens_per_doc"
-            )
-        if not req.truncate and prepared.cut_docs:
-            raise BadRequest(
-                f"invalid request: document {prepared.cut_docs[0]} does not fit the model's {self.eff.max_length} "
-                "tokens with the query, and truncation is off; shorten it or turn truncation on"
-            )
-        top_n = min(req.top_n or len(req.texts), len(req.texts))
-        done = await self.scheduler.submit(
-            prepared,
-            top_n=top_n,
+            tokenize=dict(
+                max_length=max_length,
+                max_chunks=req.max_chunks_per_doc or 1,
+                instruction=req.instruction or self.spec.instruction,
+                max_doc_tokens=req.max_tokens_per_doc,
+            ),
+            check=check,
+            top_n=min(req.top_n or len(req.texts), len(req.texts)),
             raw_scores=req.raw_scores,
             tenant=caller.tenant,
             weight=caller.weight,
@@ -77,8 +79,8 @@ class LocalRunner:
             indices=done.indices,
             scores=done.scores,
             total_tokens=prepared.tokens,
-            scored_units=len(prepared.items),
+            scored_units=prepared.n_items,
             queue_s=done.queue_s,
-            tokenize_s=tokenize_s,
+            tokenize_s=done.tokenize_s,
             inference_s=done.inference_s,
         )
