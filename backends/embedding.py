@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from backends.base import Backend, Batch, Encoded, Prepared, concat_prepared, cut_text, resolve_source
+from backends.base import Backend, Batch, Encoded, Prepared, concat_prepared, cut_text
 from backends.request_encoder import RequestEncoder
+from backends.source import resolve_source
 
 
 @dataclass(eq=False, slots=True)
@@ -48,6 +49,7 @@ class MeanPooled(torch.nn.Module):
 
 class EmbeddingBackend(Backend):
     score_transform = "cosine"
+    exportable = True
 
     def load(self) -> None:
         from transformers import AutoModel, AutoTokenizer

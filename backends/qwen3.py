@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backends.base import Backend, Batch, Encoded, Prepared, concat_prepared, cuda_has_native_bf16, cut_text, resolve_source
+from backends.base import Backend, Batch, Encoded, Prepared, concat_prepared, cuda_has_native_bf16, cut_text
 from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix
 from backends.request_encoder import RequestEncoder
+from backends.source import resolve_source
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "

@@ -363,7 +363,7 @@ def table(rows: list[Row]) -> str:
 
 
 def machine() -> str:
-    from core.budgets import cpu_model_name
+    from core.host import cpu_model_name
 
     return f"{cpu_model_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
 

@@ -19,7 +19,7 @@ Users write plain registry entries; the default must be the fast one. Two rules,
 
 from __future__ import annotations
 
-import os
+from core.host import cpu_cores, cpu_kind
 
 # Tokens per batch per intra-op thread, fastest at 1 thread per stream, by CPU kind (above). Families
 # without a measurement of their own use the encoder cross-encoder's until `rerank-gateway tune` gives
@@ -34,32 +34,6 @@ GPU_MARGIN = 0.10
 GPU_PROBE_TOKENS = 8192
 # Chosen budgets are rounded down to a multiple of this (and never below one full-length pair).
 ROUND_TOKENS = 256
-
-
-def cpu_kind() -> str:
-    """"amx" on CPUs with AMX-BF16 tiles, "other" elsewhere (the rows of CPU_BEST_TOKENS_PER_THREAD)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return "other"
-    return "amx" if " amx_bf16" in flags else "other"
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name from /proc/cpuinfo ("unknown CPU" elsewhere): benchmarks name their machine."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def cpu_budget(backend: str, cpu_streams: int, cores: int | None = None, kind: str | None = None) -> tuple[int, str]:

@@ -389,17 +389,6 @@ def gpu_name_matches(pattern: str, device_name: str) -> bool:
     return re.search(rf"(?<![0-9A-Za-z])(?:{pattern})(?![0-9A-Za-z])", device_name) is not None
 
 
-def cuda_device_name() -> str | None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - a broken CUDA install means "no GPU" to the planner
-        return None
-    return None
-
-
 def effective(spec: ModelSpec, gpu_type: str, *, cpu_cores: int | None = None) -> Effective:
     device = "cpu" if gpu_type == "cpu" or spec.device == "cpu" else "cuda"
     key = "cpu" if device == "cpu" else gpu_type

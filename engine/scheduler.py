@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from backends.base import CPU_STREAMS, Backend, Prepared, configure_cpu_streams
+from backends.base import Backend, Prepared, configure_cpu_streams
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
+from core.host import CPU_STREAMS
 from engine.admission import Reservations, estimate_cost
 from engine.batching import SMALL_SHARE, backend_cost, take_batch
 from engine.device import StreamContext

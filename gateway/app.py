@@ -24,7 +24,8 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import Parameter
 
 from gateway import auth, dialect_routes, pipeline
-from core.config import Registry, cuda_device_name, detect_gpu_type
+from core.config import Registry, detect_gpu_type
+from core.host import cuda_device_name
 from core.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway import schemas, strict_json
 from gateway.http_errors import ADMIN_ERRORS, AUTH_ERRORS, EXCEPTION_HANDLERS, RERANK_ERRORS, error_responses

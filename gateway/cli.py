@@ -13,7 +13,8 @@ from pathlib import Path
 # batches waited longer for both. Measured in README "Fair scheduling". An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from core.config import RegistryError, cuda_device_name, detect_gpu_type, load_registry
+from core.config import RegistryError, detect_gpu_type, load_registry
+from core.host import cuda_device_name
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from core.budgets import cpu_cores, cpu_model_name
+from core.host import cpu_cores, cpu_model_name
 from core.config import Registry, effective
 
 GIB = 1024**3
