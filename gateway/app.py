@@ -36,7 +36,8 @@ from gateway.metrics import Metrics
 from gateway.models import ModelPool
 from gateway.protocol import cohere
 from gateway.reload import Reloader
-from gateway.service import Caller, RerankService
+from gateway.caller import Caller
+from gateway.service import RerankService
 from gateway.shadow import ShadowRecorder
 from gateway.usage import UsageStore, total
 

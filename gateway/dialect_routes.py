@@ -19,7 +19,8 @@ from gateway import pipeline, strict_json
 from gateway.http_errors import COHERE, RERANK_ERRORS, dialect_opt, error_responses, use_dialect
 from gateway.limits import Limiter
 from gateway.protocol import cohere, tei, voyage
-from gateway.service import Caller, RerankService
+from gateway.caller import Caller
+from gateway.service import RerankService
 from gateway.usage import UsageStore
 
 

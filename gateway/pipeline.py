@@ -11,11 +11,12 @@ import re
 from litestar import Request
 
 from core.errors import ClientClosedRequest, ServiceUnavailable
-from gateway import auth, routing
+from gateway import auth, routing, service as rerank_service
 from gateway.limits import Limiter, OverLimit
 from gateway.protocol.upstream import TENANT_HEADER, TENANT_WEIGHT_HEADER
 from gateway.routing import Routed
-from gateway.service import Caller, RerankService
+from gateway.caller import Caller
+from gateway.service import RerankService
 from gateway.types import RerankRequest, RerankResult, max_scored_units, search_units
 from gateway.usage import UsageStore
 
@@ -55,7 +56,7 @@ async def rerank(
         tenant = service.registry.tenants.get(caller.tenant)
         # Quota is reserved for the most chunks the request can become (gateway.types.max_scored_units).
         async with limiter.hold(caller.tenant, tenant, search_units(max_scored_units(internal))) as lease:
-            routed = await routing.rerank_routed(
+            routed = await rerank_service.rerank_routed(
                 service,
                 request.app.state.shadows,
                 internal,

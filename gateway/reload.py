@@ -17,17 +17,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from litestar.datastructures import State
 
 from core.config import RegistryError, load_registry
 from core.errors import BadRequest
+from engine import Scheduler
 from gateway.models import ModelEntry, ModelPool
 from gateway.service import RerankService
-
-if TYPE_CHECKING:
-    from engine import Scheduler
 
 log = logging.getLogger("rerank_gateway.reload")
 

@@ -17,7 +17,6 @@ import logging
 import os
 import random
 import time
-from typing import TYPE_CHECKING
 
 import httpx
 import msgspec
@@ -26,14 +25,12 @@ from core.config import ModelSpec
 from core.errors import (
     BadRequest, ClientClosedRequest, GatewayError, InferenceFailed, ModelUnavailable, Timeout, TooManyRequests,
 )
+from gateway.caller import Caller
 from gateway.endpoints import Endpoint, EndpointPool
 from gateway.logs import outbound_headers
 from gateway.metrics import Metrics
 from gateway.protocol.upstream import DIALECTS, TENANT_HEADER, TENANT_WEIGHT_HEADER
 from gateway.types import RerankRequest, RerankResult, Scored
-
-if TYPE_CHECKING:
-    from gateway.service import Caller
 
 log = logging.getLogger("rerank_gateway.remote")
 # httpx logs every call at INFO: one line per upstream call costs the front door about a millisecond of

@@ -11,20 +11,14 @@ with no shared state.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable
 
 from core.config import Registry
-from core.errors import BadRequest, Forbidden, GatewayError, InferenceFailed, ModelUnavailable, NotFound, TooManyRequests
-from gateway.types import RerankRequest, RerankResult
-
-if TYPE_CHECKING:
-    import asyncio
-
-    from gateway.service import Caller, RerankService
+from core.errors import BadRequest, Forbidden, NotFound
+from gateway.types import RerankResult
 
 # Request headers: a tester forces a variant; a client names its user when the body has no `user`.
 VARIANT_HEADER = "x-rerank-variant"
@@ -65,14 +59,6 @@ class Routed:
         if self.skipped:
             out["x-rerank-fallback"] = ", ".join(f"{m}={cause}" for m, cause in self.skipped)
         return out
-
-
-class ShadowSink(Protocol):
-    """Where mirrored requests go (gateway.shadow.ShadowRecorder); also counts who answered."""
-
-    def answered(self, route: str, model_id: str, skipped: list[tuple[str, str]]) -> None: ...
-
-    def mirror(self, service: RerankService, route: str, shadow_id: str, req: RerankRequest, primary: RerankResult) -> None: ...
 
 
 def stable_fraction(route: str, key: str) -> float:
@@ -152,77 +138,3 @@ class RouteTable:
         chosen = pick(route.split, u)
         candidates = (chosen, *(m for m in route.fallback if m != chosen))
         return Decision(name=name, route=name, candidates=candidates, shadow=shadow)
-
-
-async def rerank_routed(
-    service: RerankService,
-    sink: ShadowSink,
-    req: RerankRequest,
-    *,
-    caller: Caller,
-    user: str | None = None,
-    variant: str | None = None,
-    allowed: Callable[[str], bool] = lambda model_id: True,
-    disconnected: asyncio.Future | None = None,
-) -> Routed:
-    """Decide, try the candidates in order, mirror to the shadow after the answer, cut to top_n."""
-    decision = service.routes.decide(
-        req.model, tenant=caller.tenant, user=req.user or user, variant=variant, allowed=allowed
-    )
-    # The shadow comparison needs the primary's full ranking. It costs nothing extra: the engine scores
-    # every document anyway and top-k over all of them is the same tensor, cut here instead.
-    run = dataclasses.replace(req, top_n=None) if decision.shadow else req
-    skipped: list[tuple[str, str]] = []
-    result = None
-    try:
-        for i, model_id in enumerate(decision.candidates):
-            last = i == len(decision.candidates) - 1
-            if not last:
-                cause = _not_ready(service, model_id)
-                if cause is not None:
-                    skipped.append((model_id, cause))
-                    continue
-            try:
-                result = await service.rerank(run, model_id, caller=caller, disconnected=disconnected)
-                break
-            except (ModelUnavailable, TooManyRequests, InferenceFailed) as exc:
-                if last:
-                    raise
-                skipped.append((model_id, _cause(exc)))
-    except GatewayError as exc:
-        exc.headers.setdefault("x-rerank-route", decision.name)
-        raise
-    finally:
-        if decision.route is not None:
-            for model_id, cause in skipped:
-                service.metrics.route_fallbacks.labels(decision.route, model_id, cause).inc()
-    assert result is not None
-    result.route = decision.name
-    if decision.route is not None:
-        service.metrics.route_requests.labels(decision.route, result.model).inc()
-        sink.answered(decision.route, result.model, skipped)
-        if decision.shadow is not None and decision.shadow != result.model:
-            sink.mirror(service, decision.route, decision.shadow, req, result)
-    if run is not req and req.top_n is not None:
-        result = dataclasses.replace(result, indices=result.indices[: req.top_n], scores=result.scores[: req.top_n])
-    return Routed(result=result, decision=decision, skipped=skipped)
-
-
-def _not_ready(service: RerankService, model_id: str) -> str | None:
-    """Why a model cannot answer right now without waiting, or None. A lazy model starts loading, and the
-    route falls back meanwhile instead of holding the request for the load."""
-    entry = service.pool.entries[model_id]
-    if entry.state == "ready":
-        return None
-    if entry.state == "not_loaded":
-        service.pool.start_loading(model_id)
-        return "loading"
-    return "loading" if entry.state == "loading" else "unavailable"
-
-
-def _cause(exc: GatewayError) -> str:
-    if isinstance(exc, TooManyRequests):
-        return "overloaded"
-    if isinstance(exc, InferenceFailed):
-        return "failed"
-    return "unavailable"

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from core.config import Effective, ModelSpec
 from core.errors import BadRequest
+from engine import Scheduler
+from gateway.caller import Caller
 from gateway.metrics import Metrics
 from gateway.types import RerankRequest, RerankResult
-
-if TYPE_CHECKING:
-    from engine import Scheduler
-    from gateway.service import Caller
 
 
 class Runner(Protocol):

@@ -4,25 +4,17 @@ name -> model id -> the model's runner (local: tokenize, scheduler, top-k; remot
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from dataclasses import dataclass
+from typing import Callable, Protocol
 
 from core.config import Registry, name_index
-from core.errors import BadRequest, GatewayError
+from core.errors import GatewayError, InferenceFailed, ModelUnavailable, TooManyRequests
+from gateway.caller import Caller
 from gateway.metrics import Metrics
 from gateway.models import ModelPool
-from gateway.routing import RouteTable
+from gateway.routing import Routed, RouteTable
 from gateway.types import RerankRequest, RerankResult, search_units
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who is asking: the tenant name ("" when the gateway runs open), its fair-share weight, and the
-    model names (ids, aliases, routes) it may use; None means all."""
-
-    tenant: str = ""
-    weight: float = 1.0
-    models: frozenset[str] | None = None
 
 
 class RerankService:
@@ -67,3 +59,85 @@ class RerankService:
             entry.active -= 1
             self.metrics.requests.labels(model_id, status, caller.tenant).inc()
             self.metrics.request_seconds.labels(model_id).observe(time.perf_counter() - started)
+
+
+class ShadowSink(Protocol):
+    """Where mirrored requests go (gateway.shadow.ShadowRecorder); also counts who answered."""
+
+    def answered(self, route: str, model_id: str, skipped: list[tuple[str, str]]) -> None: ...
+
+    def mirror(self, service: RerankService, route: str, shadow_id: str, req: RerankRequest, primary: RerankResult) -> None: ...
+
+
+async def rerank_routed(
+    service: RerankService,
+    sink: ShadowSink,
+    req: RerankRequest,
+    *,
+    caller: Caller,
+    user: str | None = None,
+    variant: str | None = None,
+    allowed: Callable[[str], bool] = lambda model_id: True,
+    disconnected: asyncio.Future | None = None,
+) -> Routed:
+    """Decide, try the candidates in order, mirror to the shadow after the answer, cut to top_n."""
+    decision = service.routes.decide(
+        req.model, tenant=caller.tenant, user=req.user or user, variant=variant, allowed=allowed
+    )
+    # The shadow comparison needs the primary's full ranking. It costs nothing extra: the engine scores
+    # every document anyway and top-k over all of them is the same tensor, cut here instead.
+    run = dataclasses.replace(req, top_n=None) if decision.shadow else req
+    skipped: list[tuple[str, str]] = []
+    result = None
+    try:
+        for i, model_id in enumerate(decision.candidates):
+            last = i == len(decision.candidates) - 1
+            if not last:
+                cause = _not_ready(service, model_id)
+                if cause is not None:
+                    skipped.append((model_id, cause))
+                    continue
+            try:
+                result = await service.rerank(run, model_id, caller=caller, disconnected=disconnected)
+                break
+            except (ModelUnavailable, TooManyRequests, InferenceFailed) as exc:
+                if last:
+                    raise
+                skipped.append((model_id, _cause(exc)))
+    except GatewayError as exc:
+        exc.headers.setdefault("x-rerank-route", decision.name)
+        raise
+    finally:
+        if decision.route is not None:
+            for model_id, cause in skipped:
+                service.metrics.route_fallbacks.labels(decision.route, model_id, cause).inc()
+    assert result is not None
+    result.route = decision.name
+    if decision.route is not None:
+        service.metrics.route_requests.labels(decision.route, result.model).inc()
+        sink.answered(decision.route, result.model, skipped)
+        if decision.shadow is not None and decision.shadow != result.model:
+            sink.mirror(service, decision.route, decision.shadow, req, result)
+    if run is not req and req.top_n is not None:
+        result = dataclasses.replace(result, indices=result.indices[: req.top_n], scores=result.scores[: req.top_n])
+    return Routed(result=result, decision=decision, skipped=skipped)
+
+
+def _not_ready(service: RerankService, model_id: str) -> str | None:
+    """Why a model cannot answer right now without waiting, or None. A lazy model starts loading, and the
+    route falls back meanwhile instead of holding the request for the load."""
+    entry = service.pool.entries[model_id]
+    if entry.state == "ready":
+        return None
+    if entry.state == "not_loaded":
+        service.pool.start_loading(model_id)
+        return "loading"
+    return "loading" if entry.state == "loading" else "unavailable"
+
+
+def _cause(exc: GatewayError) -> str:
+    if isinstance(exc, TooManyRequests):
+        return "overloaded"
+    if isinstance(exc, InferenceFailed):
+        return "failed"
+    return "unavailable"

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -25,11 +25,9 @@ from gateway.agreement import OVERLAP_KS, Agreement, ScoreSummary, compare
 from core.config import Route
 from core.errors import ModelUnavailable, TooManyRequests
 from gateway.metrics import Metrics
-from gateway.service import Caller
+from gateway.caller import Caller
+from gateway.service import RerankService
 from gateway.types import RerankRequest, RerankResult
-
-if TYPE_CHECKING:
-    from gateway.service import RerankService
 
 log = logging.getLogger("rerank_gateway.shadow")
 
