@@ -299,7 +299,7 @@ class Gateway(HttpSystem):
         # The gateway runs with the environment a user gives it: its tokenizer lanes keep the library's
         # own threading off (engine/lanes.py), and the other systems' "true" would turn it on.
         env = {k: v for k, v in child_env().items() if k != "TOKENIZERS_PARALLELISM"}
-        self._start([sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry), "--port", str(self.port)],
+        self._start([sys.executable, "-m", "ops.cli", "serve", "--registry", str(registry), "--port", str(self.port)],
                     work_dir, "gateway", env)
         self.dtype = ""
         self.runtime = ""

@@ -113,7 +113,7 @@ class GatewayProcess:
                                         "models": {MODEL_ID: entry}}))
         self.log = open(work / f"{name}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry), "--port", str(self.port)],
+            [sys.executable, "-m", "ops.cli", "serve", "--registry", str(registry), "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env(), cwd=ROOT,
         )
         self.label = ""

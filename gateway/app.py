@@ -23,23 +23,25 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import Parameter
 
-from gateway import auth, dialect_routes, pipeline
+from gateway import rerank_routes
+from serving import pipeline
+from tenancy import auth
 from core.config import Registry, detect_gpu_type
 from core.host import cuda_device_name
 from core.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway import schemas, strict_json
 from gateway.http_errors import ADMIN_ERRORS, AUTH_ERRORS, EXCEPTION_HANDLERS, RERANK_ERRORS, error_responses
-from gateway.lifecycle import Lifecycle
-from gateway.limits import Limiter, build_limiter
-from gateway.logs import with_request_id
-from gateway.metrics import Metrics
-from gateway.models import ModelPool
-from gateway.protocol import cohere
-from gateway.reload import Reloader
-from gateway.caller import Caller
-from gateway.service import RerankService
-from gateway.shadow import ShadowRecorder
-from gateway.usage import UsageStore, total
+from server.lifecycle import Lifecycle
+from tenancy.limits import Limiter, build_limiter
+from observability.logs import with_request_id
+from observability.metrics import Metrics
+from pool.model_pool import ModelPool
+from dialects import cohere
+from serving.reload import Reloader
+from tenancy.caller import Caller
+from serving.service import RerankService
+from serving.shadow import ShadowRecorder
+from tenancy.usage import UsageStore, total
 
 log = logging.getLogger("rerank_gateway")
 
@@ -83,7 +85,7 @@ async def _run_rerank(
     limiter: Limiter,
     usage: UsageStore,
 ) -> Response:
-    """Dialect -> internal request -> gateway.pipeline -> dialect."""
+    """Dialect -> internal request -> serving.pipeline -> dialect."""
     internal = cohere.to_internal(data, max_documents=service.registry.server.max_documents)
     routed = await pipeline.rerank(request, service, internal, caller=caller, limiter=limiter, usage=usage)
     body = cohere.to_response(data, routed.result, api_version=api_version)
@@ -93,7 +95,7 @@ async def _run_rerank(
 _STRICT_RERANK = strict_json.strict_body(cohere.CohereRerankRequest)
 
 
-# /rerank (Jina's path, also TEI's) lives in gateway.dialect_routes: its body says which dialect it is.
+# /rerank (Jina's path, also TEI's) lives in gateway.rerank_routes: its body says which dialect it is.
 @post(
     "/v1/rerank", status_code=200, summary="Rerank (Cohere v1 / Jina)",
     before_request=_STRICT_RERANK, responses=error_responses(*RERANK_ERRORS),
@@ -246,7 +248,7 @@ def create_app(
         app.state.service = RerankService(registry, pool, metrics)
         app.state.shadows = ShadowRecorder(metrics)
         app.state.reloader = reloader = Reloader(str(registry_path) if registry_path else None, gpu_type)
-        # Driven by gateway.server on SIGTERM; a fresh one (never draining) under any other server.
+        # Driven by server.http_server on SIGTERM; a fresh one (never draining) under any other server.
         app.state.lifecycle = lifecycle or Lifecycle()
         loop = asyncio.get_running_loop()
         if reload_on_sighup:
@@ -275,7 +277,7 @@ def create_app(
 
     app = Litestar(
         route_handlers=[
-            rerank_v1, rerank_v2, *dialect_routes.HANDLERS, list_models, route_report, my_usage, all_usage, admin_reload, health, ready, metrics,
+            rerank_v1, rerank_v2, *rerank_routes.HANDLERS, list_models, route_report, my_usage, all_usage, admin_reload, health, ready, metrics,
         ],
         dependencies={
             "service": Provide(_service, sync_to_thread=False),

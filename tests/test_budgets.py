@@ -13,8 +13,8 @@ import yaml
 from conftest import MINILM, app_client, minilm_registry
 from core import budgets, host
 from core.config import effective, load_registry, parse_registry
-from gateway.cli import main
-from gateway.tune import pair_lengths, peak_live_bytes
+from ops.cli import main
+from ops.tune import pair_lengths, peak_live_bytes
 
 SHIPPED = Path(__file__).resolve().parent.parent / "registry.yaml"
 

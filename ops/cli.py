@@ -32,13 +32,14 @@ def _load(path: str):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway import logs, server
+    from observability import logs
+    from server import http_server
     from gateway.app import create_app
-    from gateway.lifecycle import Lifecycle
+    from server.lifecycle import Lifecycle
 
     registry = _load(args.registry)
     # SIGHUP re-reads the registry file (as does POST /admin/reload).
-    # SIGTERM drains (bounded by server.drain_timeout_s) and exits 0; see gateway/server.py.
+    # SIGTERM drains (bounded by server.drain_timeout_s) and exits 0; see server/http_server.py.
     lifecycle = Lifecycle()
     app = create_app(registry, registry_path=args.registry, reload_on_sighup=True, lifecycle=lifecycle)
     log_options = logs.configure(args.log_format)  # after create_app, which sets up Litestar's logging
@@ -47,10 +48,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "serving on %s with no tenants configured: anyone who can reach this address can use it", args.host
         )
     if args.watch_registry:
-        from gateway import registry_watch
+        from serving import registry_watch
 
         registry_watch.install(app, args.registry, args.watch_registry)
-    server.serve(app, host=args.host, port=args.port, settings=registry.server, lifecycle=lifecycle, **log_options)
+    http_server.serve(app, host=args.host, port=args.port, settings=registry.server, lifecycle=lifecycle, **log_options)
     return 0
 
 
@@ -61,7 +62,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from gateway.planning import plan, render
+    from ops.plan import plan, render
 
     registry = _load(args.registry)
     if args.rps is not None:
@@ -79,7 +80,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _plan_capacity(registry, args: argparse.Namespace) -> int:
     from core.config import name_index
-    from gateway import capacity
+    from ops import capacity
 
     if args.docs is None or args.doc_tokens is None:
         print("error: --rps needs --docs and --doc-tokens", file=sys.stderr)
@@ -98,7 +99,7 @@ def _plan_capacity(registry, args: argparse.Namespace) -> int:
 
 
 def cmd_registry_sync(args: argparse.Namespace) -> int:
-    from gateway import registry_watch
+    from serving import registry_watch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return registry_watch.sync(Path(args.base), [Path(p) for p in args.overlay], Path(args.out), watch_s=args.watch)
@@ -106,7 +107,7 @@ def cmd_registry_sync(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from core.config import name_index
-    from gateway.tune import profile_yaml, tune
+    from ops.tune import profile_yaml, tune
 
     registry = _load(args.registry)
     model_id = name_index(registry).get(args.model)
@@ -124,7 +125,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_keys_new(args: argparse.Namespace) -> int:
     import secrets
 
-    from gateway.auth import key_sha256
+    from tenancy.auth import key_sha256
 
     key = "rg-" + secrets.token_urlsafe(32)
     digest = key_sha256(key)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     _registry_arg(plan)
     plan.add_argument("--gpu", help="plan for this GPU type key (or 'cpu') instead of the detected one; exit 1 if it does not fit")
-    # Capacity (gateway.capacity): with --rps, workers per GPU type (or CPU cores) from measured profiles.
+    # Capacity (ops.capacity): with --rps, workers per GPU type (or CPU cores) from measured profiles.
     plan.add_argument("--rps", type=float, help="capacity mode: requests per second to serve")
     plan.add_argument("--docs", type=int, help="documents per request")
     plan.add_argument("--doc-tokens", type=int, help="tokens per document")

@@ -15,7 +15,7 @@ import msgspec
 
 from core.errors import BadRequest, GatewayError, InferenceFailed, ModelUnavailable, ServiceUnavailable, Timeout, TooManyRequests
 from gateway.http_errors import ErrorDialect
-from gateway.types import RerankRequest, RerankResult, Scored
+from core.rerank import RerankRequest, RerankResult, Scored
 
 PATH = "/rerank"
 # TEI's --max-client-batch-size default; an upstream TEI refuses more texts per call.

@@ -30,7 +30,7 @@ class Metrics:
         self.cancelled = Counter("rerank_cancelled_requests", "Requests whose queued work was dropped (timeout, disconnect)", ["model"], registry=r)
         self.device_memory = Gauge("rerank_device_memory_bytes", "Device memory allocated by torch", ["device"], registry=r)
         self.search_units = Counter("rerank_search_units", "Search units served", ["model", "tenant"], registry=r)
-        # Routes and shadow traffic (gateway.routing, gateway.shadow).
+        # Routes and shadow traffic (serving.routing, serving.shadow).
         self.route_requests = Counter("rerank_route_requests", "Requests answered through a route, by the model that answered", ["route", "model"], registry=r)
         self.route_fallbacks = Counter("rerank_route_fallbacks", "Models a route passed over, by cause (unavailable, loading, overloaded, failed)", ["route", "model", "cause"], registry=r)
         self.shadow_requests = Counter("rerank_shadow_requests", "Shadow requests by outcome (compared, dropped_busy, dropped_overloaded, dropped_unavailable, dropped_backlog, failed)", ["route", "shadow", "outcome"], registry=r)
@@ -44,7 +44,7 @@ class Metrics:
         self.documents = Counter("rerank_documents", "Documents reranked", ["model", "tenant"], registry=r)
         self.billed_tokens = Counter("rerank_billed_tokens", "Tokens of answered requests", ["model", "tenant"], registry=r)
         self.limited = Counter("rerank_limited_requests", "Requests refused by a tenant limit", ["tenant", "limit"], registry=r)
-        # Upstream endpoints of `backend: remote` models (gateway.endpoints, gateway.remote).
+        # Upstream endpoints of `backend: remote` models (pool.upstream_endpoints, pool.remote_runner).
         up = ["model", "endpoint"]
         self.upstream_requests = Counter("rerank_upstream_requests", "Calls to an upstream endpoint by outcome (ok, http_429, http_4xx, http_5xx, connect_error, timeout, transport_error, bad_response, cancelled)", [*up, "outcome"], registry=r)
         self.upstream_seconds = Histogram("rerank_upstream_seconds", "Latency of calls to an upstream endpoint", up, buckets=LATENCY_BUCKETS, registry=r)

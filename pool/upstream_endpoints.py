@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from core.errors import ModelUnavailable, Timeout, TooManyRequests
-from gateway.metrics import Metrics
+from observability.metrics import Metrics
 
 EJECT_AFTER = 3
 FIRST_COOL_DOWN_S = 1.0

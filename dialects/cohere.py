@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import msgspec
 
 from core.errors import BadRequest
-from gateway.types import RerankRequest, RerankResult, Scored, search_units
+from core.rerank import RerankRequest, RerankResult, Scored, search_units
 
 
 # Integer ranges the server enforces; msgspec checks them and the OpenAPI document states them.

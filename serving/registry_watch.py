@@ -8,7 +8,7 @@ that the kubelet swaps in place when they change. Two small loops keep the gatew
   replaced), validates the result whole and writes it atomically. A result that does not validate is
   refused and the last good file stays.
 - `serve --watch-registry S`: polls the registry file's content every S seconds and, when it changed,
-  reloads it as SIGHUP and POST /admin/reload do (gateway.reload: an invalid file is refused, the running
+  reloads it as SIGHUP and POST /admin/reload do (serving.reload: an invalid file is refused, the running
   configuration stays).
 """
 

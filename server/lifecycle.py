@@ -1,4 +1,4 @@
-"""The serving process's phase, shared by the server that drives it (gateway.server) and the app that reads it.
+"""The serving process's phase, shared by the server that drives it (server.http_server) and the app that reads it.
 
 No web server here: the app only asks "are we draining?" (so /ready answers 503) and "has the drain
 deadline passed?" (so requests still waiting on a model are failed with a 503 instead of being cut off)."""

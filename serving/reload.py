@@ -24,8 +24,8 @@ from litestar.datastructures import State
 from core.config import RegistryError, load_registry
 from core.errors import BadRequest
 from engine import Scheduler
-from gateway.models import ModelEntry, ModelPool
-from gateway.service import RerankService
+from pool.model_pool import ModelEntry, ModelPool
+from serving.service import RerankService
 
 log = logging.getLogger("rerank_gateway.reload")
 

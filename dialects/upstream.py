@@ -1,4 +1,4 @@
-"""The dialects a `backend: remote` model can call, each built from the protocol module that also serves it,
+"""The dialects a `backend: remote` model can call, each built from the dialect module that also serves it,
 so every wire shape is written once.
 
 - cohere: Cohere v2 at {base}/v2/rerank (api.cohere.com, or any Cohere-compatible server).
@@ -15,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from gateway.protocol import cohere, tei, voyage
-from gateway.types import RerankRequest, Scored
+from dialects import cohere, tei, voyage
+from core.rerank import RerankRequest, Scored
 
 
 # What `dialect: gateway` adds to each call: the tenant the front door serves it for, and its weight (a
-# rerank-gateway honours them from a tenant marked `forwards_tenants`, gateway.pipeline).
+# rerank-gateway honours them from a tenant marked `forwards_tenants`, serving.pipeline).
 TENANT_HEADER = "x-rerank-tenant"
 TENANT_WEIGHT_HEADER = "x-rerank-tenant-weight"
 

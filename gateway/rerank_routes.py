@@ -15,13 +15,14 @@ import msgspec
 from litestar import MediaType, Request, Response, post
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody, Schema
 
-from gateway import pipeline, strict_json
+from gateway import strict_json
+from serving import pipeline
 from gateway.http_errors import COHERE, RERANK_ERRORS, dialect_opt, error_responses, use_dialect
-from gateway.limits import Limiter
-from gateway.protocol import cohere, tei, voyage
-from gateway.caller import Caller
-from gateway.service import RerankService
-from gateway.usage import UsageStore
+from tenancy.limits import Limiter
+from dialects import cohere, tei, voyage
+from tenancy.caller import Caller
+from serving.service import RerankService
+from tenancy.usage import UsageStore
 
 
 @post(

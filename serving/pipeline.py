@@ -11,14 +11,15 @@ import re
 from litestar import Request
 
 from core.errors import ClientClosedRequest, ServiceUnavailable
-from gateway import auth, routing, service as rerank_service
-from gateway.limits import Limiter, OverLimit
-from gateway.protocol.upstream import TENANT_HEADER, TENANT_WEIGHT_HEADER
-from gateway.routing import Routed
-from gateway.caller import Caller
-from gateway.service import RerankService
-from gateway.types import RerankRequest, RerankResult, max_scored_units, search_units
-from gateway.usage import UsageStore
+from serving import routing, service as rerank_service
+from tenancy import auth
+from tenancy.limits import Limiter, OverLimit
+from dialects.upstream import TENANT_HEADER, TENANT_WEIGHT_HEADER
+from serving.routing import Routed
+from tenancy.caller import Caller
+from serving.service import RerankService
+from core.rerank import RerankRequest, RerankResult, max_scored_units, search_units
+from tenancy.usage import UsageStore
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -54,7 +55,7 @@ async def rerank(
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
         tenant = service.registry.tenants.get(caller.tenant)
-        # Quota is reserved for the most chunks the request can become (gateway.types.max_scored_units).
+        # Quota is reserved for the most chunks the request can become (core.rerank.max_scored_units).
         async with limiter.hold(caller.tenant, tenant, search_units(max_scored_units(internal))) as lease:
             routed = await rerank_service.rerank_routed(
                 service,

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, TypeVar
 
 from core.config import Registry, Tenant, key_hashes
 from core.errors import Forbidden, NotFound, Unauthorized
-from gateway.caller import Caller
+from tenancy.caller import Caller
 
 T = TypeVar("T")
 

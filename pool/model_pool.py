@@ -21,10 +21,10 @@ from core.budgets import gpu_budget
 from core.config import Effective, ModelSpec, Registry, effective
 from core.errors import ModelUnavailable
 from engine import Scheduler
-from gateway.metrics import Metrics
-from gateway.planning import usable_gb
-from gateway.remote import RemoteModel
-from gateway.runners import LocalRunner, Runner
+from observability.metrics import Metrics
+from ops.plan import usable_gb
+from pool.remote_runner import RemoteModel
+from pool.local_runner import LocalRunner, Runner
 
 log = logging.getLogger("rerank_gateway")
 
@@ -146,7 +146,7 @@ class ModelPool:
         return entry.scheduler
 
     async def runner(self, model_id: str) -> Runner:
-        """What answers a model's requests (gateway.runners), loading it first if it is lazy."""
+        """What answers a model's requests (pool.local_runner), loading it first if it is lazy."""
         entry = await self._ready(model_id)
         if entry.remote is not None:
             return entry.remote

@@ -1,5 +1,5 @@
 """`backend: remote`: a model answered by another rerank service (hosted or self-hosted), through a pool of
-endpoints that speak one dialect (gateway.protocol.upstream). A runner like gateway.runners.LocalRunner:
+endpoints that speak one dialect (dialects.upstream). A runner like pool.local_runner.LocalRunner:
 the service asks it for a RerankResult and never sees HTTP.
 
 A request larger than the upstream takes is split into calls of max_documents_per_call, sent at once
@@ -25,12 +25,12 @@ from core.config import ModelSpec
 from core.errors import (
     BadRequest, ClientClosedRequest, GatewayError, InferenceFailed, ModelUnavailable, Timeout, TooManyRequests,
 )
-from gateway.caller import Caller
-from gateway.endpoints import Endpoint, EndpointPool
-from gateway.logs import outbound_headers
-from gateway.metrics import Metrics
-from gateway.protocol.upstream import DIALECTS, TENANT_HEADER, TENANT_WEIGHT_HEADER
-from gateway.types import RerankRequest, RerankResult, Scored
+from tenancy.caller import Caller
+from pool.upstream_endpoints import Endpoint, EndpointPool
+from observability.logs import outbound_headers
+from observability.metrics import Metrics
+from dialects.upstream import DIALECTS, TENANT_HEADER, TENANT_WEIGHT_HEADER
+from core.rerank import RerankRequest, RerankResult, Scored
 
 log = logging.getLogger("rerank_gateway.remote")
 # httpx logs every call at INFO: one line per upstream call costs the front door about a millisecond of

@@ -37,7 +37,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from core.config import ServerSettings
 from core.errors import error_body
-from gateway.lifecycle import Lifecycle
+from server.lifecycle import Lifecycle
 
 log = logging.getLogger("rerank_gateway")
 
@@ -295,7 +295,7 @@ def raise_fd_limit(max_connections: int) -> None:
 def config(
     app: Any, *, host: str, port: int, settings: ServerSettings, lifecycle: Lifecycle, log_level: str = "info", **log_options: Any
 ) -> uvicorn.Config:
-    """`log_options` (gateway.logs.configure's) route uvicorn's own lines through the gateway's log format."""
+    """`log_options` (observability.logs.configure's) route uvicorn's own lines through the gateway's log format."""
     return uvicorn.Config(
         app,
         host=host,

@@ -10,11 +10,11 @@ from typing import Callable, Protocol
 
 from core.config import Registry, name_index
 from core.errors import GatewayError, InferenceFailed, ModelUnavailable, TooManyRequests
-from gateway.caller import Caller
-from gateway.metrics import Metrics
-from gateway.models import ModelPool
-from gateway.routing import Routed, RouteTable
-from gateway.types import RerankRequest, RerankResult, search_units
+from tenancy.caller import Caller
+from observability.metrics import Metrics
+from pool.model_pool import ModelPool
+from serving.routing import Routed, RouteTable
+from core.rerank import RerankRequest, RerankResult, search_units
 
 
 class RerankService:
@@ -62,7 +62,7 @@ class RerankService:
 
 
 class ShadowSink(Protocol):
-    """Where mirrored requests go (gateway.shadow.ShadowRecorder); also counts who answered."""
+    """Where mirrored requests go (serving.shadow.ShadowRecorder); also counts who answered."""
 
     def answered(self, route: str, model_id: str, skipped: list[tuple[str, str]]) -> None: ...
 

@@ -13,7 +13,7 @@ import msgspec
 
 from core.errors import BadRequest
 from gateway.http_errors import ErrorDialect
-from gateway.types import RerankRequest, RerankResult, Scored
+from core.rerank import RerankRequest, RerankResult, Scored
 
 # Voyage's own limit, applied to this dialect whatever the server's max_documents.
 MAX_DOCUMENTS = 1000

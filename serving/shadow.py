@@ -5,7 +5,7 @@ the caller never waits for it. The shadow runs as its own tenant with a tiny fai
 lowest priority, so real traffic on the shadow model always goes first, and it is dropped (and counted)
 rather than queued when its model is already busy: under load the shadow is the first thing to go.
 
-Each comparison records how the two rankings agree (gateway.agreement) into Prometheus series and into
+Each comparison records how the two rankings agree (serving.agreement) into Prometheus series and into
 the JSON served at GET /v1/routes/<name>/report. Statistics live for the app's lifetime, across reloads.
 """
 
@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from gateway.agreement import OVERLAP_KS, Agreement, ScoreSummary, compare
+from serving.agreement import OVERLAP_KS, Agreement, ScoreSummary, compare
 from core.config import Route
 from core.errors import ModelUnavailable, TooManyRequests
-from gateway.metrics import Metrics
-from gateway.caller import Caller
-from gateway.service import RerankService
-from gateway.types import RerankRequest, RerankResult
+from observability.metrics import Metrics
+from tenancy.caller import Caller
+from serving.service import RerankService
+from core.rerank import RerankRequest, RerankResult
 
 log = logging.getLogger("rerank_gateway.shadow")
 
@@ -99,7 +99,7 @@ class ShadowRecorder:
             stats = self.routes[route] = RouteStats()
         return stats
 
-    # -- called by gateway.routing for every routed answer ---------------------------------------------
+    # -- called by serving.routing for every routed answer ---------------------------------------------
     def answered(self, route: str, model_id: str, skipped: list[tuple[str, str]]) -> None:
         stats = self._stats(route)
         stats.answered[model_id] += 1

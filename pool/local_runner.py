@@ -1,5 +1,5 @@
 """Model runners: what the service asks for scored results. A local runner is a loaded model's scheduler
-and backend (tokenize here, score in the engine); a remote runner (gateway.remote.RemoteModel) is a pool
+and backend (tokenize here, score in the engine); a remote runner (pool.remote_runner.RemoteModel) is a pool
 of upstream endpoints and has no tokenizer or device. Both answer one internal request with a RerankResult
 cut to its top_n."""
 
@@ -12,9 +12,9 @@ from typing import Protocol
 from core.config import Effective, ModelSpec
 from core.errors import BadRequest
 from engine import Scheduler
-from gateway.caller import Caller
-from gateway.metrics import Metrics
-from gateway.types import RerankRequest, RerankResult
+from tenancy.caller import Caller
+from observability.metrics import Metrics
+from core.rerank import RerankRequest, RerankResult
 
 
 class Runner(Protocol):

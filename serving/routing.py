@@ -2,7 +2,7 @@
 
 A route splits traffic by weight (one entry = a plain alias), optionally sticky per tenant or per user,
 falls back in order when the chosen model cannot answer, and may mirror requests to a shadow model
-(`gateway.shadow`). Requests that name a model directly bypass all of this.
+(`serving.shadow`). Requests that name a model directly bypass all of this.
 
 Sticky assignment hashes (route, key) with sha256 into [0, 1) and walks the cumulative weights, so the
 same user lands on the same variant in every request and on every replica that serves the same registry,
@@ -18,7 +18,7 @@ from typing import Callable
 
 from core.config import Registry
 from core.errors import BadRequest, Forbidden, NotFound
-from gateway.types import RerankResult
+from core.rerank import RerankResult
 
 # Request headers: a tester forces a variant; a client names its user when the body has no `user`.
 VARIANT_HEADER = "x-rerank-variant"
