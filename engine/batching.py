@@ -68,9 +68,15 @@ def take_batch(
     # Across tenants the tenant tag decides; inside the chosen tenant, the request tag.
     first = min((s for s in window if s.work.tenant == tenant), key=lambda s: (s.rtag, s.seq))
     batch, rest = _build(window, first, budget, max_batch_size, cost, min(run_budget or budget, budget))
-    # Virtual time moves to the lead's tag only when the lead is served: when a small request of the same
-    # tenant went first, a tenant arriving now must still start ahead of the lead, not tie with it.
-    queue.served(tenant, lead.tag if any(s is lead for s in batch) else None, first.rtag)
+    # Virtual time moves past what this batch served of the lead tenant, and inside it of the anchor
+    # request, not only to where they started: a request arriving now starts at that virtual time, so
+    # the pairs still queued with smaller tags go first. Moving only to the anchor's first tag starved
+    # the leftovers of a request split across batches under a closed loop of small requests (each
+    # newcomer tied with the one before and went first: p99 = the whole run).
+    # The tenant level moves only when the lead is served: when a small request of the same tenant went
+    # first, a tenant arriving now must still start ahead of the lead, not tie with it.
+    served_tag = max((s.tag for s in batch if s.work.tenant == tenant), default=None) if any(s is lead for s in batch) else None
+    queue.served(tenant, served_tag, max(s.rtag for s in batch if s.work is first.work))
     return batch, rest
 
 

