@@ -57,6 +57,12 @@ def cpu_budget(backend: str, cpu_streams: int, cores: int | None = None, kind: s
     return tokens, why
 
 
+def usable_gb(memory_gb: float) -> float:
+    """What a card offers the models: its memory less the CUDA context, the caching allocator's
+    fragmentation and the gap between the marketed and the real size (a "16 GB" T4 has 15.1 GiB)."""
+    return memory_gb - max(1.0, 0.05 * memory_gb)
+
+
 def gpu_probe_tokens(max_length: int) -> int:
     return max(GPU_PROBE_TOKENS, max_length)
 

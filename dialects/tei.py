@@ -14,7 +14,7 @@ from typing import Any, Literal
 import msgspec
 
 from core.errors import BadRequest, GatewayError, InferenceFailed, ModelUnavailable, ServiceUnavailable, Timeout, TooManyRequests
-from gateway.http_errors import ErrorDialect
+from dialects.errors import ErrorDialect
 from core.rerank import RerankRequest, RerankResult, Scored
 
 PATH = "/rerank"
@@ -84,7 +84,7 @@ def error_status(status: int, exc: Exception | None) -> int:
     return status if status in (401, 403, 404, 413) else STATUS[error_type(status, exc)]
 
 
-# How this dialect writes an error (gateway.http_errors); for OpenAPI, what each gateway status becomes:
+# How this dialect writes an error (dialects.errors); for OpenAPI, what each gateway status becomes:
 # a 400 is Empty (400) or Validation (422), a timeout a Backend error (424).
 ERRORS = ErrorDialect(
     TeiError,

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from core.errors import BadRequest
-from gateway.http_errors import ErrorDialect
+from dialects.errors import ErrorDialect
 from core.rerank import RerankRequest, RerankResult, Scored
 
 # Voyage's own limit, applied to this dialect whatever the server's max_documents.
@@ -69,7 +69,7 @@ def to_response(req: VoyageRerankRequest, result: RerankResult) -> VoyageRerankR
     return VoyageRerankResponse(object="list", data=data, model=result.model, usage=VoyageUsage(result.total_tokens))
 
 
-# How this dialect writes an error (gateway.http_errors): Voyage's {"detail"}, with the gateway's status.
+# How this dialect writes an error (dialects.errors): Voyage's {"detail"}, with the gateway's status.
 ERRORS = ErrorDialect(VoyageError, lambda _status, message, _exc: VoyageError(message))
 
 

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.budgets import usable_gb
 from core.config import Registry, effective
 
 GIB = 1024**3
 KIB = 1024
-
-
-def usable_gb(memory_gb: float) -> float:
-    """What a card offers the models: its memory less the CUDA context, the caching allocator's
-    fragmentation and the gap between the marketed and the real size (a "16 GB" T4 has 15.1 GiB)."""
-    return memory_gb - max(1.0, 0.05 * memory_gb)
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,11 @@ from typing import Literal
 import msgspec
 
 from backends import backend_class
-from core.budgets import gpu_budget
+from core.budgets import gpu_budget, usable_gb
 from core.config import Effective, ModelSpec, Registry, effective
 from core.errors import ModelUnavailable
 from engine import Scheduler
 from observability.metrics import Metrics
-from ops.plan import usable_gb
 from pool.remote_runner import RemoteModel
 from pool.local_runner import LocalRunner, Runner
 

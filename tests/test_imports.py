@@ -93,3 +93,22 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path
     known = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
     graph = {name: imported(name, path, known) for name, path in known.items()}
     assert cycles(graph) == [["a", "b"]]
+
+
+# The packages from the ground up: each may import only its own modules and the packages below it. The
+# stages a request walks through sit above what they use; the ops commands sit above everything serving.
+LAYERS = ["core", "observability", "backends", "engine", "dialects", "tenancy", "pool", "serving", "server", "gateway", "ops", "bench"]
+
+
+def test_packages_import_only_the_layers_below_them():
+    known = modules()
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    upward = []
+    for name, path in known.items():
+        top = name.split(".")[0]
+        for target in imported(name, path, known):
+            below = target.split(".")[0]
+            if below != top and not rank[below] < rank[top]:
+                upward.append(f"{name} -> {target}")
+    assert set(rank) >= {name.split(".")[0] for name in known}, "a package is missing from LAYERS"
+    assert not upward, "imports against the layers: " + ", ".join(sorted(upward))
