@@ -99,10 +99,10 @@ def _plan_capacity(registry, args: argparse.Namespace) -> int:
 
 
 def cmd_registry_sync(args: argparse.Namespace) -> int:
-    from serving import registry_watch
+    from ops import registry_sync
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return registry_watch.sync(Path(args.base), [Path(p) for p in args.overlay], Path(args.out), watch_s=args.watch)
+    return registry_sync.sync(Path(args.base), [Path(p) for p in args.overlay], Path(args.out), watch_s=args.watch)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

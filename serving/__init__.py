@@ -5,5 +5,5 @@
 - `routing`: the route table: weighted and sticky splits, fallbacks, a forced variant.
 - `shadow`: mirrored requests to a route's shadow model and the per-route report.
 - `agreement`: how two rankings of the same documents agree (top-1, overlap@k, Kendall, Spearman).
-- `reload`, `registry_watch`: swapping in a changed registry file without a restart.
+- `reload`: swapping in a changed registry file without a restart; `registry_watch` polls the file.
 """
