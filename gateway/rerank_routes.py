@@ -1,5 +1,6 @@
-"""The Voyage and TEI routes, and the bare /rerank that Jina-, Cohere- and TEI-shaped clients all post to
-(a body with `texts` and no `documents` is TEI's).
+"""The rerank routes of every dialect: Cohere's /v1/rerank and /v2/rerank (Jina's too), Voyage's, TEI's, and
+the bare /rerank that Jina-, Cohere- and TEI-shaped clients all post to (a body with `texts` and no
+`documents` is TEI's).
 
 Every route checks its body strictly (gateway.strict_json) and answers errors in its dialect through the
 one error mechanism (gateway.http_errors): Voyage's and TEI's routes name their `ErrorDialect`, /rerank
@@ -15,14 +16,54 @@ import msgspec
 from litestar import MediaType, Request, Response, post
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody, Schema
 
-from gateway import strict_json
-from serving import pipeline
-from gateway.http_errors import COHERE, RERANK_ERRORS, dialect_opt, error_responses, use_dialect
-from tenancy.limits import Limiter
 from dialects import cohere, tei, voyage
-from tenancy.caller import Caller
+from gateway import strict_json
+from gateway.http_errors import COHERE, RERANK_ERRORS, dialect_opt, error_responses, use_dialect
+from serving import pipeline
 from serving.service import RerankService
+from tenancy.caller import Caller
+from tenancy.limits import Limiter
 from tenancy.usage import UsageStore
+
+
+async def _run_rerank(
+    request: Request,
+    service: RerankService,
+    data: cohere.CohereRerankRequest,
+    api_version: str,
+    *,
+    caller: Caller,
+    limiter: Limiter,
+    usage: UsageStore,
+) -> Response:
+    """Dialect -> internal request -> serving.pipeline -> dialect."""
+    internal = cohere.to_internal(data, max_documents=service.registry.server.max_documents)
+    routed = await pipeline.rerank(request, service, internal, caller=caller, limiter=limiter, usage=usage)
+    body = cohere.to_response(data, routed.result, api_version=api_version)
+    return Response(body, headers=pipeline.headers(routed), media_type=MediaType.JSON)
+
+
+_STRICT_RERANK = strict_json.strict_body(cohere.CohereRerankRequest)
+
+
+@post(
+    "/v1/rerank", status_code=200, summary="Rerank (Cohere v1 / Jina)",
+    before_request=_STRICT_RERANK, responses=error_responses(*RERANK_ERRORS),
+)
+async def rerank_v1(
+    request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore, data: cohere.CohereRerankRequest
+) -> Response[cohere.CohereRerankResponse]:
+    return await _run_rerank(request, service, data, "1", caller=caller, limiter=limiter, usage=usage)
+
+
+@post(
+    "/v2/rerank", status_code=200, summary="Rerank (Cohere v2)",
+    before_request=_STRICT_RERANK, responses=error_responses(*RERANK_ERRORS),
+)
+async def rerank_v2(
+    request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore, data: cohere.CohereRerankRequest
+) -> Response[cohere.CohereRerankResponse]:
+    return await _run_rerank(request, service, data, "2", caller=caller, limiter=limiter, usage=usage)
 
 
 @post(
@@ -117,4 +158,4 @@ async def _tei(
     return Response(tei.to_response(data, routed.result), headers=pipeline.headers(routed), media_type=MediaType.JSON)
 
 
-HANDLERS = [rerank_voyage, rerank_tei, rerank_bare]
+HANDLERS = [rerank_v1, rerank_v2, rerank_voyage, rerank_tei, rerank_bare]
