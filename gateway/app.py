@@ -103,7 +103,7 @@ def create_app(
                 loop.remove_signal_handler(signal.SIGHUP)
             await app.state.shadows.close()
             reloader.close()
-            app.state.service.pool.close()
+            await app.state.service.pool.close()
 
     @asynccontextmanager
     async def tenancy(app: Litestar) -> AsyncIterator[None]:

@@ -53,7 +53,7 @@ async def health() -> schemas.Health:
     responses={503: ResponseSpec(schemas.Readiness, description="Not ready: a model is loading or failed, or the server is draining")},
 )
 async def ready(request: Request, service: RerankService, limiter: Limiter) -> Response[schemas.Readiness]:
-    models = {e.model_id: e.state for e in service.pool.entries.values() if e.spec.load == "eager"}
+    models = service.pool.eager_states()
     draining = request.app.state.lifecycle.draining
     ok = service.pool.ready and not draining
     # Limits degrade without making the gateway unready: on_failure says whether it still serves.
@@ -63,11 +63,9 @@ async def ready(request: Request, service: RerankService, limiter: Limiter) -> R
 
 @get("/metrics", exclude_from_auth=True, security=[{}], media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
 async def metrics(service: RerankService) -> bytes:
-    for model_id, entry in service.pool.entries.items():
-        if entry.scheduler is not None:
-            pairs, tokens = entry.scheduler.queue_depth()
-            service.metrics.queue_pairs.labels(model_id).set(pairs)
-            service.metrics.queue_tokens.labels(model_id).set(tokens)
+    for model_id, pairs, tokens in service.pool.queue_depths():
+        service.metrics.queue_pairs.labels(model_id).set(pairs)
+        service.metrics.queue_tokens.labels(model_id).set(tokens)
     return service.metrics.render()
 
 

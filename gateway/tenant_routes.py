@@ -21,8 +21,8 @@ from tenancy.usage import UsageStore, total
 
 @get("/v1/models", summary="Models the caller may use, with their state", responses=error_responses(*AUTH_ERRORS))
 async def list_models(service: RerankService, caller: Caller) -> schemas.ModelList:
-    entries = [e for e in service.pool.entries.values() if auth.may_use(caller, e.model_id)]
-    return schemas.ModelList(object="list", data=[msgspec.convert(e.describe(), schemas.ModelInfo) for e in entries])
+    models = [msgspec.convert(m, schemas.ModelInfo) for m in service.pool.describe() if auth.may_use(caller, m["id"])]
+    return schemas.ModelList(object="list", data=models)
 
 
 def _is_admin(request: Request, registry: Registry) -> bool:

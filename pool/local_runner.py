@@ -1,39 +1,92 @@
-"""Model runners: what the service asks for scored results. A local runner is a loaded model's scheduler
-and backend (tokenize here, score in the engine); a remote runner (pool.remote_runner.RemoteModel) is a pool
-of upstream endpoints and has no tokenizer or device. Both answer one internal request with a RerankResult
-cut to its top_n."""
+"""A local model's runner: what the serving pipeline asks for scored results. Tokenizes here (in the engine's
+tokenizer lanes), queues the pairs in the model's Scheduler and answers with a RerankResult cut to the
+request's top_n. One per loaded model, built by pool.local_loading and kept by the pool.
+
+A remote model's runner (pool.remote_runner.RemoteRunner) answers the same calls with no tokenizer or
+device of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Any, Callable
 
-from core.config import Effective, ModelSpec
+from core.config import Effective, ModelSpec, ServerSettings
 from core.errors import BadRequest
-from engine import Scheduler
-from tenancy.caller import Caller
-from observability.metrics import Metrics
 from core.rerank import RerankRequest, RerankResult
-
-
-class Runner(Protocol):
-    async def rerank(
-        self, req: RerankRequest, *, caller: Caller, timeout_s: float, disconnected: asyncio.Future | None = None
-    ) -> RerankResult: ...
+from engine import Scheduler
+from observability.metrics import Metrics
+from tenancy.caller import Caller
 
 
 class LocalRunner:
     def __init__(
-        self, model_id: str, spec: ModelSpec, eff: Effective, scheduler: Scheduler, metrics: Metrics, *, max_chunks_per_request: int
+        self,
+        model_id: str,
+        spec: ModelSpec,
+        eff: Effective,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        *,
+        server: ServerSettings,
+        weights_bytes: int = 0,
+        warmup: dict[str, Any] | None = None,
+        budget_reason: str | None = None,
+        load_seconds: float = 0.0,
     ) -> None:
         self.model_id = model_id
-        self.max_chunks_per_request = max_chunks_per_request
         self.spec = spec
         self.eff = eff
         self.scheduler = scheduler
         self.metrics = metrics
+        self.max_chunks_per_request = server.max_chunks_per_request
+        self.weights_bytes = weights_bytes
+        self.warmup = warmup
+        # Why the scheduler runs with its token budget, when the warm-up chose it (a profile-less GPU model).
+        self.budget_reason = budget_reason
+        self.load_seconds = load_seconds
 
+    # -- what the pool asks ------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """The model as /v1/models shows it once loaded: the precision and budget it really runs with."""
+        out = {
+            "profile": self.eff.profile,
+            "device": self.eff.device,
+            "dtype": str(self.scheduler.backend.dtype).removeprefix("torch."),
+            "max_length": self.eff.max_length,
+            "max_batch_tokens": self.scheduler.max_batch_tokens,
+            "budget_reason": self.budget_reason or self.eff.budget_reason,
+        }
+        runtime = self.scheduler.backend.runtime
+        if runtime is not None:
+            out["runtime"] = runtime.describe()
+        return out
+
+    def busy(self) -> bool:
+        """More than one batch already waiting: the model has real work to do (a shadow request skips it)."""
+        return self.scheduler.queue_depth()[0] > self.scheduler.max_batch_size
+
+    def queue_depth(self) -> tuple[int, int] | None:
+        """(pairs, tokens) waiting."""
+        return self.scheduler.queue_depth()
+
+    def reconfigure(self, spec: ModelSpec, server: ServerSettings) -> None:
+        """A reload kept this model: take the new entry's instruction and the server's queue limits."""
+        self.spec = spec
+        self.max_chunks_per_request = server.max_chunks_per_request
+        self.scheduler.max_queue_pairs = server.max_queue_pairs
+        self.scheduler.max_queue_tokens = server.max_queue_tokens
+
+    def watch_health(self, on_change: Callable[[str | None], None]) -> None:
+        """`on_change(reason)` from the engine's supervisor thread when an inference stream dies (a reason)
+        or is back (None)."""
+        self.scheduler.on_health = on_change
+
+    async def close(self) -> None:
+        # Joins the inference threads: off the event loop.
+        await asyncio.to_thread(self.scheduler.close)
+
+    # -- what the pipeline asks --------------------------------------------------------------------------
     async def rerank(
         self, req: RerankRequest, *, caller: Caller, timeout_s: float, disconnected: asyncio.Future | None = None
     ) -> RerankResult:

@@ -1,63 +1,84 @@
-"""The model pool: which models exist, their state, and the scheduler of each loaded one.
+"""The model pool: which models exist, their state, and the runner that answers each loaded one.
 
 Loading happens off the event loop, so /health answers while weights load and /ready tells the truth. A
 model that cannot load (no GPU for a GPU-only model, no network for a hub id, a budget that cannot hold
 its batch) is marked unavailable with the reason; the others still serve.
+
+Every state change happens on the event loop: a load's outcome is applied when its worker thread returns,
+and the engine's supervisor thread posts a dead (or restarted) inference stream to the loop, so the loop
+reading an entry never sees it half-written. The serving stages ask the pool, not its entries: a runner
+for a model (`runner`), why a model cannot answer right now (`unready_cause`), whether it is busy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Protocol
 
 import msgspec
 
-from backends import backend_class
-from core.budgets import gpu_budget, usable_gb
-from core.config import Effective, ModelSpec, Registry, effective
+from core.config import Effective, ModelSpec, Registry, ServerSettings, effective
 from core.errors import ModelUnavailable
+from core.rerank import RerankRequest, RerankResult
 from engine import Scheduler
 from observability.metrics import Metrics
-from pool.remote_runner import RemoteModel
-from pool.local_runner import LocalRunner, Runner
+from pool.local_loading import load_local
+from pool.local_runner import LocalRunner
+from pool.remote_runner import RemoteRunner
+from tenancy.caller import Caller
 
 log = logging.getLogger("rerank_gateway")
 
+# How often a model retired by a reload checks whether its last request has finished.
+DRAIN_POLL_S = 0.05
+
 State = Literal["ready", "loading", "unavailable", "not_loaded", "off"]
-GB = 1024**3
 
 
-class BudgetError(RuntimeError):
-    pass
+class Runner(Protocol):
+    """What answers a loaded model's requests: pool.local_runner.LocalRunner or pool.remote_runner.RemoteRunner."""
+
+    async def rerank(
+        self, req: RerankRequest, *, caller: Caller, timeout_s: float, disconnected: asyncio.Future | None = None
+    ) -> RerankResult: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def busy(self) -> bool: ...
+
+    def queue_depth(self) -> tuple[int, int] | None: ...
+
+    def reconfigure(self, spec: ModelSpec, server: ServerSettings) -> None: ...
+
+    def watch_health(self, on_change: Callable[[str | None], None]) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass
 class ModelEntry:
     model_id: str
     spec: ModelSpec
-    eff: Effective
+    eff: Effective | None  # None for a remote model: the upstream has the device, precision and batching
     state: State = "not_loaded"
     reason: str | None = None
-    scheduler: Scheduler | None = None
-    remote: RemoteModel | None = None  # backend: remote, in place of a scheduler
-    weights_bytes: int = 0
-    warmup: dict | None = None
-    load_seconds: float = 0.0
-    # The token budget the scheduler runs with and why, once loaded (a GPU budget chosen by the warm-up
-    # differs from the effective probe size).
-    batch_tokens: int | None = None
-    budget_reason: str | None = None
-    # Requests inside RerankService.rerank for this model: a reload that removes the model closes its
-    # scheduler only once this drops to zero.
+    runner: Runner | None = None  # once loaded; one for the model's life, cached
+    # Requests inside the pool's runner() for this model: a reload that removes the model closes its runner
+    # only once this drops to zero.
     active: int = 0
-    _loading: asyncio.Future | None = None
+    _loading: asyncio.Task | None = None
 
-    def describe(self) -> dict:
-        out = {
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """A loaded local model's engine scheduler (tests and benchmarks look inside it)."""
+        return self.runner.scheduler if isinstance(self.runner, LocalRunner) else None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "id": self.model_id,
             "object": "model",
             "created": 0,
@@ -65,24 +86,21 @@ class ModelEntry:
             "backend": self.spec.backend,
             "aliases": self.spec.aliases,
         }
-        if self.spec.backend != "remote":
-            # A remote model has no device, precision or batching here: the upstream has them.
+        if self.runner is not None:
+            out |= self.runner.describe()
+        elif self.eff is not None:
+            # Not loaded yet: what its profile says it will run with.
             out |= {
                 "profile": self.eff.profile,
                 "device": self.eff.device,
-                "dtype": str(self.scheduler.backend.dtype).removeprefix("torch.") if self.scheduler else self.eff.dtype,
+                "dtype": self.eff.dtype,
                 "max_length": self.eff.max_length,
-                "max_batch_tokens": self.batch_tokens or self.eff.max_batch_tokens,
-                "budget_reason": self.budget_reason or self.eff.budget_reason,
+                "max_batch_tokens": self.eff.max_batch_tokens,
+                "budget_reason": self.eff.budget_reason,
             }
-            runtime = self.scheduler.backend.runtime if self.scheduler else None
-            if runtime is not None:
-                out["runtime"] = runtime.describe()
         out["state"] = self.state
         if self.reason:
             out["reason"] = self.reason
-        if self.remote is not None:
-            out["upstream"] = self.remote.describe()
         return out
 
 
@@ -93,11 +111,13 @@ class ModelPool:
         self.metrics = metrics
         self.entries: dict[str, ModelEntry] = {}
         for model_id, spec in registry.models.items():
-            entry = ModelEntry(model_id, spec, effective(spec, gpu_type))
+            entry = ModelEntry(model_id, spec, None if spec.backend == "remote" else effective(spec, gpu_type))
             if spec.load == "off":
                 entry.state, entry.reason = "off", "load: off in the registry"
             self.entries[model_id] = entry
         self._startup: asyncio.Task | None = None
+        # Models a reload retired, closing once their last request is done (kept across reloads).
+        self._retiring: dict[asyncio.Task, ModelEntry] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -110,7 +130,7 @@ class ModelPool:
         async def load_all() -> None:
             for i, entry in enumerate(eager, 1):
                 log.info("loading model %s (%d/%d) from %s", entry.model_id, i, len(eager), entry.spec.source)
-                await self.ensure_loaded(entry)
+                await asyncio.shield(self._begin_load(entry))
 
         self._startup = asyncio.get_running_loop().create_task(load_all())
 
@@ -127,51 +147,60 @@ class ModelPool:
         if self._startup is not None:
             self._startup.cancel()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """At shutdown: every model, those still draining after a reload included, now."""
         self.stop_startup()
-        for entry in self.entries.values():
-            if entry.scheduler is not None:
-                entry.scheduler.close()
-                entry.scheduler = None
-            if entry.remote is not None:
-                entry.remote.close()
+        for task in list(self._retiring):
+            task.cancel()
+        for entry in [*self.entries.values(), *self._retiring.values()]:
+            runner = _switch_off(entry, "the server is shutting down")
+            if runner is not None:
+                await runner.close()
 
-    # -- access -----------------------------------------------------------------------------------------
-    async def scheduler(self, model_id: str) -> Scheduler:
-        """The scheduler of a local model, loading it first if it is lazy. Raises ModelUnavailable."""
-        entry = await self._ready(model_id)
-        if entry.scheduler is None:
-            raise ModelUnavailable(f"model {model_id!r} has no local scheduler (backend {entry.spec.backend})")
-        return entry.scheduler
-
-    async def runner(self, model_id: str) -> Runner:
-        """What answers a model's requests (pool.local_runner), loading it first if it is lazy."""
-        entry = await self._ready(model_id)
-        if entry.remote is not None:
-            return entry.remote
-        assert entry.scheduler is not None
-        return LocalRunner(
-            model_id, entry.spec, entry.eff, entry.scheduler, self.metrics,
-            max_chunks_per_request=self.registry.server.max_chunks_per_request,
-        )
-
-    async def _ready(self, model_id: str) -> ModelEntry:
+    # -- what the serving stages ask ----------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def runner(self, model_id: str) -> AsyncIterator[Runner]:
+        """The model's runner, loading it first if it is lazy; counted as in use until the block ends.
+        Raises ModelUnavailable."""
         entry = self.entries[model_id]
+        entry.active += 1
+        try:
+            if entry.state in ("not_loaded", "loading"):
+                await asyncio.shield(self._begin_load(entry))
+            if entry.state != "ready" or entry.runner is None:
+                raise ModelUnavailable(f"model {model_id!r} is {entry.state}: {entry.reason or 'not loaded'}")
+            yield entry.runner
+        finally:
+            entry.active -= 1
+
+    def unready_cause(self, model_id: str) -> str | None:
+        """Why a model cannot answer right now without waiting ("loading", "unavailable"), or None. A lazy
+        model starts loading, so a route can fall back meanwhile instead of holding the request for the load."""
+        entry = self.entries[model_id]
+        if entry.state == "ready" and entry.runner is not None:
+            return None
         if entry.state == "not_loaded":
-            entry.state = "loading"
-        if entry.state == "loading":
-            await self.ensure_loaded(entry)
-        if entry.state != "ready" or (entry.scheduler is None and entry.remote is None):
-            raise ModelUnavailable(f"model {model_id!r} is {entry.state}: {entry.reason or 'not loaded'}")
-        return entry
+            self._begin_load(entry)
+        return "loading" if entry.state == "loading" else "unavailable"
 
-    def start_loading(self, model_id: str) -> None:
-        """Begin loading a lazy model without waiting for it (a route falls back meanwhile)."""
-        entry = self.entries[model_id]
-        if entry.state == "not_loaded" and entry._loading is None:
-            entry.state = "loading"
-            entry._loading = asyncio.get_running_loop().run_in_executor(None, self._load, entry)
+    def busy(self, model_id: str) -> bool:
+        runner = self.entries[model_id].runner
+        return runner is not None and runner.busy()
 
+    def queue_depths(self) -> Iterator[tuple[str, int, int]]:
+        """(model id, pairs, tokens) waiting, for each loaded model with a queue here."""
+        for model_id, entry in self.entries.items():
+            depth = entry.runner.queue_depth() if entry.runner is not None else None
+            if depth is not None:
+                yield model_id, *depth
+
+    def eager_states(self) -> dict[str, State]:
+        return {e.model_id: e.state for e in self.entries.values() if e.spec.load == "eager"}
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [entry.describe() for entry in self.entries.values()]
+
+    # -- reload --------------------------------------------------------------------------------------------
     def carry_over(self, old: ModelPool) -> list[ModelEntry]:
         """Take over the previous pool's entries whose model is unchanged, loaded or not; return the old
         entries this pool no longer uses (removed, switched off, or changed in a way that needs a reload).
@@ -185,121 +214,84 @@ class ModelPool:
                 retired.append(previous)
                 continue
             previous.spec = entry.spec
-            if previous.scheduler is not None:
-                previous.scheduler.max_queue_pairs = self.registry.server.max_queue_pairs
-                previous.scheduler.max_queue_tokens = self.registry.server.max_queue_tokens
+            if previous.runner is not None:
+                previous.runner.reconfigure(entry.spec, self.registry.server)
             self.entries[model_id] = previous
+        self._retiring.update(old._retiring)
         return retired
 
-    async def ensure_loaded(self, entry: ModelEntry) -> None:
+    def retire(self, entries: list[ModelEntry], *, timeout_s: float) -> None:
+        """Close models a reload no longer uses once their in-flight requests have finished (at the latest
+        timeout_s + 5 s from now); a model still loading is closed once its load is done, never under it."""
+        for entry in entries:
+            task = asyncio.get_running_loop().create_task(self._retire(entry, timeout_s))
+            self._retiring[task] = entry
+            task.add_done_callback(self._retiring.pop)
+
+    async def _retire(self, entry: ModelEntry, timeout_s: float) -> None:
+        if entry._loading is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(entry._loading)
+        deadline = time.monotonic() + timeout_s + 5.0
+        while True:
+            await asyncio.sleep(DRAIN_POLL_S)
+            if entry.active == 0 or time.monotonic() > deadline:
+                break
+        runner = _switch_off(entry, "removed or replaced by a registry reload")
+        if runner is not None:
+            await runner.close()
+            log.info("model %s unloaded after a reload", entry.model_id)
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def _begin_load(self, entry: ModelEntry) -> asyncio.Task:
+        """The entry's load, started when it has not been (one per entry, whoever asks first)."""
         if entry._loading is None:
-            entry._loading = asyncio.get_running_loop().run_in_executor(None, self._load, entry)
-        await asyncio.shield(entry._loading)
+            entry.state = "loading"
+            entry._loading = asyncio.get_running_loop().create_task(self._load(entry))
+        return entry._loading
 
-    def _load(self, entry: ModelEntry) -> None:
-        start = time.perf_counter()
-        entry.state = "loading"
+    async def _load(self, entry: ModelEntry) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            if entry.spec.backend == "remote":
-                entry.remote = RemoteModel.open(entry.model_id, entry.spec, self.metrics)
-                entry.state, entry.reason = "ready", None
-                log.info("model %s ready: %s upstream, %d endpoint(s)", entry.model_id, entry.spec.dialect, len(entry.spec.endpoints))
-                return
-            backend = backend_class(entry.spec.backend)(entry.model_id, entry.spec, entry.eff)
-            if backend.device.type == "cuda":
-                import torch
-
-                if not torch.cuda.is_available():
-                    raise RuntimeError("the profile needs a CUDA GPU and none is available")
-            backend.load()
-            entry.weights_bytes = backend.weights_bytes()
-            scheduler = self._scheduler(entry, backend, entry.eff.max_batch_tokens)
-            try:
-                entry.warmup = scheduler.warmup(entry.eff.max_length)
-                if entry.eff.auto_budget:
-                    scheduler = self._size_budget(entry, backend, scheduler)
-                entry.batch_tokens = scheduler.max_batch_tokens
-                self._check_budget(entry)
-            except BaseException:
-                scheduler.close()
-                raise
-            scheduler.on_health = lambda reason: _stream_health(entry, scheduler, reason)
-            entry.scheduler = scheduler
-            entry.state, entry.reason = "ready", None
-            # What is loaded now lives as long as the process: leave it out of every later full garbage
-            # collection, which otherwise walks these objects again and stalls all threads for 100s of ms.
-            gc.collect()
-            gc.freeze()
-            entry.load_seconds = time.perf_counter() - start
-            log.info(
-                "model %s ready in %.1f s (%s, %s, %.2f GB weights)",
-                entry.model_id, entry.load_seconds, backend.device, backend.dtype, entry.weights_bytes / GB,
-            )
+            runner = await loop.run_in_executor(None, self._open, entry)
         except Exception as exc:  # noqa: BLE001 - any load failure makes this one model unavailable
             entry.state, entry.reason = "unavailable", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             log.warning("model %s unavailable: %s", entry.model_id, entry.reason)
-
-    def _scheduler(self, entry: ModelEntry, backend, max_batch_tokens: int) -> Scheduler:
-        return Scheduler(
-            backend,
-            max_batch_tokens=max_batch_tokens,
-            max_batch_size=entry.eff.max_batch_size,
-            max_queue_pairs=self.registry.server.max_queue_pairs,
-            max_queue_tokens=self.registry.server.max_queue_tokens,
-            metrics=self.metrics,
-            cpu_streams=entry.spec.cpu_streams,
-        )
-
-    def _size_budget(self, entry: ModelEntry, backend, probe: Scheduler) -> Scheduler:
-        """A GPU model with no profile: size its budget from the probe warm-up, then prove it with a
-        warm-up at the chosen size (a scheduler of its own; the probe's is closed)."""
-        # The inference thread's cuBLAS workspace (engine.warmup) is a fixed cost beside the weights, not
-        # bytes per token: left out of the per-token rate.
-        workspace = int(entry.warmup.get("workspace_bytes", 0))
-        tokens, why = gpu_budget(
-            weights_bytes=entry.weights_bytes + workspace, activation_bytes=int(entry.warmup["activation_bytes"]) - workspace,
-            probe_tokens=probe.max_batch_tokens, budget_bytes=self._budget_bytes(entry), max_length=entry.eff.max_length,
-        )
-        probe.close()
-        scheduler = self._scheduler(entry, backend, tokens)
-        try:
-            entry.warmup = scheduler.warmup(entry.eff.max_length)
-        except BaseException:
-            scheduler.close()
-            raise
-        entry.budget_reason = why
-        return scheduler
-
-    def _budget_bytes(self, entry: ModelEntry) -> float:
-        """The model's memory_budget_gb, else an even share of the card's usable memory among the models
-        this registry may load on it."""
-        if entry.eff.memory_budget_gb is not None:
-            return entry.eff.memory_budget_gb * GB
-        import torch
-
-        card_gb = torch.cuda.get_device_properties(0).total_memory / GB
-        sharing = sum(1 for e in self.entries.values() if e.eff.device == "cuda" and e.spec.load != "off")
-        return usable_gb(card_gb) / max(1, sharing) * GB
-
-    def _check_budget(self, entry: ModelEntry) -> None:
-        budget = entry.eff.memory_budget_gb
-        if budget is None or entry.eff.device != "cuda" or entry.warmup is None:
             return
-        need = entry.weights_bytes + entry.warmup["activation_bytes"]
-        if need > budget * GB:
-            raise BudgetError(
-                f"model {entry.model_id}: weights {entry.weights_bytes / GB:.2f} GB + one batch of "
-                f"{entry.batch_tokens or entry.eff.max_batch_tokens} tokens ({entry.warmup['pairs']} pairs x {entry.warmup['length']}, "
-                f"mixed lengths; the inference thread's workspace included) {entry.warmup['activation_bytes'] / GB:.2f} GB = "
-                f"{need / GB:.2f} GB exceeds its memory_budget_gb {budget:g} (profile {entry.eff.profile}); "
-                f"lower max_batch_tokens or raise the budget"
-            )
+        entry.runner = runner
+        entry.state, entry.reason = "ready", None
+
+        def post(reason: str | None) -> None:
+            try:
+                loop.call_soon_threadsafe(_stream_health, entry, runner, reason)
+            except RuntimeError:
+                pass  # the loop is closed: the process is ending
+
+        runner.watch_health(post)
+
+    def _open(self, entry: ModelEntry) -> Runner:
+        """In a worker thread: build the model's runner. Touches no entry."""
+        if entry.eff is None:
+            runner = RemoteRunner.open(entry.model_id, entry.spec, self.metrics)
+            log.info("model %s ready: %s upstream, %d endpoint(s)", entry.model_id, entry.spec.dialect, len(entry.spec.endpoints))
+            return runner
+        cuda_models = sum(1 for e in self.entries.values() if e.eff is not None and e.eff.device == "cuda" and e.spec.load != "off")
+        return load_local(
+            entry.model_id, entry.spec, entry.eff, server=self.registry.server, metrics=self.metrics, cuda_models=cuda_models
+        )
 
 
-def _stream_health(entry: ModelEntry, scheduler: Scheduler, reason: str | None) -> None:
-    """From the engine's supervisor: a dead inference stream makes the model unavailable (/ready 503,
-    routes fall back) until it is restarted."""
-    if entry.scheduler is not scheduler or entry.state not in ("ready", "unavailable"):
+def _switch_off(entry: ModelEntry, reason: str) -> Runner | None:
+    """Mark an entry off and detach its runner, which the caller closes."""
+    entry.state, entry.reason = "off", reason
+    runner, entry.runner = entry.runner, None
+    return runner
+
+
+def _stream_health(entry: ModelEntry, runner: Runner, reason: str | None) -> None:
+    """On the event loop, from the engine's supervisor: a dead inference stream makes the model unavailable
+    (/ready 503, routes fall back) until it is restarted."""
+    if entry.runner is not runner or entry.state not in ("ready", "unavailable"):
         return
     entry.state, entry.reason = ("unavailable", reason) if reason else ("ready", None)
 

@@ -1,6 +1,6 @@
 """`backend: remote`: a model answered by another rerank service (hosted or self-hosted), through a pool of
-endpoints that speak one dialect (dialects.upstream). A runner like pool.local_runner.LocalRunner:
-the service asks it for a RerankResult and never sees HTTP.
+endpoints that speak one dialect (dialects.upstream). A runner like pool.local_runner.LocalRunner: the
+pipeline asks it for a RerankResult and never sees HTTP.
 
 A request larger than the upstream takes is split into calls of max_documents_per_call, sent at once
 and merged (each call asks for the request's top_n: the merged top_n is always within the union). A
@@ -17,20 +17,21 @@ import logging
 import os
 import random
 import time
+from typing import Callable
 
 import httpx
 import msgspec
 
-from core.config import ModelSpec
+from core.config import ModelSpec, ServerSettings
 from core.errors import (
     BadRequest, ClientClosedRequest, GatewayError, InferenceFailed, ModelUnavailable, Timeout, TooManyRequests,
 )
-from tenancy.caller import Caller
-from pool.upstream_endpoints import Endpoint, EndpointPool
+from core.rerank import RerankRequest, RerankResult, Scored
+from dialects.upstream import DIALECTS, TENANT_HEADER, TENANT_WEIGHT_HEADER
 from observability.logs import outbound_headers
 from observability.metrics import Metrics
-from dialects.upstream import DIALECTS, TENANT_HEADER, TENANT_WEIGHT_HEADER
-from core.rerank import RerankRequest, RerankResult, Scored
+from pool.upstream_endpoints import Endpoint, EndpointPool
+from tenancy.caller import Caller
 
 log = logging.getLogger("rerank_gateway.remote")
 # httpx logs every call at INFO: one line per upstream call costs the front door about a millisecond of
@@ -52,7 +53,7 @@ class _Retry(Exception):
         self.error = error
 
 
-class RemoteModel:
+class RemoteRunner:
     def __init__(self, model_id: str, spec: ModelSpec, metrics: Metrics, api_key: str | None) -> None:
         assert spec.dialect is not None
         self.model_id = model_id
@@ -70,7 +71,7 @@ class RemoteModel:
         self._client: httpx.AsyncClient | None = None
 
     @classmethod
-    def open(cls, model_id: str, spec: ModelSpec, metrics: Metrics) -> RemoteModel:
+    def open(cls, model_id: str, spec: ModelSpec, metrics: Metrics) -> RemoteRunner:
         """Build the model at load time (in a worker thread). Raises with the reason the model is
         unavailable: no key in the environment, or no endpoint answering at all."""
         key = None
@@ -93,21 +94,32 @@ class RemoteModel:
             model.pool.faulted(endpoint, endpoint.last_error or "unreachable", refused=True)
         return model
 
+    # -- what the model pool asks -------------------------------------------------------------------------
     def describe(self) -> dict:
-        return {"dialect": self.dialect.name, "model": self.upstream_model, "endpoints": self.pool.describe()}
+        """A remote model has no device, precision or batching here: its upstream has them."""
+        return {"upstream": {"dialect": self.dialect.name, "model": self.upstream_model, "endpoints": self.pool.describe()}}
+
+    def busy(self) -> bool:
+        return False  # no queue here; a shadow request is bounded by the recorder's in-flight cap
+
+    def queue_depth(self) -> tuple[int, int] | None:
+        return None
+
+    def reconfigure(self, spec: ModelSpec, server: ServerSettings) -> None:
+        """A reload kept this model (only its aliases or load switch changed): nothing to take."""
+
+    def watch_health(self, on_change: Callable[[str | None], None]) -> None:
+        """Endpoints fail and recover one by one (upstream_endpoints); the model stays ready."""
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(limits=self._limits, headers=self._headers, follow_redirects=False)
         return self._client
 
-    def close(self) -> None:
+    async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            try:
-                asyncio.get_running_loop().create_task(client.aclose())
-            except RuntimeError:
-                pass  # no loop any more: the process is ending and takes the sockets with it
+            await client.aclose()
 
     # -- the runner interface ------------------------------------------------------------------------------
     async def rerank(

@@ -14,23 +14,17 @@ What a reload cannot change: the request body limit (fixed when the HTTP app is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from typing import Any
 
 from litestar.datastructures import State
 
 from core.config import RegistryError, load_registry
 from core.errors import BadRequest
-from engine import Scheduler
-from pool.model_pool import ModelEntry, ModelPool
+from pool.model_pool import ModelPool
 from serving.service import RerankService
 
 log = logging.getLogger("rerank_gateway.reload")
-
-# How often a retiring model checks whether its last request has finished.
-DRAIN_POLL_S = 0.05
 
 
 class Reloader:
@@ -38,7 +32,6 @@ class Reloader:
         self.path = path
         self.gpu_type = gpu_type
         self._lock = asyncio.Lock()
-        self._retiring: dict[asyncio.Task, ModelEntry] = {}
         self._background: set[asyncio.Task] = set()
 
     async def reload(self, state: State) -> dict[str, Any]:
@@ -57,10 +50,7 @@ class Reloader:
             old.pool.stop_startup()
             state.service = service  # the switch: every request from here on sees the new registry
             pool.start()
-            for entry in retired:
-                task = asyncio.get_running_loop().create_task(self._retire(entry, registry.server.request_timeout_s))
-                self._retiring[task] = entry
-                task.add_done_callback(self._retiring.pop)
+            pool.retire(retired, timeout_s=registry.server.request_timeout_s)
             kept = [m for m in pool.entries if pool.entries[m] is old.pool.entries.get(m)]
             outcome = {
                 "status": "reloaded",
@@ -89,37 +79,7 @@ class Reloader:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _retire(self, entry: ModelEntry, timeout_s: float) -> None:
-        if entry._loading is not None:
-            # A model still loading is closed once its load finishes (or fails), never under the loader.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(entry._loading)
-        deadline = time.monotonic() + timeout_s + 5.0
-        while True:
-            await asyncio.sleep(DRAIN_POLL_S)
-            if entry.active == 0 or time.monotonic() > deadline:
-                break
-        scheduler = _switch_off(entry)
-        if scheduler is not None:
-            await asyncio.to_thread(scheduler.close)
-            log.info("model %s unloaded after a reload", entry.model_id)
-
     def close(self) -> None:
-        """At shutdown: close what is still draining, now."""
-        for task, entry in list(self._retiring.items()):
-            task.cancel()
-            scheduler = _switch_off(entry)
-            if scheduler is not None:
-                scheduler.close()
+        """At shutdown: stop reloads in the background (the pool closes the models)."""
         for task in list(self._background):
             task.cancel()
-
-
-def _switch_off(entry: ModelEntry) -> Scheduler | None:
-    """Mark a retired entry off and detach its scheduler, which the caller closes."""
-    entry.state, entry.reason = "off", "removed or replaced by a registry reload"
-    scheduler, entry.scheduler = entry.scheduler, None
-    if entry.remote is not None:  # a remote model only holds connections
-        entry.remote.close()
-        entry.remote = None
-    return scheduler

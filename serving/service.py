@@ -35,13 +35,11 @@ class RerankService:
     ) -> RerankResult:
         started = time.perf_counter()
         status = "200"
-        entry = self.pool.entries[model_id]
-        entry.active += 1
         try:
-            runner = await self.pool.runner(model_id)
-            result = await runner.rerank(
-                req, caller=caller, timeout_s=self.registry.server.request_timeout_s, disconnected=disconnected
-            )
+            async with self.pool.runner(model_id) as runner:
+                result = await runner.rerank(
+                    req, caller=caller, timeout_s=self.registry.server.request_timeout_s, disconnected=disconnected
+                )
             self.metrics.search_units.labels(model_id, caller.tenant).inc(search_units(result.scored_units))
             self.metrics.documents.labels(model_id, caller.tenant).inc(len(req.texts))
             self.metrics.billed_tokens.labels(model_id, caller.tenant).inc(result.total_tokens)
@@ -56,7 +54,6 @@ class RerankService:
             status = "500"
             raise
         finally:
-            entry.active -= 1
             self.metrics.requests.labels(model_id, status, caller.tenant).inc()
             self.metrics.request_seconds.labels(model_id).observe(time.perf_counter() - started)
 
@@ -93,7 +90,7 @@ async def rerank_routed(
         for i, model_id in enumerate(decision.candidates):
             last = i == len(decision.candidates) - 1
             if not last:
-                cause = _not_ready(service, model_id)
+                cause = service.pool.unready_cause(model_id)
                 if cause is not None:
                     skipped.append((model_id, cause))
                     continue
@@ -121,18 +118,6 @@ async def rerank_routed(
     if run is not req and req.top_n is not None:
         result = dataclasses.replace(result, indices=result.indices[: req.top_n], scores=result.scores[: req.top_n])
     return Routed(result=result, decision=decision, skipped=skipped)
-
-
-def _not_ready(service: RerankService, model_id: str) -> str | None:
-    """Why a model cannot answer right now without waiting, or None. A lazy model starts loading, and the
-    route falls back meanwhile instead of holding the request for the load."""
-    entry = service.pool.entries[model_id]
-    if entry.state == "ready":
-        return None
-    if entry.state == "not_loaded":
-        service.pool.start_loading(model_id)
-        return "loading"
-    return "loading" if entry.state == "loading" else "unavailable"
 
 
 def _cause(exc: GatewayError) -> str:

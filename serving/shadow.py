@@ -108,16 +108,14 @@ class ShadowRecorder:
 
     def mirror(self, service: RerankService, route: str, shadow_id: str, req: RerankRequest, primary: RerankResult) -> None:
         """Start the shadow request in the background, or count why it was dropped. Never blocks."""
-        entry = service.pool.entries.get(shadow_id)
         if len(self._tasks) >= MAX_IN_FLIGHT:
             return self._outcome(route, shadow_id, "dropped_backlog")
-        if entry is None or entry.state != "ready" or (entry.scheduler is None and entry.remote is None):
-            if entry is not None and entry.state == "not_loaded":
-                service.pool.start_loading(shadow_id)
+        # A lazy shadow starts loading; this request is not mirrored meanwhile.
+        if service.pool.unready_cause(shadow_id) is not None:
             return self._outcome(route, shadow_id, "dropped_unavailable")
         # More than one batch already waiting means the model has real work to do: skip rather than queue.
         # (A remote shadow has no queue here; MAX_IN_FLIGHT bounds it.)
-        if entry.scheduler is not None and entry.scheduler.queue_depth()[0] > entry.scheduler.max_batch_size:
+        if service.pool.busy(shadow_id):
             return self._outcome(route, shadow_id, "dropped_busy")
         task = asyncio.get_running_loop().create_task(self._run(service, route, shadow_id, req, primary))
         self._tasks.add(task)
