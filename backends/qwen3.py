@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from backends.base import Backend, Batch, Prepared, Rows, concat_prepared, cuda_has_native_bf16, cut_text, resolve_source
+from backends.base import Backend, Batch, Prepared, Rows, concat_prepared, cuda_has_native_bf16, cut_text
 from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix_length
 from backends.token_arrays import assemble, flatten, gather_index, offsets_of, padded_mask
 from backends.request_encoder import RequestEncoder
+from backends.source import resolve_source
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "

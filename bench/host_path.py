@@ -32,7 +32,7 @@ import torch
 
 from bench import http_load
 from bench.workload import big_request, small_requests, vocabulary
-from core.budgets import cpu_model_name
+from core.host import cpu_model_name
 from tests.tiny_models import build_minilm_tiny_cross_encoder
 
 MAX_LENGTH = 512

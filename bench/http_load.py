@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    """`python -m gateway.cli serve` on a registry (a dict, written as JSON, which is YAML)."""
+    """`python -m ops.cli serve` on a registry (a dict, written as JSON, which is YAML)."""
 
     def __init__(self, registry: dict[str, Any], work_dir: Path, name: str = "gateway", env: dict[str, str] | None = None) -> None:
         self.port = free_port()
@@ -53,7 +53,7 @@ class GatewayProcess:
         self.log_path = work_dir / f"{name}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(path), "--port", str(self.port)],
+            [sys.executable, "-m", "ops.cli", "serve", "--registry", str(path), "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, env=child, cwd=ROOT,
         )
 

@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # The live-bytes measurement and the mixed-length batch shape are tune's, so both tools measure alike.
-from gateway.tune import mixed_batch, peak_live_bytes  # noqa: E402
+from ops.tune import mixed_batch, peak_live_bytes  # noqa: E402
 
 GIB = 1024**3
 KIB = 1024
@@ -362,7 +362,7 @@ def table(rows: list[Row]) -> str:
 
 
 def machine() -> str:
-    from core.budgets import cpu_model_name
+    from core.host import cpu_model_name
 
     return f"{cpu_model_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
 

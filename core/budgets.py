@@ -23,7 +23,7 @@ Users write plain registry entries; the default must be the fast one. Two rules,
 
 from __future__ import annotations
 
-import os
+from core.host import cpu_cores, cpu_kind
 
 # Tokens per batch per intra-op thread, fastest at 1 thread per stream, by CPU kind (above). Families
 # without a measurement of their own use the encoder cross-encoder's until `rerank-gateway tune` gives
@@ -48,32 +48,6 @@ LADDER_FLAT = 2
 KNEE_TOLERANCE = 0.05
 
 
-def cpu_kind() -> str:
-    """"amx" on CPUs with AMX-BF16 tiles, "other" elsewhere (the rows of CPU_BEST_TOKENS_PER_THREAD)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return "other"
-    return "amx" if " amx_bf16" in flags else "other"
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name from /proc/cpuinfo ("unknown CPU" elsewhere): benchmarks name their machine."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def cpu_budget(backend: str, cpu_streams: int, cores: int | None = None, kind: str | None = None) -> tuple[int, str]:
     """(max_batch_tokens, why) for a profile-less model on a CPU."""
     cores = cores or cpu_cores()
@@ -93,6 +67,12 @@ def cpu_budget(backend: str, cpu_streams: int, cores: int | None = None, kind: s
         f"({cores} cores / {streams} streams), {basis}{extrapolated}; `rerank-gateway tune` measures this machine"
     )
     return tokens, why
+
+
+def usable_gb(memory_gb: float) -> float:
+    """What a card offers the models: its memory less the CUDA context, the caching allocator's
+    fragmentation and the gap between the marketed and the real size (a "16 GB" T4 has 15.1 GiB)."""
+    return memory_gb - max(1.0, 0.05 * memory_gb)
 
 
 def gpu_probe_tokens(max_length: int) -> int:

@@ -15,8 +15,8 @@ import concurrent.futures
 import os
 from typing import Callable, TypeVar
 
-from backends.base import cpu_cores
 from core.errors import TooManyRequests
+from core.host import cpu_cores
 from engine.device import BULK_TOKENIZE_NICE, lower_cpu_priority
 
 T = TypeVar("T")

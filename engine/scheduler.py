@@ -28,9 +28,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from backends.base import CPU_STREAMS, Backend, Prepared, configure_cpu_streams
+from backends.base import Backend, Prepared, configure_cpu_streams
 from core.budgets import climbing
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
+from core.host import CPU_STREAMS
 from engine.admission import Held, Reservations, estimate_cost
 from engine.batching import SMALL_SHARE, BatchCost, Plan, plan_of, take_batch
 from engine.device import StreamContext, free_cached

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from conftest import MINILM, app_client, minilm_registry
-from core import budgets
+from core import budgets, host
 from core.config import effective, load_registry, parse_registry
-from gateway.cli import main
-from gateway.tune import pair_lengths, peak_live_bytes
+from ops.cli import main
+from ops.tune import pair_lengths, peak_live_bytes
 
 SHIPPED = Path(__file__).resolve().parent.parent / "registry.yaml"
 
@@ -47,7 +47,7 @@ def test_cpu_budget_by_cpu_kind_and_threads_per_stream():
     tokens, why = budgets.cpu_budget("flag", 2, cores=16, kind="other")  # 2 streams x 8 threads
     assert tokens == 8 * 1024 and "scaled" in why and "16 cores / 2 streams" in why
     assert "no CPU measurement" in budgets.cpu_budget("qwen3", 2, cores=2)[1]
-    assert budgets.cpu_kind() in budgets.CPU_BEST_TOKENS_PER_THREAD
+    assert host.cpu_kind() in budgets.CPU_BEST_TOKENS_PER_THREAD
 
 
 def test_a_gpu_without_a_profile_is_sized_from_the_warm_up():
@@ -130,7 +130,7 @@ def test_tune_prints_a_profile_that_plan_rps_sizes_pools_from(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pairs/s" in out and "<- chosen" in out
     # The comment names the machine and the date the figures came from.
-    assert budgets.cpu_model_name() in out and datetime.now(timezone.utc).strftime("%Y-%m-%d") in out
+    assert host.cpu_model_name() in out and datetime.now(timezone.utc).strftime("%Y-%m-%d") in out
     fragment = yaml.safe_load(out)
     profile = fragment["models"]["mini"]["profiles"]["cpu"]
     assert profile["max_batch_tokens"] in (128, 512)
@@ -139,7 +139,7 @@ def test_tune_prints_a_profile_that_plan_rps_sizes_pools_from(tmp_path, capsys):
     mean = sum(lengths) / len(lengths)
     # (within the rounding: tokens/s to 1, pairs/s to 0.1)
     assert abs(profile["measured_tokens_per_s"] - profile["measured_pairs_per_s"] * mean) <= 0.05 * mean + 0.5
-    assert profile["measured_cpu_cores"] == budgets.cpu_cores()
+    assert profile["measured_cpu_cores"] == host.cpu_cores()
     merged = yaml.safe_load(path.read_text())
     merged["models"]["mini"]["profiles"] = fragment["models"]["mini"]["profiles"]
     reg = parse_registry(merged)

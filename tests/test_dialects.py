@@ -11,7 +11,7 @@ import voyageai
 import voyageai.error
 import yaml
 
-from gateway.auth import key_sha256
+from tenancy.auth import key_sha256
 from core.config import parse_registry
 from tests.conftest import app_client, serve_process
 from tests.routes_fixtures import DOCS, QUERY, minilm

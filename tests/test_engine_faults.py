@@ -330,7 +330,7 @@ def test_the_query_is_embedded_in_the_inference_stream_beside_its_documents(back
 
 def test_serve_lets_idle_openmp_threads_sleep():
     """Set before torch loads: spinning OpenMP helpers took the cores a search's parsing needed."""
-    code = "import gateway.cli, torch, os; print(os.environ['OMP_WAIT_POLICY'])"
+    code = "import ops.cli, torch, os; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "PASSIVE"

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from backends.base import CPU_STREAMS
+from core.host import CPU_STREAMS
 from engine import Scheduler
 from backends.flag import FlagBackend
 from bench.models import build_minilm_cross_encoder

@@ -417,7 +417,7 @@ def test_drain_deadline_fails_queued_work_with_503_and_a_second_signal_exits_at_
 # --- the OpenAPI document is the wire ----------------------------------------------------------------------
 
 
-# The routes of a dialect with its own error body (gateway.dialect_routes); /rerank answers Cohere's or TEI's.
+# The routes of a dialect with its own error body (gateway.rerank_routes); /rerank answers Cohere's or TEI's.
 DIALECT_ERROR_BODIES = {"/voyage/v1/rerank": {"VoyageError"}, "/tei/rerank": {"TeiError"}, "/rerank": {"ErrorBody", "TeiError"}}
 
 

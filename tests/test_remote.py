@@ -25,9 +25,9 @@ import yaml
 
 from core.config import RegistryError, parse_registry
 from core.errors import ModelUnavailable
-from gateway.auth import key_sha256
-from gateway.endpoints import EndpointPool
-from gateway.metrics import Metrics
+from tenancy.auth import key_sha256
+from pool.upstream_endpoints import EndpointPool
+from observability.metrics import Metrics
 from tests.conftest import LiveServer, free_port, serve_process
 from tests.load import Load
 from tests.routes_fixtures import DOCS, QUERY, metric, minilm, wait_for

@@ -288,3 +288,12 @@ def test_gateway_serves_on_the_runtime_over_http(ce_dir, workload, ce_reference)
         for r in resp.json()["results"]:
             got[r["index"]] = r["relevance_score"]
         assert (got - ce_reference[:40]).abs().max() <= 1e-2
+
+
+def test_exportable_backends_are_the_ones_the_registry_allows_exported_runtimes_for():
+    """A backend says whether its scoring module exports (`exportable`); the registry refuses `runtime:` /
+    `quantization: int8` for the others (core.config.EXPORTABLE_BACKENDS, checked before anything loads)."""
+    from backends import BACKENDS
+    from core.config import EXPORTABLE_BACKENDS
+
+    assert {kind for kind in BACKENDS if backend_class(kind).exportable} == set(EXPORTABLE_BACKENDS)
