@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         runners[variant] = compiled
 
     def run(compiled) -> tuple[float, torch.Tensor]:
-        scores = torch.empty(len(items))
+        scores = torch.empty(prepared.n_items)
         names = [i.get_any_name() for i in compiled[0].inputs]
         queue = iter(range(len(work)))
         lock = threading.Lock()
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in names if rnd % 2 == 0 else names[::-1]:
             seconds, scores[variant] = run(runners[variant])
             if rnd:
-                rates[variant].append(len(items) / seconds)
-    print(f"{len(items)} documents, {len(work)} batches under {args.budget} tokens, {args.rounds} mirrored rounds")
+                rates[variant].append(prepared.n_items / seconds)
+    print(f"{prepared.n_items} documents, {len(work)} batches under {args.budget} tokens, {args.rounds} mirrored rounds")
     print("| variant | pairs/s (rounds) | max abs diff vs torch fp32 (logit) | Spearman vs torch fp32 |")
     print("| --- | ---: | ---: | ---: |")
     for v in names:

@@ -196,7 +196,6 @@ def _build(
     window: Window, first: int, budget: int, max_batch_size: int, cost: BatchCost, shared: np.ndarray | None, run_budget: int
 ) -> np.ndarray:
     wid, tid = window.wid, window.tid
-    first_work = window.work_of(first)
     own = np.flatnonzero(wid == wid[first])
     width = int(window.length[own].max())
 
