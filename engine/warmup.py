@@ -97,7 +97,7 @@ def run_warmup(backend: Backend, forward_rows: Any, shapes: list[list[int]], *, 
     return out
 
 
-# -- the throughput ladder (GPU budgets at the knee, gateway.models) -----------------------------------------
+# -- the throughput ladder (GPU budgets at the knee, pool.local_loading) -----------------------------------------
 # Pairs of about this many tokens make a typical batch (a query and a passage of ~80 words).
 RATE_PAIR_TOKENS = 128
 RATE_REPEATS = 3

@@ -65,7 +65,7 @@ class TuneResult:
     pairs: int
     machine: str
     cpu_cores: int | None = None  # the cores a CPU run had (its affinity); None on a GPU
-    # On a GPU, the ladder a plain registry entry's automatic budget is chosen from at load (gateway.models):
+    # On a GPU, the ladder a plain registry entry's automatic budget is chosen from at load (pool.local_loading):
     # each rung's max_batch_tokens, tokens_per_s, peak_bytes; the knee is what such an entry runs with.
     ladder: list[dict] | None = None
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d"))
