@@ -45,6 +45,8 @@ LADDER_MIN = 4096
 LADDER_MAX = 262144
 LADDER_GAIN = 0.02
 LADDER_FLAT = 2
+# ... or once a rung's batch takes this long: a search that arrives waits for a batch in flight.
+LADDER_MAX_BATCH_S = 0.5
 KNEE_TOLERANCE = 0.05
 
 

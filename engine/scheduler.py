@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from backends.base import Backend, Prepared, configure_cpu_streams
-from core.budgets import climbing
+from core.budgets import LADDER_MAX_BATCH_S, climbing
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
 from core.host import CPU_STREAMS
 from engine.admission import Held, Reservations, estimate_cost
@@ -56,12 +56,11 @@ WINDOW_BATCHES = 8
 # against 1.6x with full batches, while the loop completed 356 and 708 searches against 191.
 SEARCH_RECENT_S = 1.0
 SEARCH_RUN_SHARE = 4
-# On a GPU a bulk request's batch is also bounded by time, at the measured rate (real tokens per second of
-# device time): a search that arrives waits for the batch in flight and the one launched behind it, so
-# while searches arrive those take at most SEARCH_BATCH_S each, and never more than MAX_BATCH_S.
-# (On a CPU the token budget is already small: its measured rule above stands.)
+# On a GPU a bulk request's batch is also bounded by time while searches arrive, at the measured rate (real
+# tokens per second of device time): a search waits for the batch in flight and the one launched behind it,
+# so those take at most SEARCH_BATCH_S each. (On a CPU the token budget is already small: its measured rule
+# above stands.)
 SEARCH_BATCH_S = 0.010
-MAX_BATCH_S = 0.100
 # After an OOM the model's token budget is lowered to what fitted, for this long.
 OOM_COOLDOWN_S = 60.0
 # Host threads per model on a GPU, sharing its CUDA stream (one launches while the other waits).
@@ -72,6 +71,15 @@ GPU_HOST_THREADS = 2
 # refuse the whole request. Arguments: the slice, the request-wide index of its first document, and the
 # request's pairs with it.
 SliceCheck = Callable[[Prepared, int, int], None]
+
+
+def bulk_run_budget(budget: int, *, searching: bool, tokens_per_s: float, gpu: bool) -> int:
+    """The budget of a bulk request's length run: the whole budget, a share of it while searches arrive,
+    and on a GPU at most SEARCH_BATCH_S of device time then (at the measured rate)."""
+    if not searching:
+        return budget
+    run = budget // SEARCH_RUN_SHARE
+    return min(run, max(1, int(tokens_per_s * SEARCH_BATCH_S))) if gpu else run
 
 
 @dataclass(eq=False)
@@ -399,8 +407,8 @@ class Scheduler:
 
     def measure_ladder(self, rungs: list[int], length: int) -> list[dict[str, Any]]:
         """Each rung's max_batch_tokens, tokens_per_s and peak_bytes, climbing while throughput still gains
-        (core.budgets.climbing) and stopping below a rung that runs out of memory: what a GPU budget at the
-        knee is chosen from."""
+        (core.budgets.climbing) and a batch takes under LADDER_MAX_BATCH_S, and stopping below a rung that
+        runs out of memory: what a GPU budget at the knee is chosen from."""
         out: list[dict[str, Any]] = []
         for tokens in rungs:
             try:
@@ -410,7 +418,7 @@ class Scheduler:
             finally:
                 free_cached(self.backend.device)
             out.append({"max_batch_tokens": tokens, "tokens_per_s": round(rate["tokens_per_s"]), "peak_bytes": rate["peak_bytes"]})
-            if not climbing([r["tokens_per_s"] for r in out]):
+            if not climbing([r["tokens_per_s"] for r in out]) or rate["seconds"] > LADDER_MAX_BATCH_S:
                 break
         return out
 
@@ -448,9 +456,7 @@ class Scheduler:
         if not len(window):
             return None
         searching = time.monotonic() - self._search_at < SEARCH_RECENT_S
-        run_budget = budget // SEARCH_RUN_SHARE if searching else budget
-        if self.backend.device.type == "cuda":
-            run_budget = min(run_budget, max(1, int(self._tokens_per_s * (SEARCH_BATCH_S if searching else MAX_BATCH_S))))
+        run_budget = bulk_run_budget(budget, searching=searching, tokens_per_s=self._tokens_per_s, gpu=self.backend.device.type == "cuda")
         rows = take_batch(window, self._queue, budget, self.max_batch_size, self._cost, run_budget=run_budget)
         plan = plan_of(window, rows, 0)
         plan.cost = self._cost.of_plan(plan)
