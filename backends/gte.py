@@ -16,9 +16,9 @@ import json
 import logging
 from typing import Any
 
-from backends.base import resolve_source
 from backends.flag import FlagBackend
 from backends.request_encoder import RequestEncoder
+from backends.source import resolve_source
 
 log = logging.getLogger("rerank_gateway.gte")
 

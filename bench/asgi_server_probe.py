@@ -6,7 +6,7 @@ loopback and reports what the server does to hostile connections (no model, no g
 Each probe: a connection that sends nothing; one that sends its headers a byte a second; one that sends
 headers then its body a byte a second; a 100 KiB header; 500 small headers; and a normal request's latency
 while 2,000 connections trickle headers. Every server is asked for a 5 s keep-alive / read timeout where it
-has one. `gateway` is gateway.server (uvicorn's h11 protocol with our timers and caps).
+has one. `gateway` is server.http_server (uvicorn's h11 protocol with our timers and caps).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ GATEWAY_RUNNER = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     from probe_app import app
     from core.config import ServerSettings
-    from gateway.server import serve
+    from server.http_server import serve
     serve(app, host="127.0.0.1", port={port}, settings=ServerSettings(header_timeout_s=5, body_timeout_s=5, keep_alive_timeout_s=5, max_connections=4000))
     """
 )

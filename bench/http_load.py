@@ -39,12 +39,12 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    """`python -m gateway.cli serve` on a registry (a dict, written as JSON, which is YAML). `module`: another
+    """`python -m ops.cli serve` on a registry (a dict, written as JSON, which is YAML). `module`: another
     entry point taking the same arguments (bench.gpu_check.serve: the same CLI under a GPU memory cap)."""
 
     def __init__(
         self, registry: dict[str, Any], work_dir: Path, name: str = "gateway", env: dict[str, str] | None = None,
-        module: str = "gateway.cli",
+        module: str = "ops.cli",
     ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"

@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # The live-bytes measurement and the mixed-length batch shape are tune's, so both tools measure alike.
-from gateway.tune import mixed_batch, peak_live_bytes  # noqa: E402
+from ops.tune import mixed_batch, peak_live_bytes  # noqa: E402
 
 GIB = 1024**3
 KIB = 1024
@@ -264,12 +264,11 @@ def truncated(model: torch.nn.Module, layers: int | None):
 
 def measure_batch(backend, name: str, budget: int, length: int, *, weights: int, layers: int | None, official: bool = False) -> Row:
     lengths = mixed_batch(budget, length)
-    items = [backend.synthetic_item(n) for n in lengths]
-    contexts = [backend.synthetic_context() for _ in items]
+    rows = backend.synthetic_rows(lengths)
 
     def run():
         with torch.inference_mode():
-            batch = backend.collate(items, contexts)
+            batch = backend.collate(rows)
             if official:
                 # The official Qwen3-Reranker code: logits over the vocabulary at every position.
                 logits = backend.model(**batch.inputs, use_cache=False).logits
@@ -363,7 +362,7 @@ def table(rows: list[Row]) -> str:
 
 
 def machine() -> str:
-    from core.budgets import cpu_model_name
+    from core.host import cpu_model_name
 
     return f"{cpu_model_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
 

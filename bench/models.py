@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 SEED = 1234
-from backends.base import CPU_STREAMS
 from core.budgets import cpu_budget
+from core.host import CPU_STREAMS
 
 # Padded-token budget of one batch for the ceiling loop: the one the gateway chooses for a profile-less
 # model on this CPU (core.budgets), so the two run the same batches.

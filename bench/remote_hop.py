@@ -57,7 +57,7 @@ def _serve(registry: dict, work: Path, name: str) -> tuple[str, subprocess.Popen
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     log = open(work / f"{name}.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(path), "--port", str(port)],
+        [sys.executable, "-m", "ops.cli", "serve", "--registry", str(path), "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
     )
     url = f"http://127.0.0.1:{port}"

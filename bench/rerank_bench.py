@@ -299,7 +299,7 @@ class Gateway(HttpSystem):
         # The gateway runs with the environment a user gives it: its tokenizer lanes keep the library's
         # own threading off (engine/lanes.py), and the other systems' "true" would turn it on.
         env = {k: v for k, v in child_env().items() if k != "TOKENIZERS_PARALLELISM"}
-        self._start([sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry), "--port", str(self.port)],
+        self._start([sys.executable, "-m", "ops.cli", "serve", "--registry", str(registry), "--port", str(self.port)],
                     work_dir, "gateway", env)
         self.dtype = ""
         self.runtime = ""
@@ -485,7 +485,7 @@ def _merge(into: dict[str, list[float]], more: dict[str, list[float]]) -> None:
 def machine() -> dict[str, Any]:
     import importlib.metadata as md
 
-    from core.budgets import cpu_model_name
+    from core.host import cpu_flags, cpu_model_name
 
     cpu = cpu_model_name()
 
@@ -495,11 +495,10 @@ def machine() -> dict[str, Any]:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read() if os.path.exists("/proc/cpuinfo") else ""
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "bf16": [f for f in ("amx_bf16", "avx512_bf16") if f" {f}" in flags],
+        "bf16": [f for f in ("amx_bf16", "avx512_bf16") if f in cpu_flags()],
         "python": platform.python_version(),
         **versions,
     }

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.host import cpu_model_name
+
 ROOT = Path(__file__).resolve().parent.parent
 ST_VENV = Path(os.environ.get("RERANK_BENCH_ST_VENV", ROOT / ".venv-bench-st"))
 ST_REQUIREMENTS = ["torch==2.13.0", "sentence-transformers[onnx,openvino]>=5", "onnxruntime==1.31.1", "openvino==2026.4.1"]
@@ -111,7 +113,7 @@ class GatewayProcess:
                                         "models": {MODEL_ID: entry}}))
         self.log = open(work / f"{name}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry), "--port", str(self.port)],
+            [sys.executable, "-m", "ops.cli", "serve", "--registry", str(registry), "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env(), cwd=ROOT,
         )
         self.label = ""
@@ -165,12 +167,12 @@ def reference_scores(model_dir: Path, query: str, docs: list[str]) -> list[float
     backend = FlagBackend("ref", spec, effective(spec, "cpu"))
     backend.load()
     prepared = backend.prepare(query, docs, max_length=512, max_chunks=1, instruction=None)
-    order = sorted(range(len(prepared.items)), key=lambda i: len(prepared.items[i].input_ids))
+    order = sorted(range(prepared.n_items), key=lambda i: int(prepared.lengths[i]))
     out = torch.empty(len(docs))
     with torch.inference_mode():
         for k in range(0, len(order), 32):
             rows = order[k : k + 32]
-            raw = backend.forward(backend.collate([prepared.items[r] for r in rows], [None] * len(rows)))
+            raw = backend.forward(backend.collate(prepared.rows(rows)))
             out[torch.tensor(rows)] = backend.relevance(raw)
     return out.tolist()
 
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench.runtime_bench", *(argv if argv is not None else sys.argv[1:])]),
-        "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+        "cpu": cpu_model_name(),
         "cores": os.cpu_count(),
         "load_average_before_after": [load_before, load_after],
         "docs": args.docs,

@@ -71,7 +71,7 @@ class CrossEncoderSystem:
 
 class CeilingSystem:
     """The ceiling: tokenize, sort by length, cut into batches under a padded-token budget and run them in
-    the best dtype for this CPU, on the same CPU streams as the gateway (backends.base.CPU_STREAMS
+    the best dtype for this CPU, on the same CPU streams as the gateway (core.host.CPU_STREAMS
     single-threaded workers taking batches in turn). No queue, no HTTP, no scheduling."""
 
     def __init__(self, model_dir: str) -> None:

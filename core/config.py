@@ -22,7 +22,7 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 # "int8" is int8 on a CPU runtime (backends.runtimes): weight-only int8 on OpenVINO, dynamic int8 on ONNX Runtime.
 Quantization = Literal["none", "nf4", "int8"]
 BackendKind = Literal["embedding", "flag", "gte", "qwen3", "remote"]
-# What a `backend: remote` upstream speaks (gateway.protocol has one module per dialect).
+# What a `backend: remote` upstream speaks (dialects has one module per dialect).
 Dialect = Literal["cohere", "jina", "voyage", "tei", "vllm", "gateway"]
 # Backends that load weights through bitsandbytes when asked for `quantization: nf4`.
 QUANTIZABLE_BACKENDS = ("qwen3",)
@@ -84,7 +84,7 @@ class ModelSpec(_Strict):
     weights_gb: float | None = None
     activation_kb_per_token: float | None = None
     profiles: dict[str, Profile] = {}
-    # -- backend: remote (another rerank service answers; see gateway.remote) -------------------------
+    # -- backend: remote (another rerank service answers; see pool.remote_runner) -------------------------
     dialect: Dialect | None = None
     upstream_model: str | None = None  # the `model` sent upstream; the model id when unset
     endpoints: list[str] = []  # base URLs, one pool
@@ -116,7 +116,7 @@ class ServerSettings(_Strict):
     max_queue_tokens: int = 8_000_000
     # Strict input: JSON nesting deeper than this is refused (400) before the body is decoded.
     max_json_depth: int = 32
-    # Connection hygiene, enforced by gateway/server.py (README "Behind a proxy"). A connection must send
+    # Connection hygiene, enforced by server/http_server.py (README "Behind a proxy"). A connection must send
     # its request head within header_timeout_s of opening (or of its next request's first byte) and its
     # body within body_timeout_s of the head; beyond max_connections new ones get a 503 and are closed.
     max_connections: int = 4096
@@ -387,17 +387,6 @@ def detect_gpu_type(reg: Registry, device_name: str | None) -> str:
 def gpu_name_matches(pattern: str, device_name: str) -> bool:
     """`pattern` found in the name with no letter or digit right before or after it."""
     return re.search(rf"(?<![0-9A-Za-z])(?:{pattern})(?![0-9A-Za-z])", device_name) is not None
-
-
-def cuda_device_name() -> str | None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - a broken CUDA install means "no GPU" to the planner
-        return None
-    return None
 
 
 def effective(spec: ModelSpec, gpu_type: str, *, cpu_cores: int | None = None) -> Effective:

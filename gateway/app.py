@@ -1,43 +1,38 @@
-"""The Litestar application: HTTP in, dialect -> internal request -> service -> dialect out."""
+"""The Litestar application, built for one registry: routes, middleware, dependencies, and the lifespan
+that builds what the handlers use."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import datetime
 import signal
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, AsyncIterator
+from typing import AsyncIterator
 
-import msgspec
-
-from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar import Litestar, Request
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.handlers import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.params import Parameter
 
-from gateway import auth, dialect_routes, pipeline
-from core.config import Registry, cuda_device_name, detect_gpu_type
-from core.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from gateway import schemas, strict_json
-from gateway.http_errors import ADMIN_ERRORS, AUTH_ERRORS, EXCEPTION_HANDLERS, RERANK_ERRORS, error_responses
-from gateway.lifecycle import Lifecycle
-from gateway.limits import Limiter, build_limiter
-from gateway.logs import with_request_id
-from gateway.metrics import Metrics
-from gateway.models import ModelPool
-from gateway.protocol import cohere
-from gateway.reload import Reloader
-from gateway.service import Caller, RerankService
-from gateway.shadow import ShadowRecorder
-from gateway.usage import UsageStore, total
+from core.config import Registry, detect_gpu_type
+from core.host import cuda_device_name
+from gateway import operator_routes, rerank_routes, tenant_routes
+from gateway.http_errors import EXCEPTION_HANDLERS
+from observability.logs import with_request_id
+from observability.metrics import Metrics
+from pool.model_pool import ModelPool
+from server.lifecycle import Lifecycle
+from serving.reload import Reloader
+from serving.service import RerankService
+from serving.shadow import ShadowRecorder
+from tenancy import auth
+from tenancy.caller import Caller
+from tenancy.limits import Limiter, build_limiter
+from tenancy.usage import UsageStore
 
 log = logging.getLogger("rerank_gateway")
 
@@ -67,157 +62,6 @@ def _usage(state: State) -> UsageStore:
     return state.usage
 
 
-def admin_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    auth.require_admin(connection, connection.app.state.service.registry)
-
-
-async def _run_rerank(
-    request: Request,
-    service: RerankService,
-    data: cohere.CohereRerankRequest,
-    api_version: str,
-    *,
-    caller: Caller,
-    limiter: Limiter,
-    usage: UsageStore,
-) -> Response:
-    """Dialect -> internal request -> gateway.pipeline -> dialect."""
-    internal = cohere.to_internal(data, max_documents=service.registry.server.max_documents)
-    routed = await pipeline.rerank(request, service, internal, caller=caller, limiter=limiter, usage=usage)
-    body = cohere.to_response(data, routed.result, api_version=api_version)
-    return Response(body, headers=pipeline.headers(routed), media_type=MediaType.JSON)
-
-
-_STRICT_RERANK = strict_json.strict_body(cohere.CohereRerankRequest)
-
-
-# /rerank (Jina's path, also TEI's) lives in gateway.dialect_routes: its body says which dialect it is.
-@post(
-    "/v1/rerank", status_code=200, summary="Rerank (Cohere v1 / Jina)",
-    before_request=_STRICT_RERANK, responses=error_responses(*RERANK_ERRORS),
-)
-async def rerank_v1(
-    request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore, data: cohere.CohereRerankRequest
-) -> Response[cohere.CohereRerankResponse]:
-    return await _run_rerank(request, service, data, "1", caller=caller, limiter=limiter, usage=usage)
-
-
-@post(
-    "/v2/rerank", status_code=200, summary="Rerank (Cohere v2)",
-    before_request=_STRICT_RERANK, responses=error_responses(*RERANK_ERRORS),
-)
-async def rerank_v2(
-    request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore, data: cohere.CohereRerankRequest
-) -> Response[cohere.CohereRerankResponse]:
-    return await _run_rerank(request, service, data, "2", caller=caller, limiter=limiter, usage=usage)
-
-
-@get("/v1/models", summary="Models the caller may use, with their state", responses=error_responses(*AUTH_ERRORS))
-async def list_models(service: RerankService, caller: Caller) -> schemas.ModelList:
-    entries = [e for e in service.pool.entries.values() if auth.may_use(caller, e.model_id)]
-    return schemas.ModelList(object="list", data=[msgspec.convert(e.describe(), schemas.ModelInfo) for e in entries])
-
-
-def _is_admin(request: Request, registry: Registry) -> bool:
-    try:
-        auth.require_admin(request, registry)
-    except (Unauthorized, Forbidden):
-        return False
-    return True
-
-
-# Authenticated inside (not by ApiKeyAuth): the admin key, which is no tenant's key, sees every route.
-@get(
-    "/v1/routes/{name:str}/report", exclude_from_auth=True, summary="A route's traffic, fallbacks and shadow agreement",
-    responses=error_responses(400, 401, 404),
-)
-async def route_report(request: Request, service: RerankService, name: str) -> schemas.RouteReport:
-    registry = service.registry
-    if _is_admin(request, registry):
-        visible = sorted(registry.routes)
-    else:
-        caller = auth.authenticate(request.headers, registry)
-        visible = sorted(r for r in registry.routes if caller.models is None or r in caller.models)
-    # A route the caller may not use answers exactly as one that does not exist.
-    if name not in visible:
-        raise NotFound(f"route {name!r} not found; routes: {', '.join(visible) or 'none'}")
-    return msgspec.convert(request.app.state.shadows.report(name, registry.routes[name]), schemas.RouteReport)
-
-
-@post(
-    "/admin/reload", guards=[admin_guard], status_code=200, summary="Reload the registry file; refused whole when invalid",
-    responses=error_responses(400, *ADMIN_ERRORS),
-)
-async def admin_reload(request: Request) -> schemas.ReloadOutcome:
-    return msgspec.convert(await request.app.state.reloader.reload(request.app.state), schemas.ReloadOutcome)
-
-
-DateParameter = Parameter(description="A UTC day, YYYY-MM-DD (inclusive)", schema_extra={"format": "date"})
-
-
-@get("/v1/usage", summary="The caller's usage by day and model", responses=error_responses(400, *AUTH_ERRORS))
-async def my_usage(
-    caller: Caller,
-    usage: UsageStore,
-    since: Annotated[str | None, DateParameter] = None,
-    until: Annotated[str | None, DateParameter] = None,
-) -> schemas.TenantUsage:
-    rows = await usage.rows(caller.tenant, _date(since, "since"), _date(until, "until"))
-    return schemas.TenantUsage(object="usage", tenant=caller.tenant, data=rows, total=total(rows))
-
-
-@get("/admin/usage", guards=[admin_guard], summary="Every tenant's usage (admin key)", responses=error_responses(400, *ADMIN_ERRORS))
-async def all_usage(
-    usage: UsageStore,
-    tenant: str | None = None,
-    since: Annotated[str | None, DateParameter] = None,
-    until: Annotated[str | None, DateParameter] = None,
-) -> schemas.AllUsage:
-    rows = await usage.rows(tenant, _date(since, "since"), _date(until, "until"))
-    return schemas.AllUsage(object="usage", data=rows, total=total(rows))
-
-
-def _date(value: str | None, name: str) -> str | None:
-    """A real calendar day as YYYY-MM-DD (2020-13-45 is not one)."""
-    if value is None:
-        return None
-    try:
-        if len(value) != 10:
-            raise ValueError
-        return datetime.date.fromisoformat(value).isoformat()
-    except ValueError:
-        raise BadRequest(f"invalid request: {name} must be a date as YYYY-MM-DD, got {value[:40]!r}") from None
-
-
-# Probes and metrics need no key: `security=[{}]` says so in the OpenAPI document.
-@get("/health", exclude_from_auth=True, security=[{}], summary="The process is alive")
-async def health() -> schemas.Health:
-    return schemas.Health(status="ok")
-
-
-@get(
-    "/ready", exclude_from_auth=True, security=[{}], summary="Every eagerly loaded model is ready, and the server is not draining",
-    responses={503: ResponseSpec(schemas.Readiness, description="Not ready: a model is loading or failed, or the server is draining")},
-)
-async def ready(request: Request, service: RerankService, limiter: Limiter) -> Response[schemas.Readiness]:
-    models = {e.model_id: e.state for e in service.pool.entries.values() if e.spec.load == "eager"}
-    draining = request.app.state.lifecycle.draining
-    ok = service.pool.ready and not draining
-    # Limits degrade without making the gateway unready: on_failure says whether it still serves.
-    body = schemas.Readiness(ready=ok, draining=draining, models=models, limits=await limiter.status())
-    return Response(body, status_code=200 if ok else 503, media_type=MediaType.JSON)
-
-
-@get("/metrics", exclude_from_auth=True, security=[{}], media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
-async def metrics(service: RerankService) -> bytes:
-    for model_id, entry in service.pool.entries.items():
-        if entry.scheduler is not None:
-            pairs, tokens = entry.scheduler.queue_depth()
-            service.metrics.queue_pairs.labels(model_id).set(pairs)
-            service.metrics.queue_tokens.labels(model_id).set(tokens)
-    return service.metrics.render()
-
-
 _SECURITY_SCHEMES = {
     "bearer": SecurityScheme(type="http", scheme="bearer", description="Authorization: Bearer <API key>"),
     "api_key": SecurityScheme(type="apiKey", name="X-API-Key", security_scheme_in="header"),
@@ -244,7 +88,7 @@ def create_app(
         app.state.service = RerankService(registry, pool, metrics)
         app.state.shadows = ShadowRecorder(metrics)
         app.state.reloader = reloader = Reloader(str(registry_path) if registry_path else None, gpu_type)
-        # Driven by gateway.server on SIGTERM; a fresh one (never draining) under any other server.
+        # Driven by server.http_server on SIGTERM; a fresh one (never draining) under any other server.
         app.state.lifecycle = lifecycle or Lifecycle()
         loop = asyncio.get_running_loop()
         if reload_on_sighup:
@@ -259,7 +103,7 @@ def create_app(
                 loop.remove_signal_handler(signal.SIGHUP)
             await app.state.shadows.close()
             reloader.close()
-            app.state.service.pool.close()
+            await app.state.service.pool.close()
 
     @asynccontextmanager
     async def tenancy(app: Litestar) -> AsyncIterator[None]:
@@ -273,7 +117,7 @@ def create_app(
 
     app = Litestar(
         route_handlers=[
-            rerank_v1, rerank_v2, *dialect_routes.HANDLERS, list_models, route_report, my_usage, all_usage, admin_reload, health, ready, metrics,
+            *rerank_routes.HANDLERS, *tenant_routes.HANDLERS, *operator_routes.HANDLERS,
         ],
         dependencies={
             "service": Provide(_service, sync_to_thread=False),

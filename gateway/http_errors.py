@@ -10,45 +10,19 @@ status follows its error type). The same dialect gives the OpenAPI document its 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Union
 
-import msgspec
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 
-from core.errors import GatewayError, error_body
+from core.errors import GatewayError
+from dialects.errors import COHERE, ErrorDialect
 
 log = logging.getLogger("rerank_gateway")
 
 ERROR_DIALECT = "error_dialect"
 
-
-class ErrorBody(msgspec.Struct):
-    """Cohere's error body; `id` is unique per error, for support requests."""
-
-    id: str
-    message: str
-
-
-def _same_status(status: int, _exc: Exception | None) -> int:
-    return status
-
-
-@dataclass(frozen=True)
-class ErrorDialect:
-    """How one API dialect writes an error: the body type (for OpenAPI), how to build it, and the status
-    it answers with (the gateway's, unless the dialect has its own, as TEI's per error type)."""
-
-    body_type: type
-    build: Callable[[int, str, Exception | None], Any]  # (gateway status, message, the error) -> body
-    status: Callable[[int, Exception | None], int] = _same_status  # (gateway status, the error) -> status sent
-    # The statuses a gateway status can become in this dialect (for OpenAPI); the same status where absent.
-    documented: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
-
-
-COHERE = ErrorDialect(ErrorBody, lambda _status, message, _exc: error_body(message))
 
 # What each status means on this gateway: the OpenAPI descriptions and the README's error table.
 STATUS_MEANING = {

@@ -1,6 +1,6 @@
 """Typed response bodies of the gateway's own routes (models, usage, route report, health, ready, reload):
-what the handlers return and what the OpenAPI document says. The rerank bodies live in each dialect's
-protocol module, the error body in gateway.http_errors."""
+what the handlers return and what the OpenAPI document says. The rerank bodies live in dialects/ (one
+module per dialect), the error body in gateway.http_errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 
 import msgspec
 
-from gateway.usage import UsageRow, UsageTotal
+from tenancy.usage import UsageRow, UsageTotal
 
 
 class UpstreamEndpoint(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -86,7 +86,7 @@ def serve_process(
     # fills after a few hundred access lines and the server blocks writing its log.
     out = log if log is not None else tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry_path), "--port", str(port), *extra_args],
+        [sys.executable, "-m", "ops.cli", "serve", "--registry", str(registry_path), "--port", str(port), *extra_args],
         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.auth import key_sha256
+from tenancy.auth import key_sha256
 from core.config import Registry, parse_registry
 from tests.conftest import free_port
 

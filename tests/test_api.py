@@ -222,3 +222,13 @@ def test_max_tokens_per_doc_truncates_documents(client):
     query_tokens = full["usage"]["total_tokens"] - capped["usage"]["total_tokens"]
     assert query_tokens > 0
     assert capped["results"][0]["relevance_score"] < full["results"][0]["relevance_score"] - 0.05
+
+
+def test_a_model_has_one_runner_for_its_life(client):
+    """The pool builds a model's runner once, at load, and hands the same one to every request."""
+    entry = client.app.state.service.pool.entries["minilm"]
+    runner = entry.runner
+    assert runner is not None and entry.state == "ready"
+    for _ in range(2):
+        assert client.post("/v2/rerank", json={"query": "q", "documents": ["a", "b"]}).status_code == 200
+    assert entry.runner is runner

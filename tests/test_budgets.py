@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from conftest import MINILM, app_client, minilm_registry
-from core import budgets
+from core import budgets, host
 from core.config import effective, load_registry, parse_registry
-from gateway.cli import main
-from gateway.tune import pair_lengths, peak_live_bytes
+from ops.cli import main
+from ops.tune import pair_lengths, peak_live_bytes
 
 SHIPPED = Path(__file__).resolve().parent.parent / "registry.yaml"
 
@@ -47,7 +47,7 @@ def test_cpu_budget_by_cpu_kind_and_threads_per_stream():
     tokens, why = budgets.cpu_budget("flag", 2, cores=16, kind="other")  # 2 streams x 8 threads
     assert tokens == 8 * 1024 and "scaled" in why and "16 cores / 2 streams" in why
     assert "no CPU measurement" in budgets.cpu_budget("qwen3", 2, cores=2)[1]
-    assert budgets.cpu_kind() in budgets.CPU_BEST_TOKENS_PER_THREAD
+    assert host.cpu_kind() in budgets.CPU_BEST_TOKENS_PER_THREAD
 
 
 def test_a_gpu_without_a_profile_is_sized_from_the_warm_up():
@@ -64,6 +64,47 @@ def test_a_gpu_without_a_profile_is_sized_from_the_warm_up():
     with pytest.raises(ValueError, match="less than one pair"):
         budgets.gpu_budget(weights_bytes=gib, activation_bytes=8192 * 40 * 1024, probe_tokens=8192,
                            budget_bytes=1.1 * gib, max_length=512)
+
+
+def test_a_gpu_budget_is_the_knee_of_the_measured_ladder_not_the_memory_cap():
+    """The memory cap only bounds the ladder; the budget is the smallest rung within 5% of the fastest."""
+    assert budgets.ladder_rungs(512, 1 << 20) == [4096, 8192, 16384, 32768, 65536, 131072, 262144]
+    assert budgets.ladder_rungs(8192, 40000) == [8192, 16384, 32768]  # a rung holds one full-length pair
+    assert budgets.ladder_rungs(512, 3000) == [2816]  # no power of two fits: the cap itself, rounded
+    # A curve like the first GPU run's (16,384 -> 65,536 tokens: +14%): the knee is 32,768, within 5%.
+    curve = [(4096, 400e3), (8192, 700e3), (16384, 1000e3), (32768, 1100e3), (65536, 1140e3), (131072, 1150e3)]
+    assert budgets.knee(curve) == 32768
+    assert budgets.knee(curve, tolerance=0.0) == 131072
+    # The climb stops once two rungs in a row gain under 2%, and not before.
+    rates = [r for _, r in curve]
+    assert budgets.climbing(rates[:4]) and budgets.climbing(rates[:5])
+    assert not budgets.climbing(rates[:4] + [1110e3, 1115e3])
+
+
+def test_the_ladder_measures_real_batches_and_stops_where_it_flattens():
+    """Scheduler.measure_ladder runs one full batch of typical pairs per rung in the inference thread, and
+    stops climbing once the rate flattens (on a CPU, timed by the wall clock; peaks are not measured)."""
+    from backends.embedding import EmbeddingBackend
+    from core.config import ModelSpec
+    from engine import Scheduler
+
+    spec = ModelSpec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
+    backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
+    backend.load()
+    s = Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
+    seen: list[int] = []
+    s.step_hook = lambda step, info: seen.append(int(info.lengths.sum())) if step == "collate" else None
+    rungs = [128, 256, 512, 1024]
+    try:
+        ladder = s.measure_ladder(rungs, 64)
+    finally:
+        s.close()
+    assert [r["max_batch_tokens"] for r in ladder] == rungs[: len(ladder)] and len(ladder) >= 3
+    assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] == 0 for r in ladder)
+    # Each rung ran full batches of its size: typical 64- and 63-token pairs filling it (one untimed run, then timed ones).
+    assert seen[:4] == [127] * 4 and seen[4:8] == [254] * 4
+    rates = [r["tokens_per_s"] for r in ladder]
+    assert len(ladder) == len(rungs) or not budgets.climbing(rates), "the climb stopped only where the rate flattened"
 
 
 def test_peak_live_bytes_sees_allocations_and_frees():
@@ -89,7 +130,7 @@ def test_tune_prints_a_profile_that_plan_rps_sizes_pools_from(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pairs/s" in out and "<- chosen" in out
     # The comment names the machine and the date the figures came from.
-    assert budgets.cpu_model_name() in out and datetime.now(timezone.utc).strftime("%Y-%m-%d") in out
+    assert host.cpu_model_name() in out and datetime.now(timezone.utc).strftime("%Y-%m-%d") in out
     fragment = yaml.safe_load(out)
     profile = fragment["models"]["mini"]["profiles"]["cpu"]
     assert profile["max_batch_tokens"] in (128, 512)
@@ -98,7 +139,7 @@ def test_tune_prints_a_profile_that_plan_rps_sizes_pools_from(tmp_path, capsys):
     mean = sum(lengths) / len(lengths)
     # (within the rounding: tokens/s to 1, pairs/s to 0.1)
     assert abs(profile["measured_tokens_per_s"] - profile["measured_pairs_per_s"] * mean) <= 0.05 * mean + 0.5
-    assert profile["measured_cpu_cores"] == budgets.cpu_cores()
+    assert profile["measured_cpu_cores"] == host.cpu_cores()
     merged = yaml.safe_load(path.read_text())
     merged["models"]["mini"]["profiles"] = fragment["models"]["mini"]["profiles"]
     reg = parse_registry(merged)

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from core.config import RegistryError, parse_registry
-from gateway import capacity
-from gateway.cli import main
+from ops import capacity
+from ops.cli import main
 
 
 def _registry(tmp_path, **h100):

@@ -19,7 +19,7 @@ import yaml
 
 from tests.conftest import REPO, minilm_registry, remote_backend_available
 from core.config import Registry, detect_gpu_type, load_registry, parse_registry
-from gateway import cli
+from ops import cli
 from gateway.app import create_app
 
 K8S = REPO / "deploy" / "k8s"
@@ -354,7 +354,7 @@ def _exposed_series(families) -> set[str]:
 
 
 def test_dashboard_queries_the_gateways_own_series():
-    from gateway.metrics import Metrics
+    from observability.metrics import Metrics
 
     dashboard = __import__("json").loads((REPO / "deploy" / "grafana" / "rerank-gateway.json").read_text())
     exposed = _exposed_series(Metrics().registry.collect())

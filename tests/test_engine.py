@@ -12,7 +12,8 @@ import httpx
 import pytest
 import torch
 
-from backends.base import cpu_has_fast_bf16, resolve_dtype
+from backends.base import resolve_dtype
+from core.host import cpu_has_fast_bf16
 from tests.conftest import LiveServer, minilm_registry
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()

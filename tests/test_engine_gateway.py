@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core.config import parse_registry
-from gateway.auth import key_sha256
+from tenancy.auth import key_sha256
 from tests.conftest import MINILM, LiveServer, app_client, minilm_registry
 from tests.tenant_fixtures import KEYS
 

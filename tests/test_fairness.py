@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from gateway.auth import key_sha256
+from tenancy.auth import key_sha256
 from tests.conftest import serve_process
 from tests.tenant_fixtures import KEYS, tiny_bert_dir
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from core.config import LimitsConfig, Tenant
-from gateway.limits import MemoryLimiter, OverLimit
+from tenancy.limits import MemoryLimiter, OverLimit
 
 
 class Clock:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import MINILM, REPO, serve_process
-from gateway.auth import key_sha256
+from tenancy.auth import key_sha256
 
 KEY, NEW_KEY = "rg-test-key-one", "rg-test-key-two"
 
@@ -89,7 +89,7 @@ def _swap(path, data: dict) -> None:
 
 
 def _sync(*args: str, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "gateway.cli", "registry-sync", *args]
+    cmd = [sys.executable, "-m", "ops.cli", "registry-sync", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
@@ -117,7 +117,7 @@ def test_registry_sync_lays_secret_fragments_over_the_configmap(tmp_path):
     # As a sidecar (--watch): a rotated key lands in the served file.
     _swap(secret, {"tenants": {"acme": {"api_key_sha256": [key_sha256(KEY), key_sha256(NEW_KEY)]}}})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "registry-sync", "--base", str(base), "--overlay", str(secret), "--out", str(out), "--watch", "0.1"],
+        [sys.executable, "-m", "ops.cli", "registry-sync", "--base", str(base), "--overlay", str(secret), "--out", str(out), "--watch", "0.1"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.cli import main
+from ops.cli import main
 from core.config import RegistryError, load_registry, parse_registry
-from gateway.planning import plan, usable_gb
+from core.budgets import usable_gb
+from ops.plan import plan
 
 SHIPPED = Path(__file__).resolve().parent.parent / "registry.yaml"
 CARDS = ["T4", "L4", "A10G", "A100-40GB", "A100-80GB", "H100", "H200"]

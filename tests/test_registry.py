@@ -75,7 +75,7 @@ def test_profile_selection_by_gpu_type():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_cli_check(tmp_path):

@@ -172,7 +172,7 @@ def test_a_removed_model_finishes_its_requests_then_unloads(gateway) -> None:
         assert [f.result().status_code for f in in_flight] == [200, 200, 200]
     wait_for(lambda: old_entry.scheduler is None, what="c to unload")
     assert old_entry.state == "off"
-    # The scheduler is detached first, then closed in a worker thread (gateway.reload): wait for the close.
+    # The scheduler is detached first, then closed in a worker thread (serving.reload): wait for the close.
     wait_for(lambda: not scheduler.running, what="c's scheduler to close")
 
 

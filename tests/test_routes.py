@@ -18,11 +18,11 @@ import pytest
 import scipy.stats
 from litestar.testing import TestClient
 
-from gateway.agreement import ScoreSummary, compare, count_inversions, kendall_tau_b, spearman
+from serving.agreement import ScoreSummary, compare, count_inversions, kendall_tau_b, spearman
 from gateway.app import create_app
 from core.config import name_index, parse_registry
 from core.errors import BadRequest, Forbidden, NotFound
-from gateway.routing import RouteTable, pick, stable_fraction
+from serving.routing import RouteTable, pick, stable_fraction
 from tests.routes_fixtures import DOCS, metric, minilm, rerank, wait_for
 
 # --- deciding: unit level --------------------------------------------------------------------------------

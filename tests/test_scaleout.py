@@ -26,7 +26,7 @@ import yaml
 from tests.conftest import MINILM, free_port, remote_backend_available, serve_process
 from tests.load import Load
 from core.config import ServerSettings
-from gateway.auth import key_sha256
+from tenancy.auth import key_sha256
 from tests.tenant_fixtures import RedisServer
 
 TENANT_KEY, WORKER_KEY = "rg-scaleout-tenant", "rg-scaleout-frontdoor-to-workers"

@@ -12,7 +12,7 @@ import pytest
 from litestar.testing import TestClient
 
 from gateway.app import create_app
-from gateway.cli import main as cli_main
+from ops.cli import main as cli_main
 from core.config import RegistryError, parse_registry
 from tests.tenant_fixtures import ADMIN_KEY, KEYS, bearer, key_sha256, registry, rerank_body, tiny_bert_dir
 
@@ -268,7 +268,7 @@ def test_prometheus_counters_carry_the_tenant(model_dir, tmp_path):
 
 
 def test_tenant_priority_becomes_the_scheduler_weight(model_dir, tmp_path):
-    from gateway.auth import authenticate
+    from tenancy.auth import authenticate
 
     reg = registry(model_dir, tenants={"alpha": {"priority": 3}, "beta": {}}, usage={"path": str(tmp_path / "u.db")})
     assert authenticate({"authorization": f"Bearer {KEYS['alpha']}"}, reg).weight == 3

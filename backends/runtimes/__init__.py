@@ -33,6 +33,8 @@ import torch
 
 from backends.runtimes.base import Runtime, TorchRuntime
 from backends.runtimes.cache import EXPORT_FORMAT, cached_export, invalidate, model_revision, read_choice, write_choice
+from backends.source import resolve_source
+from core.host import cpu_model_name, cpu_stream_split
 
 log = logging.getLogger("rerank_gateway.runtimes")
 
@@ -113,9 +115,7 @@ def _candidates(backend: Any) -> list[str]:
 def may_export(backend: Any) -> bool:
     """Whether start_runtime may build an exported runtime for this backend (so load() should read the
     checkpoint's float32 weights: an export made from bf16-rounded weights would carry their rounding)."""
-    from backends.base import Backend
-
-    if type(backend).scoring_module is Backend.scoring_module:
+    if not backend.exportable:
         return False  # the backend runs on torch only
     try:
         return _candidates(backend) != ["torch"]
@@ -160,8 +160,6 @@ class _Builder:
     """Builds (or loads from the export cache) and verifies each runtime for one backend."""
 
     def __init__(self, backend: Any, module: torch.nn.Module, torch_runtime: TorchRuntime) -> None:
-        from backends.base import cpu_stream_split, resolve_source
-
         self.backend = backend
         self.module = module
         self.torch_runtime = torch_runtime
@@ -292,7 +290,7 @@ def _choose(builder: _Builder, candidates: list[str]) -> Runtime:
     n = max(1, min(eff.max_batch_size, min(eff.max_batch_tokens, AUTO_BATCH_TOKENS) // length))
     key = {
         **builder.key, "choice_among": candidates, "quantization": eff.quantization, "dtype": str(backend.dtype),
-        "cpu": _cpu_name(), "streams": builder.streams, "threads": builder.threads, "batch": [n, length],
+        "cpu": cpu_model_name(), "streams": builder.streams, "threads": builder.threads, "batch": [n, length],
         **{r: _version(_MODULES[r]) for r in candidates if r != "torch"},
     }
     stored = read_choice(key)
@@ -311,7 +309,7 @@ def _choose(builder: _Builder, candidates: list[str]) -> Runtime:
             log.warning("model %s: runtime %s skipped: %s", backend.name, name, f"{type(exc).__name__}: {exc}".splitlines()[0])
     if not built:
         raise RuntimeUnavailable("no runtime could run this model")
-    batch = backend.collate([backend.synthetic_item(length) for _ in range(n)], [backend.synthetic_context() for _ in range(n)])
+    batch = backend.collate(backend.synthetic_rows([length] * n))
     seconds = _time_interleaved(built, batch, builder.threads)
     best = min(seconds, key=seconds.get)
     if "torch" in seconds and seconds[best] > seconds["torch"] * (1 - AUTO_MARGIN):
@@ -341,18 +339,6 @@ def _time_interleaved(runtimes: dict[str, Runtime], batch: Any, threads: int) ->
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="ascii", errors="ignore"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
-
-
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rank correlation (no tie correction: the scores are floats)."""
     ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
@@ -373,7 +359,7 @@ def _rank_check_inputs(backend: Any) -> dict[str, torch.Tensor]:
     docs = [" ".join(rng.choices(words, k=rng.randint(4, RANK_CHECK_TOKENS))) for _ in range(RANK_CHECK_PAIRS)]
     length = min(backend.eff.max_length, RANK_CHECK_TOKENS)
     prepared = backend.prepare(query, docs, max_length=length, max_chunks=1, instruction=None)
-    return backend.collate(prepared.items, [prepared.context] * len(prepared.items)).inputs
+    return backend.collate(prepared.rows()).inputs
 
 
 def _sample_inputs(backend: Any, lengths: list[int]) -> dict[str, torch.Tensor]:
@@ -384,5 +370,4 @@ def _sample_inputs(backend: Any, lengths: list[int]) -> dict[str, torch.Tensor]:
     prepared = backend.prepare(
         "river city music", docs, max_length=min(backend.eff.max_length, 64), max_chunks=1, instruction=None
     )
-    batch = backend.collate(prepared.items, [prepared.context] * len(prepared.items))
-    return batch.inputs
+    return backend.collate(prepared.rows()).inputs

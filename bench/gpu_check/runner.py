@@ -81,7 +81,7 @@ def _versions() -> dict[str, str | None]:
 
 
 def _meta(plan: Plan, budget_s: float) -> dict[str, Any]:
-    from core.budgets import cpu_model_name
+    from core.host import cpu_model_name
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()

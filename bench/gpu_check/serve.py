@@ -1,4 +1,4 @@
-"""`python -m bench.gpu_check.serve serve --registry ...`: the gateway's own CLI (gateway.cli.main), with two
+"""`python -m bench.gpu_check.serve serve --registry ...`: the gateway's own CLI (ops.cli.main), with two
 additions for the GPU check, both read from the environment:
 
 - GPU_CHECK_MEMORY_GB: cap this process's CUDA memory at that many GiB
@@ -34,13 +34,13 @@ def cap_memory(gib: float) -> None:
 
 
 def main() -> int:
-    # As gateway.cli does before torch is imported (OpenMP reads it once).
+    # As ops.cli does before torch is imported (OpenMP reads it once).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if os.environ.get("GPU_CHECK_RECORD_MODULES"):
         atexit.register(record_modules, os.environ["GPU_CHECK_RECORD_MODULES"])
     if os.environ.get("GPU_CHECK_MEMORY_GB"):
         cap_memory(float(os.environ["GPU_CHECK_MEMORY_GB"]))
-    from gateway.cli import main as cli_main
+    from ops.cli import main as cli_main
 
     return cli_main(sys.argv[1:])
 

@@ -48,7 +48,7 @@ CARRIED = {
     "rich-click": ("1.9.9", "litestar requires it"),
     "sniffio": ("1.3.1", "litestar requires it"),
     "uvicorn": ("0.55.0", "the gateway's server (h11 is in the image)"),
-    "redis": ("8.2.0", "gateway.limits imports it"),
+    "redis": ("8.2.0", "tenancy.limits imports it (redis limits)"),
     "FlagEmbedding": ("1.4.2", "the peer of section d"),
     "datasets": ("5.2.0", "FlagEmbedding imports it"),
     "dill": ("0.4.1", "datasets requires it"),
