@@ -52,8 +52,8 @@ def _best(runs: Any, key: str = "pairs_per_s") -> dict | None:
 def _budget(models: Any) -> list[str]:
     out = []
     for mid, m in (models or {}).items():
-        ladder = m.get("budget_ladder") or []
-        rungs = ", ".join(f"{r['max_batch_tokens'] // 1024}k:{r['tokens_per_s'] / 1000:,.0f}k" for r in ladder)
+        ladder = [r for r in (m.get("budget_ladder") or []) if isinstance(r, dict)]
+        rungs = ", ".join(f"{(r.get('max_batch_tokens') or 0) // 1024}k:{(r.get('tokens_per_s') or 0) / 1000:,.0f}k" for r in ladder)
         out.append(
             f"- `{mid}`: max_batch_tokens **{_n(m.get('max_batch_tokens'))}**, {m.get('dtype', '?')}"
             + (f"; ladder (tokens:tok/s) {rungs}" if rungs else "")

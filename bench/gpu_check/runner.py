@@ -196,7 +196,13 @@ def _kill_group(pgid: int, sig: int) -> None:
 
 def _write(out_json: Path, out_md: Path, doc: dict[str, Any]) -> str:
     write_json(out_json, doc)
-    text = report.render(doc)
+    try:
+        text = report.render(doc)
+    except Exception as exc:  # noqa: BLE001 - a report bug must not cost the run its results: the JSON has them
+        import traceback
+
+        traceback.print_exc()
+        text = f"# GPU check\n\nThe markdown could not be rendered ({type(exc).__name__}: {exc}); {out_json} holds every result."
     out_md.write_text(text + "\n")
     return text
 
