@@ -81,7 +81,8 @@ def http_bge(rec: Recorder, plan: Plan, ctx: dict) -> None:
     rec.put("build_s", built)
     words = workloads.bge_words(path)
     bigs = {n: workloads.bge_big(words, n) for n in sorted({*plan.big_docs, plan.beside_docs})}
-    smalls = workloads.bge_small(words, max(r for _, r in plan.closed_loops), plan.small_docs)
+    # Each closed loop (and the warm-up) gets requests of its own: nothing is scored twice.
+    smalls = workloads.bge_small(words, 32 + sum(r for _, r in plan.closed_loops), plan.small_docs)
     threes = workloads.bge_small(words, max(400, plan.alone_requests), 3)
     fm = flop_model(path)
     ceiling = _ceiling(ctx)
@@ -89,6 +90,10 @@ def http_bge(rec: Recorder, plan: Plan, ctx: dict) -> None:
     count = workloads.PairTokens(path, 512)
     tokens: dict[str, list[int]] = {f"big_{n}": count(req.query, req.documents) for n, req in bigs.items()}
     tokens["small"] = [sum(count(r.query, r.documents)) for r in smalls]
+    loops, start = [], 32
+    for clients, requests in plan.closed_loops:
+        loops.append((clients, slice(start, start + requests)))
+        start += requests
     rec.put("tokens", {k: {"pairs": len(v), "real_tokens": sum(v), "per_pair": sum(v) / max(1, len(v))} for k, v in tokens.items() if k != "small"})
     flops = {k: fm.total(v) for k, v in tokens.items() if k != "small"}
 
@@ -103,22 +108,21 @@ def http_bge(rec: Recorder, plan: Plan, ctx: dict) -> None:
                 for _ in range(2 if n == plan.big_docs[0] else 1):
                     runs.append(_rate(http_load.big(gw.base, "bge", bigs[n]), sum(tokens[f"big_{n}"]), flops[f"big_{n}"], ceiling))
                     rec.put(f"big_{n}", runs)
-        loops = list(plan.closed_loops)
-        for clients, requests in loops[:1]:
-            _closed(rec, gw, clients, smalls[:requests], tokens["small"][:requests], fm)
+        for clients, part in loops[:1]:
+            _closed(rec, gw, clients, smalls[part], tokens["small"][part])
         with rec.step("beside"):
             beside = http_load.beside_big(gw.base, "bge", bigs[plan.beside_docs], threes)
             rec.put("beside", {"beside": beside})
             alone = http_load.sequential(gw.base, "bge", threes[: plan.alone_requests])
             rec.put("beside", {"beside": beside, "alone": alone, "p99_ratio": beside["p99_s"] / alone["p99_s"], "big_docs": plan.beside_docs})
-        for clients, requests in loops[1:]:
-            _closed(rec, gw, clients, smalls[:requests], tokens["small"][:requests], fm)
+        for clients, part in loops[1:]:
+            _closed(rec, gw, clients, smalls[part], tokens["small"][part])
         rec.put("memory_after_workloads", gpu_memory.snapshot(gw.proc.pid))
         with rec.step("metrics"):
             rec.put("metrics", _metrics_excerpt(gw))
 
 
-def _closed(rec: Recorder, gw, clients: int, requests: list, tokens: list[int], fm) -> None:
+def _closed(rec: Recorder, gw: http_load.GatewayProcess, clients: int, requests: list, tokens: list[int]) -> None:
     with rec.step(f"clients_{clients}"):
         out = http_load.closed_loop(gw.base, "bge", requests, clients)
         out["clients"] = clients
