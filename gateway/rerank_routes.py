@@ -2,6 +2,10 @@
 the bare /rerank that Jina-, Cohere- and TEI-shaped clients all post to (a body with `texts` and no
 `documents` is TEI's).
 
+Each handler is a thin adapter: its dialect's body -> RerankRequest -> the one pipeline call (`RerankCall`)
+-> its dialect's answer. The call is made here, at the HTTP edge, as a task that the client going away (or
+the drain deadline passing) cancels: the pipeline and the engine below it never see the connection.
+
 Every route checks its body strictly (gateway.strict_json) and answers errors in its dialect through the
 one error mechanism (gateway.http_errors): Voyage's and TEI's routes name their `ErrorDialect`, /rerank
 picks Cohere's or TEI's once the body says which it is. A limit, a missing model or a bad field thus says
@@ -9,61 +13,105 @@ the same thing in every dialect, in that dialect's shape (and for TEI, its statu
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 from litestar import MediaType, Request, Response, post
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody, Schema
 
+from core.errors import ClientClosedRequest, ServiceUnavailable
+from core.rerank import RerankRequest
 from dialects import cohere, tei, voyage
 from gateway import strict_json
 from gateway.http_errors import COHERE, RERANK_ERRORS, dialect_opt, error_responses, use_dialect
-from serving import pipeline
-from serving.service import RerankService
-from tenancy.caller import Caller
-from tenancy.limits import Limiter
-from tenancy.usage import UsageStore
+from server.lifecycle import Lifecycle
+from serving.pipeline import RequestContext, RerankPipeline, Routed
+from serving.routing import USER_HEADER, VARIANT_HEADER
+from tenancy.caller import queued_as
 
 
-async def _run_rerank(
-    request: Request,
-    service: RerankService,
-    data: cohere.CohereRerankRequest,
-    api_version: str,
-    *,
-    caller: Caller,
-    limiter: Limiter,
-    usage: UsageStore,
-) -> Response:
-    """Dialect -> internal request -> serving.pipeline -> dialect."""
-    internal = cohere.to_internal(data, max_documents=service.registry.server.max_documents)
-    routed = await pipeline.rerank(request, service, internal, caller=caller, limiter=limiter, usage=usage)
-    body = cohere.to_response(data, routed.result, api_version=api_version)
-    return Response(body, headers=pipeline.headers(routed), media_type=MediaType.JSON)
+def request_context(request: Request, pipeline: RerankPipeline) -> RequestContext:
+    """The `context` dependency: the authenticated caller (ApiKeyAuth) and what the headers ask for."""
+    caller = request.user
+    tenant = pipeline.registry.tenants.get(caller.tenant)
+    headers = request.headers
+    return RequestContext(
+        caller, queued_as(caller, tenant, headers), user=headers.get(USER_HEADER), variant=headers.get(VARIANT_HEADER)
+    )
 
 
-_STRICT_RERANK = strict_json.strict_body(cohere.CohereRerankRequest)
+class RerankCall:
+    """The `rerank` dependency: a handler's one call into the pipeline for this request."""
+
+    def __init__(self, request: Request, pipeline: RerankPipeline, context: RequestContext, lifecycle: Lifecycle) -> None:
+        self.request = request
+        self.pipeline = pipeline
+        self.context = context
+        self.lifecycle = lifecycle
+        self.max_documents = pipeline.registry.server.max_documents
+
+    async def __call__(self, internal: RerankRequest) -> Routed:
+        """The pipeline's answer. A client that goes away cancels it (ClientClosedRequest, 499 in logs and
+        metrics); so does the server's drain deadline (503: its queued work was dropped, retry elsewhere)."""
+        call = asyncio.ensure_future(self.pipeline.rerank(internal, self.context))
+        gone = asyncio.ensure_future(_client_gone(self.request, self.lifecycle))
+        try:
+            await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+        if not call.cancelled():
+            return call.result()
+        if self.lifecycle.expired.is_set():
+            raise ServiceUnavailable("the server is shutting down and dropped this request's queued work; retry on another replica")
+        raise ClientClosedRequest("client closed the request; its queued work was dropped")
+
+
+async def _client_gone(request: Request, lifecycle: Lifecycle) -> None:
+    """Resolves when the client goes away, or when the server's drain deadline passes. The body is already
+    read, so the next ASGI message on this connection is the disconnect."""
+
+    async def disconnect() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    waiters = {asyncio.ensure_future(disconnect()), asyncio.ensure_future(lifecycle.expired.wait())}
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def reply(body: Any, routed: Routed) -> Response:
+    return Response(body, headers=routed.headers(), media_type=MediaType.JSON)
+
+
+_STRICT_COHERE = strict_json.strict_body(cohere.CohereRerankRequest)
 
 
 @post(
     "/v1/rerank", status_code=200, summary="Rerank (Cohere v1 / Jina)",
-    before_request=_STRICT_RERANK, responses=error_responses(*RERANK_ERRORS),
+    before_request=_STRICT_COHERE, responses=error_responses(*RERANK_ERRORS),
 )
-async def rerank_v1(
-    request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore, data: cohere.CohereRerankRequest
-) -> Response[cohere.CohereRerankResponse]:
-    return await _run_rerank(request, service, data, "1", caller=caller, limiter=limiter, usage=usage)
+async def rerank_v1(data: cohere.CohereRerankRequest, rerank: RerankCall) -> Response[cohere.CohereRerankResponse]:
+    routed = await rerank(cohere.to_internal(data, max_documents=rerank.max_documents))
+    return reply(cohere.to_response(data, routed.result, api_version="1"), routed)
 
 
 @post(
     "/v2/rerank", status_code=200, summary="Rerank (Cohere v2)",
-    before_request=_STRICT_RERANK, responses=error_responses(*RERANK_ERRORS),
+    before_request=_STRICT_COHERE, responses=error_responses(*RERANK_ERRORS),
 )
-async def rerank_v2(
-    request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore, data: cohere.CohereRerankRequest
-) -> Response[cohere.CohereRerankResponse]:
-    return await _run_rerank(request, service, data, "2", caller=caller, limiter=limiter, usage=usage)
+async def rerank_v2(data: cohere.CohereRerankRequest, rerank: RerankCall) -> Response[cohere.CohereRerankResponse]:
+    routed = await rerank(cohere.to_internal(data, max_documents=rerank.max_documents))
+    return reply(cohere.to_response(data, routed.result, api_version="2"), routed)
 
 
 @post(
@@ -71,12 +119,9 @@ async def rerank_v2(
     before_request=strict_json.strict_body(voyage.VoyageRerankRequest),
     opt=dialect_opt(voyage.ERRORS), responses=error_responses(*RERANK_ERRORS, dialect=voyage.ERRORS),
 )
-async def rerank_voyage(
-    request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore, data: voyage.VoyageRerankRequest
-) -> Response[voyage.VoyageRerankResponse]:
-    internal = voyage.to_internal(data, max_documents=service.registry.server.max_documents)
-    routed = await pipeline.rerank(request, service, internal, caller=caller, limiter=limiter, usage=usage)
-    return Response(voyage.to_response(data, routed.result), headers=pipeline.headers(routed), media_type=MediaType.JSON)
+async def rerank_voyage(data: voyage.VoyageRerankRequest, rerank: RerankCall) -> Response[voyage.VoyageRerankResponse]:
+    routed = await rerank(voyage.to_internal(data, max_documents=rerank.max_documents))
+    return reply(voyage.to_response(data, routed.result), routed)
 
 
 @post(
@@ -84,10 +129,9 @@ async def rerank_voyage(
     before_request=strict_json.strict_body(tei.TeiRerankRequest),
     opt=dialect_opt(tei.ERRORS), responses=error_responses(*RERANK_ERRORS, dialect=tei.ERRORS),
 )
-async def rerank_tei(
-    request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore, data: tei.TeiRerankRequest
-) -> Response[list[tei.Rank]]:
-    return await _tei(request, service, data, caller=caller, limiter=limiter, usage=usage)
+async def rerank_tei(data: tei.TeiRerankRequest, rerank: RerankCall) -> Response[list[tei.Rank]]:
+    routed = await rerank(tei.to_internal(data, max_documents=rerank.max_documents))
+    return reply(tei.to_response(data, routed.result), routed)
 
 
 class _Shape(msgspec.Struct):
@@ -138,24 +182,13 @@ class _BareOperation(Operation):
     before_request=_strict_bare, operation_class=_BareOperation,
     responses=error_responses(*RERANK_ERRORS, dialect=(COHERE, tei.ERRORS)),
 )
-async def rerank_bare(
-    request: Request, service: RerankService, caller: Caller, limiter: Limiter, usage: UsageStore
-) -> Response[Union[cohere.CohereRerankResponse, list[tei.Rank]]]:
+async def rerank_bare(request: Request, rerank: RerankCall) -> Response[Union[cohere.CohereRerankResponse, list[tei.Rank]]]:
     data = request.state[_BARE_BODY]
     if isinstance(data, tei.TeiRerankRequest):
-        return await _tei(request, service, data, caller=caller, limiter=limiter, usage=usage)
-    internal = cohere.to_internal(data, max_documents=service.registry.server.max_documents)
-    routed = await pipeline.rerank(request, service, internal, caller=caller, limiter=limiter, usage=usage)
-    body = cohere.to_response(data, routed.result, api_version="1")
-    return Response(body, headers=pipeline.headers(routed), media_type=MediaType.JSON)
-
-
-async def _tei(
-    request: Request, service: RerankService, data: tei.TeiRerankRequest, *, caller: Caller, limiter: Limiter, usage: UsageStore
-) -> Response[list[tei.Rank]]:
-    internal = tei.to_internal(data, max_documents=service.registry.server.max_documents)
-    routed = await pipeline.rerank(request, service, internal, caller=caller, limiter=limiter, usage=usage)
-    return Response(tei.to_response(data, routed.result), headers=pipeline.headers(routed), media_type=MediaType.JSON)
+        routed = await rerank(tei.to_internal(data, max_documents=rerank.max_documents))
+        return reply(tei.to_response(data, routed.result), routed)
+    routed = await rerank(cohere.to_internal(data, max_documents=rerank.max_documents))
+    return reply(cohere.to_response(data, routed.result, api_version="1"), routed)
 
 
 HANDLERS = [rerank_v1, rerank_v2, rerank_voyage, rerank_tei, rerank_bare]

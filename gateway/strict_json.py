@@ -67,7 +67,7 @@ def decode(body: bytes, type_: type, *, max_depth: int) -> Any:
 
 def server_max_depth(request: Request) -> int:
     """server.max_json_depth of the registry the app serves now."""
-    return request.app.state.service.registry.server.max_json_depth
+    return request.app.state.pipeline.registry.server.max_json_depth
 
 
 def strict_body(type_: type, max_depth: Callable[[Request], int] = server_max_depth) -> Callable[[Request], Awaitable[None]]:

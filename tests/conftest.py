@@ -142,8 +142,8 @@ class LiveServer:
         self.thread.join(timeout=30)
 
     @property
-    def service(self):
-        return self.app.state.service
+    def pipeline(self):
+        return self.app.state.pipeline
 
     def scheduler(self, model_id: str):
-        return self.service.pool.entries[model_id].scheduler
+        return self.pipeline.pool.entries[model_id].scheduler

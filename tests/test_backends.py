@@ -87,7 +87,7 @@ def rerank(client, model: str, query: str, docs: list[str], **extra) -> list[flo
 
 
 def backend_of(client, model: str):
-    return client.app.state.service.pool.entries[model].scheduler.backend
+    return client.app.state.pipeline.pool.entries[model].scheduler.backend
 
 
 def documents(n: int, seed: int) -> list[str]:

@@ -28,7 +28,7 @@ def test_a_profile_less_model_gets_the_measured_cpu_budget_and_says_why():
         assert model["max_batch_tokens"] == want < 16384
         assert model["budget_reason"].startswith("auto (no cpu profile)")
         # The scheduler really runs with it.
-        scheduler = client.app.state.service.pool.entries["minilm"].scheduler
+        scheduler = client.app.state.pipeline.pool.entries["minilm"].scheduler
         assert scheduler.max_batch_tokens == want
 
 

@@ -198,7 +198,7 @@ def test_search_units_per_day_counts_chunks_then_resets(model_dir, tmp_path):
 def test_max_concurrent_requests(model_dir, tmp_path):
     reg = registry(model_dir, tenants={"alpha": {"max_concurrent_requests": 1}}, usage={"path": str(tmp_path / "u.db")})
     with client(reg) as c:
-        scheduler = c.app.state.service.pool.entries["tiny"].scheduler
+        scheduler = c.app.state.pipeline.pool.entries["tiny"].scheduler
         statuses: list[int] = []
         big = threading.Thread(target=lambda: statuses.append(c.post("/v1/rerank", json=rerank_body(5000), headers=bearer("alpha")).status_code))
         big.start()
@@ -275,7 +275,7 @@ def test_tenant_priority_becomes_the_scheduler_weight(model_dir, tmp_path):
     assert authenticate({"x-api-key": KEYS["beta"]}, reg).weight == 1
     with client(reg) as c:
         assert c.post("/v1/rerank", json=rerank_body(), headers=bearer("alpha")).status_code == 200
-        queue = c.app.state.service.pool.entries["tiny"].scheduler._queue
+        queue = c.app.state.pipeline.pool.entries["tiny"].scheduler._queue
         assert queue.tenants["alpha"].weight == 3
 
 
