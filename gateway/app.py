@@ -109,15 +109,13 @@ def create_app(
 
     app = Litestar(
         route_handlers=[
-            *rerank_routes.HANDLERS, *tenant_routes.HANDLERS, *operator_routes.HANDLERS,
+            rerank_routes.routes(), *tenant_routes.HANDLERS, *operator_routes.HANDLERS,
         ],
         dependencies={
             "pipeline": Provide(_pipeline, sync_to_thread=False),
             "reloader": Provide(_reloader, sync_to_thread=False),
             "lifecycle": Provide(lambda: lifecycle, sync_to_thread=False),
             "caller": Provide(_caller, sync_to_thread=False),
-            "context": Provide(rerank_routes.request_context, sync_to_thread=False),
-            "rerank": Provide(rerank_routes.RerankCall, sync_to_thread=False),
         },
         # Admin routes take the admin key instead (admin_guard / auth.require_admin).
         middleware=[DefineMiddleware(ApiKeyAuth, exclude=["^/schema", "^/admin/"])],
