@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from backends.runtimes import may_export, start_runtime
+from backends.token_arrays import flatten, gather_index, offsets_of, padded_mask
 from core.config import Effective, ModelSpec
 from core.host import CPU_STREAMS, cpu_has_fast_bf16, cpu_stream_split
 
@@ -23,30 +25,90 @@ from core.host import CPU_STREAMS, cpu_has_fast_bf16, cpu_stream_split
 MAX_CHARS_PER_TOKEN = 32
 
 
-@dataclass(slots=True)
-class Encoded:
-    """One scored unit: a (query, document-or-chunk) pair as token ids."""
-
-    # Lists from the tokenizer; the engine stores queued ones as int32 / int8 numpy views (engine.work).
-    input_ids: Sequence[int]
-    token_type_ids: Sequence[int] | None = None
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Prepared:
-    """A request after tokenization: what the engine queues."""
+    """A request (or a slice of its documents) after tokenization: what the engine queues. Its pairs are
+    flat arrays (backends.token_arrays), never a Python object per pair."""
 
-    items: list[Encoded]
-    # items[i] scores document doc_index[i]; several items per document when it was split into chunks.
-    doc_index: list[int]
+    ids: np.ndarray  # int32: every pair's tokens, end to end
+    lengths: np.ndarray  # int32: tokens of each pair
+    # Pair i scores document doc_index[i]; several pairs per document when it was split into chunks.
+    doc_index: np.ndarray  # int32
     n_docs: int
-    # Per-request data the forward pass needs besides the items (e.g. a bi-encoder's query vector).
+    types: np.ndarray | None = None  # int8 token type ids laid out as `ids`, where the model takes them
+    # Per-request data the forward pass needs besides the pairs (e.g. a bi-encoder's query, a shared prefix).
     context: Any = None
     # Real (unpadded) tokens, for usage metering.
     tokens: int = 0
     # Documents cut to fit (max_length, max_chunks_per_doc, max_tokens_per_doc): part of their text was
     # not scored. A request with truncation off is refused when there is one.
     cut_docs: list[int] = field(default_factory=list)
+    # Leading tokens every pair shares, which the backend runs once per batch group (Qwen3's system prompt,
+    # instruction and query): a batch of the request costs them once. 0 for cross-encoders.
+    shared: int = 0
+    offsets: np.ndarray = field(init=False)  # int64, n_items + 1: pair i is ids[offsets[i]:offsets[i + 1]]
+
+    def __post_init__(self) -> None:
+        self.offsets = offsets_of(self.lengths)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.lengths)
+
+    def pair(self, i: int) -> np.ndarray:
+        """Pair i's token ids (a view)."""
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    def pair_types(self, i: int) -> np.ndarray | None:
+        return None if self.types is None else self.types[self.offsets[i] : self.offsets[i + 1]]
+
+    def rows(self, items: np.ndarray | None = None) -> "Rows":
+        """Some of its pairs (all by default) as the rows of a batch, in the given order."""
+        if items is None:
+            return Rows(self.ids, self.lengths, self.types, [self.context] * self.n_items)
+        items = np.asarray(items, dtype=np.int64)
+        lengths = self.lengths[items]
+        at = gather_index(self.offsets[items], lengths)
+        types = None if self.types is None else self.types[at]
+        return Rows(self.ids[at], lengths, types, [self.context] * len(items))
+
+
+def prepared(
+    sequences: list, doc_index: list[int] | np.ndarray, n_docs: int, *, types: list | None = None, context: Any = None,
+    tokens: int | None = None, cut_docs: list[int] | None = None,
+) -> Prepared:
+    """A Prepared from token sequences given as lists or arrays (tests, synthetic requests)."""
+    ids, lengths = flatten(sequences)
+    flat_types = flatten(types, np.int8)[0] if types is not None else None
+    return Prepared(
+        ids=ids, lengths=lengths, doc_index=np.asarray(doc_index, dtype=np.int32), n_docs=n_docs, types=flat_types,
+        context=context, tokens=int(lengths.sum()) if tokens is None else tokens, cut_docs=list(cut_docs or []),
+    )
+
+
+@dataclass(slots=True)
+class Rows:
+    """The pairs of one batch, before collation: tokens end to end, their lengths, and each row's context."""
+
+    ids: np.ndarray  # int32
+    lengths: np.ndarray  # int32
+    types: np.ndarray | None  # int8, or None
+    contexts: list[Any]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @staticmethod
+    def concat(parts: list["Rows"]) -> "Rows":
+        if len(parts) == 1:
+            return parts[0]
+        with_types = parts[0].types is not None
+        return Rows(
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate([p.lengths for p in parts]),
+            np.concatenate([p.types for p in parts]) if with_types else None,
+            [c for p in parts for c in p.contexts],
+        )
 
 
 @dataclass(slots=True)
@@ -61,9 +123,9 @@ class Backend(abc.ABC):
     `prepare`, `forward`."""
 
     padding_side: Literal["left", "right"] = "right"
-    # True when batches are packed without padding (backends.varlen): a batch then costs its real tokens,
-    # and that is what its token budget should count.
-    padding_free: bool = False
+    # False when batches are packed without padding (backends.varlen): a batch then costs its real tokens
+    # against the token budget, not longest x count. The engine's batch builder reads it (as TEI's queue does).
+    is_padded: bool = True
     # How raw model outputs map to a relevance score in [0, 1].
     score_transform: Literal["sigmoid", "cosine"] = "sigmoid"
 
@@ -131,45 +193,32 @@ class Backend(abc.ABC):
 
     def merge(self, parts: list[Prepared]) -> Prepared:
         """One request from the Prepared of consecutive slices of its documents (the engine tokenizes a big
-        request's slices on several threads). Pairs are independent of each other, so this concatenates;
-        a backend with a per-request context overrides it, since the slices each made their own."""
-        if any(p.context is not None for p in parts):
-            raise NotImplementedError(f"backend {type(self).__name__} must merge its per-request contexts")
-        return concat_prepared(parts, context=None, tokens=sum(p.tokens for p in parts))
+        request's slices on several threads, and queues each as it is ready). Pairs are independent of each
+        other, so this concatenates; the merged request is what is metered and checked (cut documents,
+        chunks), while each slice's pairs are scored with the slice's own context."""
+        return concat_prepared(parts, context=parts[0].context, tokens=sum(p.tokens for p in parts))
 
     # -- per batch (runs in the engine's inference thread) ---------------------------------------------
-    def collate(self, items: list[Encoded], contexts: list[Any]) -> Batch:
+    def collate(self, rows: Rows) -> Batch:
         """Pad a batch. On a GPU the host tensors are pinned and copied with non_blocking, so the copy
         runs on the engine's CUDA stream without stalling the host (the allocator keeps a pinned block
         until its copy has run)."""
-        width = max(len(it.input_ids) for it in items)
-        n = len(items)
+        return Batch(inputs=self.padded_inputs(rows), contexts=rows.contexts)
+
+    def padded_inputs(self, rows: Rows) -> dict[str, torch.Tensor]:
+        n, width = len(rows), int(rows.lengths.max())
         pinned = self.device.type == "cuda"
+        where = padded_mask(rows.lengths, width, left=self.padding_side == "left")
         ids = torch.full((n, width), self.pad_id, dtype=torch.long, pin_memory=pinned)
         mask = torch.zeros((n, width), dtype=torch.long, pin_memory=pinned)
-        with_types = items[0].token_type_ids is not None
-        types = torch.zeros((n, width), dtype=torch.long, pin_memory=pinned) if with_types else None
-        # Filled through numpy views: ids may be lists or the engine's compact int32 arrays.
-        ids_np, mask_np = ids.numpy(), mask.numpy()
-        types_np = types.numpy() if types is not None else None
-        for row, it in enumerate(items):
-            k = len(it.input_ids)
-            sl = slice(width - k, width) if self.padding_side == "left" else slice(0, k)
-            ids_np[row, sl] = it.input_ids
-            mask_np[row, sl] = 1
-            if types_np is not None and it.token_type_ids is not None:
-                types_np[row, sl] = it.token_type_ids
+        ids.numpy()[where] = rows.ids
+        mask.numpy()[where] = 1
         inputs = {"input_ids": ids, "attention_mask": mask}
-        if types is not None:
+        if rows.types is not None:
+            types = torch.zeros((n, width), dtype=torch.long, pin_memory=pinned)
+            types.numpy()[where] = rows.types
             inputs["token_type_ids"] = types
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
-        return Batch(inputs=inputs, contexts=contexts)
-
-    def batch_cost(self, items: list[Encoded], contexts: list[Any]) -> int:
-        """Tokens a batch of these pairs costs against the token budget: longest x count for a padded
-        batch. Backends that pack (padding-free) or share a prefix cost less; the engine's batch builder
-        can ask this instead of assuming longest x count."""
-        return max(len(it.input_ids) for it in items) * len(items)
+        return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
 
     @abc.abstractmethod
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -180,28 +229,30 @@ class Backend(abc.ABC):
             return ((raw + 1.0) / 2.0).clamp(0.0, 1.0)
         return torch.sigmoid(raw)
 
-    def synthetic_item(self, length: int) -> Encoded:
-        """A pair of exactly `length` tokens, for warm-up batches."""
-        return Encoded(input_ids=[self.pad_id + 3] * length)
-
-    def synthetic_context(self) -> Any:
-        """The per-request context a warm-up pair is scored with (None for cross-encoders)."""
-        return None
+    def synthetic_rows(self, lengths: list[int]) -> Rows:
+        """Pairs of exactly these lengths, for warm-up batches."""
+        ids, lens = flatten([[self.pad_id + 3] * k for k in lengths])
+        return Rows(ids, lens, None, [None] * len(lengths))
 
 
 def concat_prepared(parts: list[Prepared], *, context: Any, tokens: int) -> Prepared:
-    """The items of consecutive document slices in order, their document indices moved to the whole
+    """The pairs of consecutive document slices in order, their document indices moved to the whole
     request's."""
-    items: list[Encoded] = []
-    doc_index: list[int] = []
-    cut_docs: list[int] = []
-    offset = 0
-    for part in parts:
-        items += part.items
-        doc_index += [offset + d for d in part.doc_index]
-        cut_docs += [offset + d for d in part.cut_docs]
-        offset += part.n_docs
-    return Prepared(items=items, doc_index=doc_index, n_docs=offset, context=context, tokens=tokens, cut_docs=cut_docs)
+    if len(parts) == 1:
+        return parts[0]
+    doc_base = np.cumsum([0] + [p.n_docs for p in parts])
+    with_types = parts[0].types is not None
+    return Prepared(
+        ids=np.concatenate([p.ids for p in parts]),
+        lengths=np.concatenate([p.lengths for p in parts]),
+        doc_index=np.concatenate([p.doc_index + base for p, base in zip(parts, doc_base)]).astype(np.int32),
+        n_docs=int(doc_base[-1]),
+        types=np.concatenate([p.types for p in parts]) if with_types else None,
+        context=context,
+        tokens=tokens,
+        cut_docs=[int(base) + d for p, base in zip(parts, doc_base) for d in p.cut_docs],
+        shared=min(p.shared for p in parts),
+    )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -11,26 +11,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backends.base import Backend, Batch, Encoded, Prepared, concat_prepared, cut_text
+from backends.base import Backend, Batch, Prepared, Rows, concat_prepared, cut_text
 from backends.request_encoder import RequestEncoder
 from backends.source import resolve_source
 
 
 @dataclass(eq=False, slots=True)
 class Query:
-    """A request's context: its query's tokens, and its vector once a batch has embedded it."""
+    """A request's context: its query's tokens, and its vector once a batch has embedded it. The slices of a
+    big request each tokenize the query; equal queries in one batch are embedded once (`key`)."""
 
-    item: Encoded
+    rows: Rows  # the query as one row
     vector: torch.Tensor | None = None
+
+    @property
+    def key(self) -> bytes:
+        return self.rows.ids.tobytes()
 
 
 @dataclass(slots=True)
 class QueryBatch(Batch):
-    # Queries not embedded yet: their rows follow the documents' rows in `inputs`.
-    queries: list[Query] = field(default_factory=list)
+    # Queries not embedded yet, one per distinct query: their rows follow the documents' rows in `inputs`.
+    queries: list[list[Query]] = field(default_factory=list)
 
 
 class MeanPooled(torch.nn.Module):
@@ -71,39 +77,51 @@ class EmbeddingBackend(Backend):
     def prepare(self, query, documents, *, max_length, max_chunks, instruction, max_doc_tokens=None) -> Prepared:
         encoder = self.encoder
         room = max_length - encoder.special_single
-        query_windows, _ = encoder.windows(encoder.encode([cut_text(query, max_length)])[0], room, 1)
-        query_item = encoder.single(query_windows[0])
+        query_windows, _ = encoder.windows(encoder.token_lists([cut_text(query, max_length)])[0], room, 1)
+        q_ids, q_lengths, q_types = encoder.singles(query_windows)
         if max_doc_tokens is not None:
             room = min(room, max_doc_tokens)
-        items, doc_index, cut_docs = encoder.documents(
-            documents, room=room, max_chunks=max_chunks, text_tokens=(room + encoder.special_single) * max_chunks, build=encoder.single
+        windows, doc_index, cut_docs = encoder.documents(
+            documents, room=room, max_chunks=max_chunks, text_tokens=(room + encoder.special_single) * max_chunks
         )
-        tokens = len(query_item.input_ids) + sum(len(i.input_ids) for i in items)
+        ids, lengths, types = encoder.singles(windows)
         return Prepared(
-            items=items, doc_index=doc_index, n_docs=len(documents), context=Query(query_item), tokens=tokens, cut_docs=cut_docs
+            ids=ids, lengths=lengths, doc_index=np.asarray(doc_index, np.int32), n_docs=len(documents), types=types,
+            context=Query(Rows(q_ids, q_lengths, q_types, [None])), tokens=int(q_lengths.sum() + lengths.sum()), cut_docs=cut_docs,
         )
 
     def merge(self, parts: list[Prepared]) -> Prepared:
         """Every slice tokenized the same query: the request keeps one, and counts its tokens once."""
         query = parts[0].context
-        repeated = (len(parts) - 1) * len(query.item.input_ids)
+        repeated = (len(parts) - 1) * int(query.rows.lengths.sum())
         return concat_prepared(parts, context=query, tokens=sum(p.tokens for p in parts) - repeated)
 
-    def synthetic_context(self) -> Query:
-        return Query(self.synthetic_item(8), vector=torch.zeros(self.model.config.hidden_size, device=self.device))
+    def synthetic_rows(self, lengths: list[int]) -> Rows:
+        rows = super().synthetic_rows(lengths)
+        query = Query(super().synthetic_rows([8]), vector=torch.zeros(self.model.config.hidden_size, device=self.device))
+        rows.contexts = [query] * len(lengths)
+        return rows
 
-    def collate(self, items: list[Encoded], contexts: list[Query]) -> QueryBatch:
-        # A query row is at most max_length wide, like a pair, and one per request: it rides outside the
-        # token budget's count (a request's first batch is one row larger).
-        pending = list({id(c): c for c in contexts if c.vector is None}.values())
-        batch = super().collate(items + [q.item for q in pending], contexts)
-        return QueryBatch(inputs=batch.inputs, contexts=contexts, queries=pending)
+    def collate(self, rows: Rows) -> QueryBatch:
+        # A query row is at most max_length wide, like a pair, and one per distinct query: it rides outside
+        # the token budget's count (a request's first batch is one row larger).
+        pending: dict[bytes, list[Query]] = {}
+        seen: set[int] = set()
+        for c in rows.contexts:
+            if c.vector is None and id(c) not in seen:
+                seen.add(id(c))
+                pending.setdefault(c.key, []).append(c)
+        queries = list(pending.values())
+        both = Rows.concat([rows, *(same[0].rows for same in queries)]) if queries else rows
+        return QueryBatch(inputs=self.padded_inputs(both), contexts=rows.contexts, queries=queries)
 
     def forward(self, batch: QueryBatch) -> torch.Tensor:
         embedded = self.runtime(batch.inputs)
         n = len(batch.contexts)
-        for row, query in enumerate(batch.queries):
+        for row, same in enumerate(batch.queries):
             # Two streams may embed the same query at once; both write the same vector.
-            query.vector = embedded[n + row].clone()
+            vector = embedded[n + row].clone()
+            for query in same:
+                query.vector = vector
         queries = torch.stack([c.vector for c in batch.contexts])
         return (embedded[:n] * queries).sum(-1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from backends import varlen
-from backends.base import Backend, Batch, Encoded, Prepared
+from backends.base import Backend, Batch, Prepared, Rows
 from backends.request_encoder import RequestEncoder, pair_items
 from backends.source import resolve_source
 
@@ -53,7 +53,7 @@ class FlagBackend(Backend):
         if wanted == "on" or (wanted == "auto" and self.device.type == "cuda"):
             if varlen.supports(self.model) and self.spec.runtime in ("auto", "torch") and self.eff.quantization != "int8":
                 varlen.enable(self.model)
-                self.padding_free = True
+                self.is_padded = False
                 self.model = self.model.to(self.dtype)  # load_dtype may have read float32 for an export
                 self.runtime = None
                 return
@@ -73,19 +73,12 @@ class FlagBackend(Backend):
     def scoring_module(self) -> torch.nn.Module:
         return Logits(self.model).eval()
 
-    def collate(self, items: list[Encoded], contexts: list) -> Batch:
-        if not self.padding_free:
-            return super().collate(items, contexts)
-        types = [it.token_type_ids for it in items] if items[0].token_type_ids is not None else None
-        inputs = varlen.pack([it.input_ids for it in items], types, varlen.position_offset(self.model), self.device)
-        return Batch(inputs=inputs, contexts=contexts)
-
-    def batch_cost(self, items: list[Encoded], contexts: list) -> int:
-        if self.padding_free:
-            return sum(len(it.input_ids) for it in items)  # packed: the real tokens
-        return super().batch_cost(items, contexts)
+    def collate(self, rows: Rows) -> Batch:
+        if self.is_padded:
+            return super().collate(rows)
+        return Batch(inputs=varlen.pack(rows, varlen.position_offset(self.model), self.device), contexts=rows.contexts)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        if self.padding_free:
+        if not self.is_padded:
             return varlen.packed_logits(self.model, batch.inputs)
         return self.runtime(batch.inputs)

@@ -13,7 +13,10 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
+
+from backends.token_arrays import offsets_of
 
 # Per model. A Qwen3-4B prefix of ~80 tokens holds 36 layers x 2 x 8 kv-heads x 128 x 80 x 2 bytes ~ 12 MB.
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -28,21 +31,20 @@ class SharedPrefix:
     ids: tuple[int, ...]
 
     def __init__(self, ids) -> None:
-        object.__setattr__(self, "ids", tuple(ids))
+        object.__setattr__(self, "ids", tuple(ids.tolist() if isinstance(ids, np.ndarray) else ids))
 
 
-def common_prefix(sequences: list[list[int]]) -> list[int]:
-    """The longest common prefix of the sequences, leaving each at least its last token."""
-    if not sequences:
-        return []
-    first = sequences[0]
-    n = min(len(s) for s in sequences) - 1
-    for seq in sequences[1:]:
-        k = 0
-        while k < n and seq[k] == first[k]:
-            k += 1
-        n = k
-    return first[: max(n, 0)]
+def common_prefix_length(ids: np.ndarray, lengths: np.ndarray) -> int:
+    """Tokens every sequence (laid out end to end in `ids`) starts with, leaving each at least its last."""
+    if not len(lengths):
+        return 0
+    n = int(lengths.min()) - 1
+    if n <= 0:
+        return 0
+    starts = offsets_of(lengths)[:-1]
+    heads = ids[starts[:, None] + np.arange(n)]  # [pairs, n]: every sequence's first n tokens
+    differs = (heads != heads[0]).any(axis=0)
+    return int(np.argmax(differs)) if differs.any() else n
 
 
 class PrefixCache:

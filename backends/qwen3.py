@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from backends.base import Backend, Batch, Encoded, Prepared, concat_prepared, cuda_has_native_bf16, cut_text
-from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix
+from backends.base import Backend, Batch, Prepared, Rows, concat_prepared, cuda_has_native_bf16, cut_text
+from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix_length
+from backends.token_arrays import assemble, flatten, gather_index, offsets_of, padded_mask
 from backends.request_encoder import RequestEncoder
 from backends.source import resolve_source
 
@@ -126,20 +128,21 @@ class Qwen3Backend(Backend):
         q_ids = encoder.ids(cut_text(query, budget))
         if len(q_ids) > budget * 3 // 4:
             query = self.tokenizer.decode(q_ids[: budget * 3 // 4])
-        items: list[Encoded] = []
-        doc_index: list[int] = []
         # The template's fixed part before the document: instruction, query and "<Document>:".
         head = encoder.ids(pair_text(instruction, query, "")[:-1])
         if max_doc_tokens is not None:
             budget = min(budget, len(head) + max_doc_tokens)
+        prefix_ids, suffix_ids = np.asarray(self.prefix_ids, np.int32), np.asarray(self.suffix_ids, np.int32)
+        middles: list[list[int]] = []
+        doc_index: list[int] = []
         cut_docs: list[int] = []
         if max_chunks <= 1:
             docs = [cut_text(d, budget) for d in documents]
             texts = [pair_text(instruction, query, d) for d in docs]
-            for k, middle in enumerate(encoder.encode(texts)):
-                items.append(Encoded(self.prefix_ids + middle.ids[:budget] + self.suffix_ids))
+            for k, middle in enumerate(encoder.token_lists(texts)):
+                middles.append(middle[:budget])
                 doc_index.append(k)
-                if len(middle.ids) > budget or len(docs[k]) < len(documents[k]):
+                if len(middle) > budget or len(docs[k]) < len(documents[k]):
                     cut_docs.append(k)
         else:
             # Chunks: the instruction and query head every window of the document. The head ends at
@@ -147,75 +150,62 @@ class Qwen3Backend(Backend):
             # pre-tokenizer splits anyway, so a one-chunk document tokenizes as the whole text would.
             window = max(1, budget - len(head))
             docs = [cut_text(d, window * max_chunks) for d in documents]
-            for k, ids in enumerate(doc.ids for doc in encoder.encode([" " + d for d in docs])):
+            for k, ids in enumerate(encoder.token_lists([" " + d for d in docs])):
                 for start in range(0, max(len(ids), 1), window)[:max_chunks]:
-                    items.append(Encoded(self.prefix_ids + head + ids[start : start + window] + self.suffix_ids))
+                    middles.append(ids[start : start + window])
                     doc_index.append(k)
                 if len(ids) > window * max_chunks or len(docs[k]) < len(documents[k]):
                     cut_docs.append(k)
+            prefix_ids = np.concatenate([prefix_ids, np.asarray(head, np.int32)])
+        ids, lengths = assemble(prefix_ids, middles, suffix_ids)
         # What every pair of this request starts with; each keeps at least its last token, the one scored.
-        prefix = common_prefix([it.input_ids for it in items])
-        context = SharedPrefix(prefix) if len(prefix) > 1 else None
-        return Prepared(items=items, doc_index=doc_index, n_docs=len(documents), context=context,
-                        tokens=sum(len(i.input_ids) for i in items), cut_docs=cut_docs)
+        shared = common_prefix_length(ids, lengths)
+        context = SharedPrefix(ids[:shared]) if shared > 1 else None
+        return Prepared(
+            ids=ids, lengths=lengths, doc_index=np.asarray(doc_index, np.int32), n_docs=len(documents), context=context,
+            tokens=int(lengths.sum()), cut_docs=cut_docs, shared=shared if context is not None else 0,
+        )
 
     def merge(self, parts: list[Prepared]) -> Prepared:
-        """The request's shared prefix is the longest one its slices' prefixes share (each slice's is
-        already cut to leave its pairs their last token); none if a slice has none."""
-        contexts = [p.context for p in parts]
-        context = None
-        if all(c is not None for c in contexts):
-            ids = contexts[0].ids
-            for c in contexts[1:]:
-                n = 0
-                while n < min(len(ids), len(c.ids)) and ids[n] == c.ids[n]:
-                    n += 1
-                ids = ids[:n]
-            context = SharedPrefix(ids) if len(ids) > 1 else None
-        return concat_prepared(parts, context=context, tokens=sum(p.tokens for p in parts))
+        """The request's shared prefix is what all its pairs start with: found again over every slice's
+        pairs (one slice's documents may share first words the others do not)."""
+        merged = concat_prepared(parts, context=None, tokens=sum(p.tokens for p in parts))
+        shared = common_prefix_length(merged.ids, merged.lengths)
+        merged.context = SharedPrefix(merged.ids[:shared]) if shared > 1 else None
+        merged.shared = shared if merged.context is not None else 0
+        return merged
 
     # -- per batch --------------------------------------------------------------------------------------
-    def collate(self, items: list[Encoded], contexts: list) -> Batch:
+    def collate(self, rows: Rows) -> Batch:
         if not self.share_prefix:
-            return super().collate(items, contexts)
+            return super().collate(rows)
         by_prefix: dict[SharedPrefix, list[int]] = {}
         plain: list[int] = []
-        for row, ctx in enumerate(contexts):
+        for row, ctx in enumerate(rows.contexts):
             (by_prefix.setdefault(ctx, []) if isinstance(ctx, SharedPrefix) else plain).append(row)
+        offsets = offsets_of(rows.lengths)
         groups: list[PrefixGroup] = []
-        for prefix, rows in by_prefix.items():
-            if len(rows) == 1 and prefix not in self.prefixes:
-                plain += rows  # nothing to share: one pair runs whole
+        for prefix, members in by_prefix.items():
+            if len(members) == 1 and prefix not in self.prefixes:
+                plain += members  # nothing to share: one pair runs whole
                 continue
-            tails = [items[r].input_ids[len(prefix.ids):] for r in rows]
-            width = max(len(t) for t in tails)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            for k, tail in enumerate(tails):
-                ids[k, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+            at = np.asarray(members)
+            skip = len(prefix.ids)
+            tail_lengths = rows.lengths[at] - skip
+            tails = rows.ids[gather_index(offsets[at] + skip, tail_lengths)]
+            width = int(tail_lengths.max())
+            ids = torch.full((len(members), width), self.pad_id, dtype=torch.long)
+            ids.numpy()[padded_mask(tail_lengths, width, left=False)] = tails
             groups.append(PrefixGroup(
-                prefix=prefix, rows=torch.tensor(rows, device=self.device), input_ids=ids.to(self.device),
-                lengths=torch.tensor([len(t) for t in tails], device=self.device),
+                prefix=prefix, rows=torch.from_numpy(at).to(self.device), input_ids=ids.to(self.device),
+                lengths=torch.from_numpy(tail_lengths.astype(np.int64)).to(self.device),
             ))
         if not groups:
-            return super().collate(items, contexts)
-        inputs = super().collate([items[r] for r in plain], [contexts[r] for r in plain]).inputs if plain else {}
+            return super().collate(rows)
+        plain.sort()
+        inputs = self.padded_inputs(_subset(rows, plain, offsets)) if plain else {}
         plain_rows = torch.tensor(plain, device=self.device) if plain else None
-        return PrefixBatch(inputs=inputs, contexts=contexts, size=len(items), groups=groups, plain_rows=plain_rows)
-
-    def batch_cost(self, items: list[Encoded], contexts: list) -> int:
-        """Each prefix group costs its longest tail x count plus the prefix once (when not yet cached)."""
-        if not self.share_prefix:
-            return super().batch_cost(items, contexts)
-        groups: dict[object, list[int]] = {}
-        for it, ctx in zip(items, contexts):
-            groups.setdefault(ctx if isinstance(ctx, SharedPrefix) else None, []).append(len(it.input_ids))
-        cost = 0
-        for prefix, lengths in groups.items():
-            if prefix is None or (len(lengths) == 1 and prefix not in self.prefixes):
-                cost += max(lengths) * len(lengths)
-            else:
-                cost += (max(lengths) - len(prefix.ids)) * len(lengths) + (0 if prefix in self.prefixes else len(prefix.ids))
-        return cost
+        return PrefixBatch(inputs=inputs, contexts=rows.contexts, size=len(rows), groups=groups, plain_rows=plain_rows)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         if not isinstance(batch, PrefixBatch):
@@ -255,5 +245,12 @@ class Qwen3Backend(Backend):
         cache = self.model.model(input_ids=ids, use_cache=True, return_dict=True).past_key_values
         return [(layer.keys, layer.values) for layer in cache.layers]
 
-    def synthetic_item(self, length: int) -> Encoded:
-        return Encoded(input_ids=(self.prefix_ids + [self.yes_id] * length)[:length])
+    def synthetic_rows(self, lengths: list[int]) -> Rows:
+        ids, lens = flatten([(self.prefix_ids + [self.yes_id] * k)[:k] for k in lengths])
+        return Rows(ids, lens, None, [None] * len(lengths))
+
+
+def _subset(rows: Rows, which: list[int], offsets: np.ndarray) -> Rows:
+    at = np.asarray(which)
+    lengths = rows.lengths[at]
+    return Rows(rows.ids[gather_index(offsets[at], lengths)], lengths, None, [rows.contexts[k] for k in which])

@@ -16,12 +16,17 @@ lent when this was written. The CPU parity test holds the packed scores equal to
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from backends.base import Rows
+from backends.token_arrays import offsets_of
 
 log = logging.getLogger("rerank_gateway.varlen")
 
@@ -30,21 +35,23 @@ ATTN_IMPLEMENTATION = "rerank_varlen"
 SUPPORTED_MODEL_TYPES = ("bert", "xlm-roberta", "roberta", "gte")
 
 
+@functools.cache
 def _gpu_kernel():
+    """(kernel, takes_scale): PyTorch's varlen_attn (its `scale` argument came after 2.10), or flash-attn's."""
     try:
         from torch.nn.attention.varlen import varlen_attn
 
-        return varlen_attn
+        return varlen_attn, "scale" in inspect.signature(varlen_attn).parameters
     except ImportError:
         pass
     try:
         from flash_attn import flash_attn_varlen_func
 
-        return lambda q, k, v, cu_q, cu_k, max_q, max_k, scale=None: flash_attn_varlen_func(
+        return (lambda q, k, v, cu_q, cu_k, max_q, max_k, scale=None: flash_attn_varlen_func(
             q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale
-        )
+        )), True
     except ImportError:
-        return None
+        return None, False
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs: Any):
@@ -52,9 +59,16 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     returns [1, tokens, heads, dim] as the library's attention functions do."""
     cu = kwargs["cu_seq_lens_q"]
     max_len = int(kwargs["max_length_q"])
-    if query.is_cuda and (kernel := _gpu_kernel()) is not None:
+    kernel, takes_scale = _gpu_kernel() if query.is_cuda else (None, False)
+    if kernel is not None:
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
-        out = kernel(q, k, v, cu, cu, max_len, max_len, scale=scaling)
+        default = query.shape[-1] ** -0.5
+        if scaling is None or abs(scaling - default) <= 1e-6 * default:
+            out = kernel(q, k, v, cu, cu, max_len, max_len)
+        elif takes_scale:
+            out = kernel(q, k, v, cu, cu, max_len, max_len, scale=scaling)
+        else:  # a kernel without a scale argument: the query carries the model's own
+            out = kernel(q * (scaling / default), k, v, cu, cu, max_len, max_len)
         return out.unsqueeze(0), None
     bounds = cu.tolist()
     parts = [
@@ -84,32 +98,26 @@ def enable(model: torch.nn.Module) -> None:
             sub.config._attn_implementation = ATTN_IMPLEMENTATION
 
 
-def pack(
-    rows: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None, position_offset: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """One packed row from token sequences (the tokenizer's lists or the engine's compact int32 / int8
-    arrays): input_ids, position_ids (each pair from position_offset), token_type_ids, and the
-    cumulative offsets."""
-    lengths = torch.tensor([len(r) for r in rows])
-    cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
-    ids = _concat(rows)
-    positions = torch.cat([torch.arange(n) for n in lengths.tolist()]) + position_offset
-    out = {
-        "input_ids": ids[None],
-        "position_ids": positions[None],
-        "cu_seq_lens": cu,
-        "max_length": torch.tensor(int(lengths.max())),
+def pack(rows: Rows, position_offset: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One packed row from a batch's rows (tokens already end to end): input_ids, position_ids (each pair
+    from position_offset), token_type_ids, and the cumulative offsets. Pinned on a GPU, copied without
+    blocking."""
+    lengths = rows.lengths.astype(np.int64)
+    offsets = offsets_of(lengths)
+    pinned = device.type == "cuda"
+    total = int(offsets[-1])
+    positions = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], lengths) + position_offset
+    host = {
+        "input_ids": torch.from_numpy(rows.ids.astype(np.int64))[None],
+        "position_ids": torch.from_numpy(positions)[None],
+        "cu_seq_lens": torch.from_numpy(offsets.astype(np.int32)),
     }
-    if types is not None:
-        out["token_type_ids"] = _concat(types)[None]
+    if rows.types is not None:
+        host["token_type_ids"] = torch.from_numpy(rows.types.astype(np.int64))[None]
+    out = {k: (v.pin_memory() if pinned else v).to(device, non_blocking=True) for k, v in host.items()}
     # max_length stays on the host: the kernels take it as a Python int.
-    return {k: v if k == "max_length" else v.to(device, non_blocking=True) for k, v in out.items()}
-
-
-def _concat(rows: Sequence[Sequence[int]]) -> torch.Tensor:
-    """The rows end to end as one int64 tensor, copied through numpy (no Python int per token)."""
-    return torch.from_numpy(np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]))
+    out["max_length"] = torch.tensor(int(lengths.max()))
+    return out
 
 
 def position_offset(model: torch.nn.Module) -> int:

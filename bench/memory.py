@@ -264,12 +264,11 @@ def truncated(model: torch.nn.Module, layers: int | None):
 
 def measure_batch(backend, name: str, budget: int, length: int, *, weights: int, layers: int | None, official: bool = False) -> Row:
     lengths = mixed_batch(budget, length)
-    items = [backend.synthetic_item(n) for n in lengths]
-    contexts = [backend.synthetic_context() for _ in items]
+    rows = backend.synthetic_rows(lengths)
 
     def run():
         with torch.inference_mode():
-            batch = backend.collate(items, contexts)
+            batch = backend.collate(rows)
             if official:
                 # The official Qwen3-Reranker code: logits over the vocabulary at every position.
                 logits = backend.model(**batch.inputs, use_cache=False).logits

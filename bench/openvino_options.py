@@ -30,18 +30,18 @@ DEFAULT = "onnx:bf16:2x1,pt:bf16:2x1,pt:bf16:1x2,pt:w8:2x1,pt:static:2x1,pt:stat
 CALIBRATION_PAIRS = 300
 
 
-def batches(backend, items, budget: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+def batches(backend, prepared, budget: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    order = sorted(range(prepared.n_items), key=lambda i: int(prepared.lengths[i]))
     out, rows, width = [], [], 0
     for i in order:
-        n = len(items[i].input_ids)
+        n = int(prepared.lengths[i])
         if rows and max(width, n) * (len(rows) + 1) > budget:
             out.append(rows)
             rows, width = [], 0
         rows.append(i)
         width = max(width, n)
     out.append(rows)
-    return [(r, backend.collate([items[i] for i in r], [None] * len(r)).inputs) for r in out]
+    return [(r, backend.collate(prepared.rows(r)).inputs) for r in out]
 
 
 def quantize_static(ir: Path, out: Path, kind: str, calibration: list[dict[str, torch.Tensor]]) -> None:
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     backend = FlagBackend("bench", spec, effective(spec, "cpu"))
     backend.load()
     req = big_request(vocabulary(model_dir), args.docs)
-    items = backend.prepare(req.query, req.documents, max_length=512, max_chunks=1, instruction=None).items
-    work = batches(backend, items, args.budget)
-    reference = torch.empty(len(items))
+    prepared = backend.prepare(req.query, req.documents, max_length=512, max_chunks=1, instruction=None)
+    work = batches(backend, prepared, args.budget)
+    reference = torch.empty(prepared.n_items)
     with torch.inference_mode():
         for rows, inputs in work:
             reference[torch.tensor(rows)] = backend.runtime(inputs)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = []
     for r in small_requests(vocabulary(model_dir), CALIBRATION_PAIRS // 20, 20):
         prepared = backend.prepare(r.query, r.documents, max_length=512, max_chunks=1, instruction=None)
-        calibration += [inputs for _, inputs in batches(backend, prepared.items, args.budget)]
+        calibration += [inputs for _, inputs in batches(backend, prepared, args.budget)]
 
     folder = Path(tempfile.mkdtemp(prefix="openvino-options-"))
     module, sample = backend.scoring_module(), work[0][1]
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         runners[variant] = compiled
 
     def run(compiled) -> tuple[float, torch.Tensor]:
-        scores = torch.empty(len(items))
+        scores = torch.empty(prepared.n_items)
         names = [i.get_any_name() for i in compiled[0].inputs]
         queue = iter(range(len(work)))
         lock = threading.Lock()
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in names if rnd % 2 == 0 else names[::-1]:
             seconds, scores[variant] = run(runners[variant])
             if rnd:
-                rates[variant].append(len(items) / seconds)
-    print(f"{len(items)} documents, {len(work)} batches under {args.budget} tokens, {args.rounds} mirrored rounds")
+                rates[variant].append(prepared.n_items / seconds)
+    print(f"{prepared.n_items} documents, {len(work)} batches under {args.budget} tokens, {args.rounds} mirrored rounds")
     print("| variant | pairs/s (rounds) | max abs diff vs torch fp32 (logit) | Spearman vs torch fp32 |")
     print("| --- | ---: | ---: | ---: |")
     for v in names:

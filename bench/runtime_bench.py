@@ -167,12 +167,12 @@ def reference_scores(model_dir: Path, query: str, docs: list[str]) -> list[float
     backend = FlagBackend("ref", spec, effective(spec, "cpu"))
     backend.load()
     prepared = backend.prepare(query, docs, max_length=512, max_chunks=1, instruction=None)
-    order = sorted(range(len(prepared.items)), key=lambda i: len(prepared.items[i].input_ids))
+    order = sorted(range(prepared.n_items), key=lambda i: int(prepared.lengths[i]))
     out = torch.empty(len(docs))
     with torch.inference_mode():
         for k in range(0, len(order), 32):
             rows = order[k : k + 32]
-            raw = backend.forward(backend.collate([prepared.items[r] for r in rows], [None] * len(rows)))
+            raw = backend.forward(backend.collate(prepared.rows(rows)))
             out[torch.tensor(rows)] = backend.relevance(raw)
     return out.tolist()
 

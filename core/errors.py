@@ -22,6 +22,15 @@ class BadRequest(GatewayError):
     status_code = 400
 
 
+class EmptyInput(BadRequest):
+    """A string or list that must not be empty is (`field` is its path in the body, e.g. "texts").
+    TEI answers an empty `texts` with an error type and wording of its own."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"invalid request: {field} must not be empty")
+        self.field = field
+
+
 class Unauthorized(GatewayError):
     status_code = 401
 

@@ -8,12 +8,22 @@ from typing import Annotated, Any
 
 import msgspec
 
-from core.errors import BadRequest
+from core.errors import BadRequest, EmptyInput
 from core.rerank import RerankRequest, RerankResult, Scored, search_units
 
 
 # Integer ranges the server enforces; msgspec checks them and the OpenAPI document states them.
 PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
+# A document object is ranked on its fields: one without any field has none to rank on.
+DocumentObject = Annotated[dict[str, Any], msgspec.Meta(min_length=1)]
+FieldName = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+def _items(item: Any) -> dict[str, Any]:
+    """Litestar's OpenAPI generator drops the constraints of a list's items (minLength of each rank field,
+    minProperties of each document object); this writes msgspec's own schema of the item type into the
+    document, so the strict decoder and the OpenAPI document read the same annotation."""
+    return {"extra": {"items": msgspec.json.schema(item)}}
 
 
 class CohereRerankRequest(msgspec.Struct, kw_only=True):
@@ -22,12 +32,20 @@ class CohereRerankRequest(msgspec.Struct, kw_only=True):
 
     query: Annotated[str, msgspec.Meta(min_length=1, description="The search query; must not be empty")]
     documents: Annotated[
-        list[str | dict[str, Any]],
-        msgspec.Meta(min_length=1, description="Texts, or objects ranked on `rank_fields` (default: their `text`); at most server.max_documents"),
+        list[str | DocumentObject],
+        msgspec.Meta(
+            min_length=1,
+            description=(
+                "Texts, or objects ranked on `rank_fields` (default: their `text`); at most server.max_documents. "
+                "Every object must have every rank field: the one rule this schema cannot state (a 400 names "
+                "the document and the field)"
+            ),
+            extra_json_schema=_items(str | DocumentObject),
+        ),
     ]
     model: str | None = None
     top_n: PositiveInt | None = None
-    rank_fields: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
+    rank_fields: Annotated[list[FieldName], msgspec.Meta(min_length=1, extra_json_schema=_items(FieldName))] | None = None
     return_documents: bool = False
     max_chunks_per_doc: PositiveInt | None = None
     max_tokens_per_doc: PositiveInt | None = None
@@ -72,8 +90,8 @@ class CohereRerankResponse(msgspec.Struct):
 
 
 def to_internal(req: CohereRerankRequest, *, max_documents: int) -> RerankRequest:
-    if not req.documents:
-        raise BadRequest("invalid request: documents must not be empty")
+    if not req.documents:  # the strict decode refuses it first; a struct built in code may still be empty
+        raise EmptyInput("documents")
     if len(req.documents) > max_documents:
         raise BadRequest(f"invalid request: {len(req.documents)} documents given; the maximum is {max_documents}")
     if req.top_n is not None and req.top_n < 1:

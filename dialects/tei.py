@@ -9,13 +9,13 @@ variant names as they are) and the status TEI gives each type."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
-from core.errors import BadRequest, GatewayError, InferenceFailed, ModelUnavailable, ServiceUnavailable, Timeout, TooManyRequests
-from dialects.errors import ErrorDialect
+from core.errors import BadRequest, EmptyInput, GatewayError, InferenceFailed, ModelUnavailable, ServiceUnavailable, Timeout, TooManyRequests
 from core.rerank import RerankRequest, RerankResult, Scored
+from dialects.errors import ErrorDialect
 
 PATH = "/rerank"
 # TEI's --max-client-batch-size default; an upstream TEI refuses more texts per call.
@@ -27,7 +27,8 @@ STATUS = {"Unhealthy": 503, "Backend": 424, "Overloaded": 429, "Validation": 422
 
 class TeiRerankRequest(msgspec.Struct, kw_only=True):
     query: str
-    texts: list[str]
+    # An empty list is TEI's 400 Empty (error_type below); stated here so the OpenAPI document says it too.
+    texts: Annotated[list[str], msgspec.Meta(min_length=1)]
     truncate: bool | None = None
     truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
     raw_scores: bool = False
@@ -47,13 +48,9 @@ class TeiError(msgspec.Struct):
     error_type: ErrorType
 
 
-class EmptyInput(BadRequest):
-    """TEI answers an empty `texts` with its own type and status (400 Empty)."""
-
-
 def to_internal(req: TeiRerankRequest, *, max_documents: int) -> RerankRequest:
-    if not req.texts:
-        raise EmptyInput("`texts` cannot be empty")
+    if not req.texts:  # the strict decode refuses it first; a struct built in code may still be empty
+        raise EmptyInput("texts")
     if len(req.texts) > max_documents:
         raise BadRequest(f"batch size {len(req.texts)} > maximum allowed batch size {max_documents}")
     # Only right truncation is implemented; asking for left gets over-long texts refused, not cut wrongly.
@@ -67,8 +64,13 @@ def to_response(req: TeiRerankRequest, result: RerankResult) -> list[Rank]:
     ]
 
 
+def _empty_texts(exc: Exception | None) -> bool:
+    """TEI answers an empty `texts` with its own type, status (400 Empty) and wording."""
+    return isinstance(exc, EmptyInput) and exc.field == "texts"
+
+
 def error_type(status: int, exc: Exception | None) -> ErrorType:
-    if isinstance(exc, EmptyInput):
+    if _empty_texts(exc):
         return "Empty"
     if isinstance(exc, TooManyRequests) or status == 429:
         return "Overloaded"
@@ -88,7 +90,7 @@ def error_status(status: int, exc: Exception | None) -> int:
 # a 400 is Empty (400) or Validation (422), a timeout a Backend error (424).
 ERRORS = ErrorDialect(
     TeiError,
-    lambda status, message, exc: TeiError(message, error_type(status, exc)),
+    lambda status, message, exc: TeiError("`texts` cannot be empty" if _empty_texts(exc) else message, error_type(status, exc)),
     status=error_status,
     documented={400: (400, 422), 504: (424,)},
 )

@@ -7,13 +7,14 @@ from its own list, and reads an error's message from `detail`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
-from core.errors import BadRequest
-from dialects.errors import ErrorDialect
+from core.errors import BadRequest, EmptyInput
 from core.rerank import RerankRequest, RerankResult, Scored
+from dialects.cohere import PositiveInt
+from dialects.errors import ErrorDialect
 
 # Voyage's own limit, applied to this dialect whatever the server's max_documents.
 MAX_DOCUMENTS = 1000
@@ -22,9 +23,9 @@ PATH = "/rerank"  # appended to the base URL, which carries the /v1
 
 class VoyageRerankRequest(msgspec.Struct, kw_only=True):
     query: str
-    documents: list[str]
+    documents: Annotated[list[str], msgspec.Meta(min_length=1)]
     model: str | None = None
-    top_k: int | None = None
+    top_k: PositiveInt | None = None
     truncation: bool = True
     return_documents: bool = False
 
@@ -51,8 +52,8 @@ class VoyageError(msgspec.Struct):
 
 
 def to_internal(req: VoyageRerankRequest, *, max_documents: int) -> RerankRequest:
-    if not req.documents:
-        raise BadRequest("invalid request: documents must not be empty")
+    if not req.documents:  # the strict decode refuses it first; a struct built in code may still be empty
+        raise EmptyInput("documents")
     limit = min(MAX_DOCUMENTS, max_documents)
     if len(req.documents) > limit:
         raise BadRequest(f"invalid request: {len(req.documents)} documents given; the maximum is {limit}")

@@ -1,16 +1,17 @@
-"""One batch from the window of queued pairs.
+"""One batch from the window of queued pairs (engine.window), built with array operations.
 
 Pairs from all concurrent requests share batches bounded by a token cost and a pair count. The cost is
-padded tokens (longest x count) unless the backend says otherwise (Backend.batch_cost): a packed,
-padding-free batch costs its real tokens, and Qwen3's shared prefix counts once per group. Inside a window of queued pairs a few batches deep, a batch is built around the pair with the
-smallest fair-queue tag (the anchor) from the pairs nearest it in length: padding stays low and no long
-document waits forever.
+what the backend's forward pays: longest x count for a padded batch, the real tokens for a packed one
+(`Backend.is_padded` False), and for a backend that runs a request's shared prefix once per batch group
+(`Prepared.shared`, Qwen3) each group's tail x count plus its prefix once. Inside a window of queued pairs
+a few batches deep, a batch is built around the pair with the smallest fair-queue tag (the anchor) from
+the pairs nearest it in length: padding stays low and no long document waits forever.
 
 A small request is kept whole (one batch, not spread over several batches of someone else's work) when
 other requests share the window: always across tenants when it fits a batch (other tenants' pairs fill the
 rest), and inside one tenant when it fills at most a quarter of a batch (only other small requests fill
-the rest). A larger request of the only tenant keeps the plain length run, which
-pads less (16 clients x 20 documents: 92% against 86% when kept whole).
+the rest). A larger request of the only tenant keeps the plain length run, which pads less (16 clients x
+20 documents: 92% against 86% when kept whole).
 
 A batch cannot be interrupted, so a search that arrives waits for the batch in flight. While searches
 keep arriving, the scheduler passes a smaller `run_budget` for length runs (a bulk request's batches).
@@ -18,56 +19,137 @@ keep arriving, the scheduler passes a smaller `run_budget` for length runs (a bu
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
-from backends.base import Backend
+import numpy as np
+
+from backends.base import Rows
+from backends.token_arrays import gather_index
 from engine.fair_queue import FairQueue
-from engine.work import Slot
-
-# What a candidate batch costs against the token budget, when not its padded size.
-Cost = Callable[[list[Slot]], int]
+from engine.window import Window
+from engine.work import Slice, Work
 
 # A request whose padded size is at most this share of the token budget is "small" inside a tenant.
 SMALL_SHARE = 4
 
 
-def backend_cost(backend: Backend) -> Cost | None:
-    """The backend's own batch cost when it overrides the padded default (Backend.batch_cost), else None:
-    the builder then keeps the plain arithmetic."""
-    if type(backend).batch_cost is Backend.batch_cost:
-        return None
+@dataclass(slots=True)
+class Group:
+    """Rows of a batch from one slice of one request, consecutive in the batch."""
 
-    def cost(slots: list[Slot]) -> int:
-        return backend.batch_cost(
-            [s.work.prepared.items[s.item] for s in slots], [s.work.prepared.context for s in slots]
-        )
-
-    return cost
+    work: Work
+    part: Slice
+    items: np.ndarray  # the slice's pairs, in row order
 
 
-def _fits(slots: list[Slot], width: int, budget: int, cost: Cost | None) -> bool:
-    """Within the token budget. The padded size bounds every backend's cost from above, so the backend
-    is asked only when that bound is over the budget."""
-    if width * len(slots) <= budget:
-        return True
-    return cost is not None and cost(slots) <= budget
+@dataclass(slots=True)
+class Plan:
+    """A batch to run: its rows, grouped by request slice."""
+
+    groups: list[Group]
+    lengths: np.ndarray  # tokens of each row, in row order
+    cost: int  # against the token budget (padded, packed or prefix-shared, as the backend runs it)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def works(self) -> list[Work]:
+        return list(dict.fromkeys(g.work for g in self.groups))
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def rows(self) -> Rows:
+        """The batch's pairs for the backend's collate: tokens gathered from each slice's arrays."""
+        parts = []
+        for g in self.groups:
+            p = g.part.prepared
+            lengths = p.lengths[g.items]
+            at = gather_index(p.offsets[g.items], lengths)
+            parts.append(Rows(p.ids[at], lengths, None if p.types is None else p.types[at], [p.context] * len(g.items)))
+        return Rows.concat(parts)
+
+    def split(self) -> tuple["Plan", "Plan"]:
+        """Two halves (after an OOM), each grouped as before."""
+        mid = len(self) // 2
+        halves: tuple[list[Group], list[Group]] = ([], [])
+        start = 0
+        for g in self.groups:
+            n = len(g.items)
+            cut = min(max(mid - start, 0), n)
+            if cut:
+                halves[0].append(Group(g.work, g.part, g.items[:cut]))
+            if cut < n:
+                halves[1].append(Group(g.work, g.part, g.items[cut:]))
+            start += n
+        return tuple(Plan(h, np.concatenate([g.part.prepared.lengths[g.items] for g in h]), 0) for h in halves)  # type: ignore[return-value]
+
+
+class BatchCost:
+    """What a set of window rows (or a planned batch) costs against the token budget, as the backend's
+    forward runs them."""
+
+    def __init__(self, is_padded: bool) -> None:
+        self.is_padded = is_padded
+
+    def of_plan(self, plan: Plan) -> int:
+        if not self.is_padded:
+            return plan.real_tokens
+        shared = [g.part.prepared.shared for g in plan.groups]
+        if not any(shared):
+            return int(plan.lengths.max()) * len(plan)
+        cost, plain = 0, []
+        for g, p in zip(plan.groups, shared):
+            lengths = g.part.prepared.lengths[g.items]
+            if p:
+                cost += (int(lengths.max()) - p) * len(lengths) + p
+            else:
+                plain.append(lengths)
+        if plain:
+            rest = np.concatenate(plain)
+            cost += int(rest.max()) * len(rest)
+        return cost
+
+    def __call__(self, window: Window, rows: np.ndarray, shared: np.ndarray | None) -> int:
+        lengths = window.length[rows]
+        if not len(rows):
+            return 0
+        if not self.is_padded:
+            return int(lengths.sum())
+        if shared is None:
+            return int(lengths.max()) * len(rows)
+        prefix = shared[window.part[rows]]
+        plain = prefix == 0
+        cost = int(lengths[plain].max()) * int(plain.sum()) if plain.any() else 0
+        if not plain.all():
+            parts, inverse = np.unique(window.part[rows][~plain], return_inverse=True)
+            tails = lengths[~plain] - prefix[~plain]
+            longest = np.zeros(len(parts), np.int64)
+            np.maximum.at(longest, inverse, tails)
+            counts = np.bincount(inverse, minlength=len(parts))
+            cost += int((longest * counts).sum() + shared[parts].sum())
+        return cost
 
 
 def take_batch(
-    window: list[Slot],
+    window: Window,
     queue: FairQueue,
     budget: int,
     max_batch_size: int,
-    cost: Cost | None = None,
+    cost: BatchCost,
     run_budget: int | None = None,
-) -> tuple[list[Slot], list[Slot]]:
-    """(batch, rest of the window). `window` must not be empty. `cost`: see backend_cost. `run_budget`:
-    the budget of a bulk request's length run, when smaller than `budget` (small requests keep `budget`)."""
-    lead = min(window, key=lambda s: (s.tag, s.seq))
-    tenant = lead.work.tenant
+) -> np.ndarray:
+    """Rows of the window for the next batch (the window must not be empty), and tell the queue what was
+    served. `run_budget`: the budget of a bulk request's length run, when smaller than `budget` (small
+    requests keep `budget`)."""
+    lead = _argmin2(window.tag, window.seq, None)
+    tenant = window.tid[lead]
     # Across tenants the tenant tag decides; inside the chosen tenant, the request tag.
-    first = min((s for s in window if s.work.tenant == tenant), key=lambda s: (s.rtag, s.seq))
-    batch, rest = _build(window, first, budget, max_batch_size, cost, min(run_budget or budget, budget))
+    first = _argmin2(window.rtag, window.seq, window.tid == tenant)
+    shared = _shared(window)
+    rows = _build(window, first, budget, max_batch_size, cost, shared, min(run_budget or budget, budget))
     # Virtual time moves past what this batch served of the lead tenant, and inside it of the anchor
     # request, not only to where they started: a request arriving now starts at that virtual time, so
     # the pairs still queued with smaller tags go first. Moving only to the anchor's first tag starved
@@ -75,63 +157,112 @@ def take_batch(
     # newcomer tied with the one before and went first: p99 = the whole run).
     # The tenant level moves only when the lead is served: when a small request of the same tenant went
     # first, a tenant arriving now must still start ahead of the lead, not tie with it.
-    served_tag = max((s.tag for s in batch if s.work.tenant == tenant), default=None) if any(s is lead for s in batch) else None
-    queue.served(tenant, served_tag, max(s.rtag for s in batch if s.work is first.work))
-    return batch, rest
+    served_tag = None
+    if (rows == lead).any():
+        served_tag = float(window.tag[rows][window.tid[rows] == tenant].max())
+    own = window.wid[rows] == window.wid[first]
+    tenant_name = window.work_of(first).tenant
+    queue.served(tenant_name, served_tag, float(window.rtag[rows][own].max()))
+    return rows
+
+
+def plan_of(window: Window, rows: np.ndarray, cost: int) -> Plan:
+    """The batch of these window rows, grouped by request slice (rows of one slice consecutive)."""
+    order = rows[np.argsort(window.part[rows], kind="stable")]
+    parts = window.part[order]
+    cuts = np.flatnonzero(np.diff(parts)) + 1
+    groups = []
+    for chunk in np.split(order, cuts):
+        work, part = window.parts[int(window.part[chunk[0]])]
+        groups.append(Group(work, part, window.item[chunk]))
+    return Plan(groups, window.length[order], cost)
+
+
+def _argmin2(primary: np.ndarray, secondary: np.ndarray, mask: np.ndarray | None) -> int:
+    """Index of the smallest (primary, secondary) among the rows where mask holds."""
+    idx = np.arange(len(primary)) if mask is None else np.flatnonzero(mask)
+    p = primary[idx]
+    best = idx[p == p.min()]
+    return int(best[np.argmin(secondary[best])])
+
+
+def _shared(window: Window) -> np.ndarray | None:
+    """Each part's shared-prefix length, or None when no part has one."""
+    shared = np.fromiter((s.prepared.shared for _, s in window.parts), np.int64, count=len(window.parts))
+    return shared if shared.any() else None
 
 
 def _build(
-    window: list[Slot], first: Slot, budget: int, max_batch_size: int, cost: Cost | None, run_budget: int
-) -> tuple[list[Slot], list[Slot]]:
-    tenant = first.work.tenant
-    own = [s for s in window if s.work is first.work]
-    width = max(s.length for s in own)
-    fits = len(own) <= max_batch_size and _fits(own, width, budget, cost)
-    other_tenants = any(s.work.tenant != tenant for s in window)
-    other_requests = other_tenants or any(s.work is not first.work for s in window)
-    in_window: dict = {}
-    for s in window:
-        in_window[s.work] = in_window.get(s.work, 0) + 1
+    window: Window, first: int, budget: int, max_batch_size: int, cost: BatchCost, shared: np.ndarray | None, run_budget: int
+) -> np.ndarray:
+    wid, tid = window.wid, window.tid
+    own = np.flatnonzero(wid == wid[first])
+    width = int(window.length[own].max())
 
-    def small(work) -> bool:
-        # Small as a whole, not the last pairs of a large request: those pad less in a length run.
-        return in_window[work] == work.n_items and work.total_tokens * SMALL_SHARE <= budget
+    def fits(rows: np.ndarray, wide: int, limit: int) -> bool:
+        # The padded size bounds every cost from above: the backend's cost is computed only when needed.
+        return wide * len(rows) <= limit or (cost.is_padded is False or shared is not None) and cost(window, rows, shared) <= limit
 
-    if fits and (other_tenants or (other_requests and small(first.work))):
+    fits_own = len(own) <= max_batch_size and fits(own, width, budget)
+    other_tenants = bool((tid != tid[first]).any())
+    other_requests = other_tenants or len(own) < len(window)
+    works, inverse, counts = np.unique(wid, return_inverse=True, return_counts=True)
+
+    def small_works() -> np.ndarray:
+        """Per distinct request in the window: small as a whole, not the last pairs of a large request."""
+        flags = np.zeros(len(works), bool)
+        for k, w in enumerate(works.tolist()):
+            work = window.works[w]
+            flags[k] = work.sealed and counts[k] == work.n_items and work.total_tokens * SMALL_SHARE <= budget
+        return flags
+
+    small = small_works()
+    first_small = bool(small[inverse[first]])
+    if fits_own and (other_tenants or (other_requests and first_small)):
         room = min(max_batch_size, budget // width) - len(own)
-        filler = [s for s in window if s.work is not first.work and s.length <= width]
+        candidate = (wid != wid[first]) & (window.length <= width)
         if not other_tenants:
             # Inside a tenant only other small requests ride along: a bulk request's pairs would make a
             # 3-document search's batch a full one, and its latency that of the bulk request's batches.
-            filler = [s for s in filler if small(s.work)]
-        filler.sort(key=lambda s: (s.tag, s.seq))
-        batch = own + filler[: max(room, 0)]
-        if cost is not None:
-            # Past the padded room, more fillers while the backend's cost still fits (fillers are no
-            # wider than the anchor's request, so the width stays).
-            for s in filler[max(room, 0):]:
-                if len(batch) >= max_batch_size or not _fits(batch + [s], width, budget, cost):
+            candidate &= small[inverse]
+        filler = np.flatnonzero(candidate)
+        filler = filler[np.lexsort((window.seq[filler], window.tag[filler]))]
+        batch = np.concatenate([own, filler[: max(room, 0)]])
+        if not cost.is_padded or shared is not None:
+            # Past the padded room, more fillers while the backend's cost still fits (fillers are no wider
+            # than the anchor's request, so the width stays).
+            for row in filler[max(room, 0):]:
+                grown = np.append(batch, row)
+                if len(grown) > max_batch_size or not fits(grown, width, budget):
                     break
-                batch.append(s)
-        taken = {id(s) for s in batch}
-        return batch, [s for s in window if id(s) not in taken]
-    if not small(first.work):  # a search alone in the window still goes in one batch
+                batch = grown
+        return batch
+    if not first_small:  # a search alone in the window still goes in one batch
         budget = run_budget
-    ordered = sorted(window, key=lambda s: s.length)
-    anchor = next(i for i, s in enumerate(ordered) if s is first)
+    ordered = np.argsort(window.length, kind="stable")
+    lengths = window.length[ordered].tolist()
+    anchor = int(np.flatnonzero(ordered == first)[0])
     lo = hi = anchor  # inclusive bounds of the run in length order; ordered[hi] is its widest pair
+    packed = not cost.is_padded
+    total = lengths[anchor]  # real tokens of the run (a packed batch's cost)
+
+    def run_fits(a: int, b: int, added: int) -> bool:
+        if packed:
+            return total + added <= budget
+        if lengths[b] * (b - a + 1) <= budget:
+            return True
+        return shared is not None and cost(window, ordered[a : b + 1], shared) <= budget
+
     # Grow the run by whichever neighbour is nearer in length, while its cost fits the budget.
     while hi - lo + 1 < max_batch_size:
-        count = hi - lo + 2
-        options = []
-        if hi + 1 < len(ordered) and _fits(ordered[lo : hi + 2], ordered[hi + 1].length, budget, cost):
-            options.append((ordered[hi + 1].length - ordered[hi].length, 1))
-        if lo > 0 and _fits(ordered[lo - 1 : hi + 1], ordered[hi].length, budget, cost):
-            options.append((ordered[hi].length - ordered[lo - 1].length, -1))
-        if not options:
+        right = hi + 1 < len(lengths) and run_fits(lo, hi + 1, lengths[hi + 1])
+        left = lo > 0 and run_fits(lo - 1, hi, lengths[lo - 1])
+        if not (right or left):
             break
-        if min(options)[1] == 1:
+        if right and (not left or lengths[hi + 1] - lengths[hi] < lengths[hi] - lengths[lo - 1]):
             hi += 1
+            total += lengths[hi]
         else:
             lo -= 1
-    return ordered[lo : hi + 1], ordered[:lo] + ordered[hi + 1 :]
+            total += lengths[lo]
+    return ordered[lo : hi + 1]

@@ -8,17 +8,20 @@ tests inject a fault at every step of a stream's loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from backends.base import Backend, Batch
+from backends.base import Backend, Batch, Rows
 from core.errors import InferenceFailed
+from engine.batching import Group, Plan
 from engine.device import DEVICE_GATE, DeviceTimer, free_cached
-from engine.pooling import gather_scores, top_k
-from engine.work import Completed, Slot, Work
+from engine.pooling import top_k
+from engine.work import Completed, Work
 
 log = logging.getLogger("rerank_gateway.engine")
 
@@ -29,14 +32,19 @@ STEPS = ("collate", "forward", "sync", "scatter", "pool", "metrics")
 class Part:
     """A piece of a batch that was forwarded together (the whole batch, or a half after an OOM)."""
 
-    slots: list[Slot]
+    plan: Plan
     scores: torch.Tensor | None = None
     finite: torch.Tensor | None = None  # host bool per row, copied without blocking before the sync
     error: str | None = None
 
 
 class BatchRunner:
-    """Runs batches of one backend. The scheduler supplies its lock and the callbacks that touch its state."""
+    """Runs batches of one backend. The scheduler supplies its lock and the callbacks that touch its state.
+
+    On a GPU two inference threads share the model's CUDA stream (engine.streams): while one waits for its
+    batch's kernels, the other collates the next batch into pinned memory and launches it behind them, so
+    the device does not idle while the host prepares work. `launch` keeps one batch's copies and kernels
+    together on the stream (its timing events bracket that batch alone)."""
 
     def __init__(
         self,
@@ -47,6 +55,7 @@ class BatchRunner:
         on_oom: Callable[[int, int], None],
         fail: Callable[[list[Work], str], None],
         observed: Callable[[int, float], None],
+        cost: Callable[[Plan], int],
     ) -> None:
         self.backend = backend
         self.name = backend.name
@@ -56,6 +65,11 @@ class BatchRunner:
         self.on_oom = on_oom
         self.fail = fail
         self.observed = observed
+        self.cost = cost
+        self.launch = threading.Lock() if self.device.type == "cuda" else contextlib.nullcontext()
+        # Pooling and top-k run on a stream of their own: their device-to-host copy must wait for this
+        # request's scores only, not for the next batch the other thread has already launched behind them.
+        self.pool_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Test-only fault injection: fault_hook(pairs, padded_tokens) before each forward (may raise);
         # step_hook(step, info) at the start of every step.
         self.fault_hook: Callable[[int, int], None] | None = None
@@ -66,113 +80,114 @@ class BatchRunner:
             self.step_hook(step, info)
 
     # -- the batch ----------------------------------------------------------------------------------------
-    def run(self, batch: list[Slot]) -> None:
+    def run(self, plan: Plan) -> None:
         timer = DeviceTimer(self.device)
         with DEVICE_GATE.shared(self.device), torch.inference_mode():
-            timer.start()
-            parts = self.forward_splitting(batch)
-            pinned = self.device.type == "cuda"
-            for part in parts:
-                if part.scores is not None:
-                    part.finite = torch.empty(len(part.slots), dtype=torch.bool, pin_memory=pinned)
-                    part.finite.copy_(torch.isfinite(part.scores), non_blocking=True)
-            timer.stop()
-            self._step("sync", batch)
+            with self.launch:
+                timer.start()
+                parts = self.forward_splitting(plan)
+                pinned = self.device.type == "cuda"
+                for part in parts:
+                    if part.scores is not None:
+                        part.finite = torch.empty(len(part.plan), dtype=torch.bool, pin_memory=pinned)
+                        part.finite.copy_(torch.isfinite(part.scores), non_blocking=True)
+                timer.stop()
+            self._step("sync", plan)
             # The batch's one device sync, inside the guarded step: CUDA reports a kernel's failure here.
             timer.synchronize()
         seconds = timer.seconds()
-        self._step("scatter", batch)
-        finished, failed = self._scatter(parts, seconds / len(batch))
+        self._step("scatter", plan)
+        finished, failed = self._scatter(parts, seconds / len(plan))
         for message, works in failed.items():
             self.fail(works, message)
-        self._step("pool", batch)
-        with torch.inference_mode():
+        self._step("pool", plan)
+        with torch.inference_mode(), _on(self.pool_stream):
             for work in finished:
                 self._answer(work)
-        self._step("metrics", batch)
-        real = sum(s.length for s in batch)
-        padded = sum(len(p.slots) * max(s.length for s in p.slots) for p in parts)
+        self._step("metrics", plan)
+        real = plan.real_tokens
+        padded = sum(len(p.plan) * int(p.plan.lengths.max()) for p in parts)
         self.observed(real, seconds)
         if self.metrics:
-            self.metrics.observe_batch(self.name, len(batch), real, padded, seconds)
+            self.metrics.observe_batch(self.name, len(plan), real, padded, seconds)
 
     # -- forward with the OOM policy ----------------------------------------------------------------------
-    def forward(self, slots: list[Slot]) -> torch.Tensor:
-        items = [s.work.prepared.items[s.item] for s in slots]
-        contexts = [s.work.prepared.context for s in slots]
-        return self.forward_items(items, contexts)
+    def forward(self, plan: Plan) -> torch.Tensor:
+        self._step("collate", plan)
+        return self.forward_rows(plan.rows(), collated=True)
 
-    def forward_items(self, items: list, contexts: list) -> torch.Tensor:
-        self._step("collate", items)
-        batch: Batch = self.backend.collate(items, contexts)
+    def forward_rows(self, rows: Rows, collated: bool = False) -> torch.Tensor:
+        if not collated:
+            self._step("collate", rows)
+        batch: Batch = self.backend.collate(rows)
         self._step("forward", batch)
         if self.fault_hook is not None:
             width = batch.inputs["input_ids"].shape[1]
-            self.fault_hook(len(items), width * len(items))
+            self.fault_hook(len(rows), width * len(rows))
         return self.backend.forward(batch)
 
-    def forward_splitting(self, batch: list[Slot]) -> list[Part]:
+    def forward_splitting(self, plan: Plan) -> list[Part]:
         """Forward the batch; on OOM halve it and retry each half, down to a single pair.
 
         The retry runs after the `except` block is left: while it is open, the exception's traceback holds
         the failed forward's frames and with them every tensor it had allocated, so a retry from inside the
         handler would run with the failed batch's memory still taken. Outside it they are gone; then the
         allocator's cache is freed for the retry."""
-        pending = [batch]
+        pending = [plan]
         done: list[Part] = []
         while pending:
-            slots = pending.pop(0)
+            piece = pending.pop(0)
             out_of_memory = False
             try:
-                done.append(Part(slots, scores=self.forward(slots)))
+                done.append(Part(piece, scores=self.forward(piece)))
             except torch.OutOfMemoryError:
                 out_of_memory = True  # no `as exc`: nothing may keep the traceback alive
             if not out_of_memory:
                 continue
             free_cached(self.device)
-            width = max(s.length for s in slots)
-            # What the batch cost against the budget: padded size, or a packed batch's real tokens.
-            cost = self.backend.batch_cost([s.work.prepared.items[s.item] for s in slots], [s.work.prepared.context for s in slots])
-            self.on_oom(width, cost)
-            log.warning("OOM on model %s at %d pairs x %d tokens; splitting", self.name, len(slots), width)
-            if len(slots) == 1:
-                done.append(Part(slots, error=f"out of memory scoring a single pair of {width} tokens on model {self.name!r}"))
+            width = int(piece.lengths.max())
+            # What the batch cost against the budget: padded size, a packed batch's real tokens, or prefix groups.
+            self.on_oom(width, self.cost(piece))
+            log.warning("OOM on model %s at %d pairs x %d tokens; splitting", self.name, len(piece), width)
+            if len(piece) == 1:
+                done.append(Part(piece, error=f"out of memory scoring a single pair of {width} tokens on model {self.name!r}"))
             else:
-                mid = len(slots) // 2
-                pending[0:0] = [slots[:mid], slots[mid:]]
+                pending[0:0] = list(piece.split())
         return done
 
     # -- scatter: bookkeeping under the lock, no device work there ------------------------------------------
     def _scatter(self, parts: list[Part], per_pair_s: float) -> tuple[list[Work], dict[str, list[Work]]]:
-        per_work: dict[Work, list[tuple[list[int], list[int], torch.Tensor]]] = {}
+        """Each group's scores to its request; a request whose last pair this was is settled."""
         failed: dict[str, list[Work]] = {}
         bad: set[Work] = set()
+        scored: list[tuple[Group, torch.Tensor]] = []
         for part in parts:
-            finite = part.finite.tolist() if part.finite is not None else None
-            for row, s in enumerate(part.slots):
-                if part.error is not None:
-                    failed.setdefault(part.error, []).append(s.work)
-                    bad.add(s.work)
-                elif not finite[row]:
-                    if s.work not in bad:
-                        failed.setdefault(self._non_finite_message(), []).append(s.work)
-                        bad.add(s.work)
+            if part.error is not None:
+                for work in part.plan.works:
+                    failed.setdefault(part.error, []).append(work)
+                    bad.add(work)
+                continue
+            finite = part.finite.numpy()
+            start = 0
+            for group in part.plan.groups:
+                stop = start + len(group.items)
+                if not finite[start:stop].all():
+                    if group.work not in bad:
+                        failed.setdefault(self._non_finite_message(), []).append(group.work)
+                        bad.add(group.work)
                 else:
-                    entry = per_work.setdefault(s.work, [])
-                    if not entry or entry[-1][2] is not part.scores:
-                        entry.append(([], [], part.scores))
-                    entry[-1][0].append(s.item)
-                    entry[-1][1].append(row)
+                    scored.append((group, part.scores[start:stop]))
+                start = stop
         finished: list[Work] = []
         with self.lock:
-            for work, pieces in per_work.items():
+            for group, scores in scored:
+                work = group.work
                 if work in bad or work.state != "queued":
                     continue
-                for items, rows, scores in pieces:
-                    work.parts.append((items, rows, scores))
-                    work.done_items += len(items)
-                    work.inference_s += per_pair_s * len(items)
-                if work.done_items == work.n_items and work.settle("done"):
+                work.scored.append((group.part, group.items, scores))
+                work.done_items += len(group.items)
+                work.inference_s += per_pair_s * len(group.items)
+                if work.complete and work.settle("done"):
                     finished.append(work)
         return finished, {m: list(dict.fromkeys(ws)) for m, ws in failed.items()}
 
@@ -184,13 +199,21 @@ class BatchRunner:
 
     # -- pool and answer, outside the lock -----------------------------------------------------------------
     def _answer(self, work: Work) -> None:
-        parts = [(items, scores[torch.tensor(rows, device=scores.device)]) for items, rows, scores in work.parts]
-        work.parts = []
-        raw = gather_scores(work.n_items, parts)
+        raw, doc_index, n_docs = work.raw_scores_by_doc(self.device)
         try:
-            indices, scores = top_k(work.prepared, raw, work.top_n, None if work.raw_scores else self.backend.relevance)
+            indices, scores = top_k(raw, doc_index, n_docs, work.top_n, None if work.raw_scores else self.backend.relevance)
         except ValueError:
             work.deliver(error=InferenceFailed(self._non_finite_message()))
             return
+        finally:
+            # Only now: top_k's copy to the host has waited for every read of the batches' scores (another
+            # stream's allocations may reuse their memory once they are freed).
+            work.scored = []
         queue_s = (work.started_at or work.enqueued_at) - work.enqueued_at
         work.deliver(Completed(indices=indices, scores=scores, queue_s=queue_s, inference_s=work.inference_s))
+
+
+def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+    """Work on `stream` (None: stay on the current one). Its reads of a finished batch's scores need no
+    wait: the batch was synchronised before its scores were handed to the requests."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

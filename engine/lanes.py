@@ -3,9 +3,9 @@
 Requests with at most SMALL_REQUEST_DOCS documents go to a lane of their own, so a 20-document search
 never waits behind a 10,000-document tokenization (seconds on a CPU). Big requests are tokenized at the
 lowest CPU priority: they use the cores the inference threads and small requests leave idle, and in
-consecutive slices of their documents, one per thread of the bulk lane, so a big request on an idle server
-is tokenized on every core while its inference streams wait for it. Each lane refuses work (429) past a
-bound of waiting requests, so a burst cannot queue unbounded text in memory.
+consecutive slices of their documents, several per thread of the bulk lane, so a big request on an idle server
+is tokenized on every core, each slice joining the queue as soon as it is ready (engine.scheduler). Each
+lane refuses work (429) past a bound of waiting requests, so a burst cannot queue unbounded text in memory.
 """
 
 from __future__ import annotations
@@ -30,29 +30,48 @@ SMALL_REQUEST_DOCS = 256
 # Requests waiting or running per lane before new ones are refused.
 MAX_PENDING_SMALL = 256
 MAX_PENDING_BULK_PER_THREAD = 4
-# A big request is cut into slices of at least this many documents (half a small request's limit), so
-# slices stay batch-encoder calls of some size.
-MIN_SLICE_DOCS = 128
+# A big request is cut into slices of MIN..MAX_SLICE_DOCS documents, about SLICES_PER_THREAD per thread:
+# each slice is queued as soon as it is tokenized, so the device starts on the first ones while the rest
+# tokenize (1,000 documents on 8 threads: 32-document slices, the first queued after ~1/30 of the
+# tokenizing), and slices stay batch-encoder calls of some size.
+MIN_SLICE_DOCS = 32
+MAX_SLICE_DOCS = 128
+SLICES_PER_THREAD = 4
 # Bulk-lane threads: one per core, at least two (one big request does not hold the whole lane), at most
 # eight (a cap on threads per loaded model, not a measured optimum: this was measured on two cores only).
 # Tokenizing 1,000 documents takes ~0.3 s on one core, which a GPU's inference stream would wait out.
 MAX_BULK_THREADS = 8
 
 
+# Small-lane threads: one on a small machine (a search's few documents tokenize in milliseconds), more on
+# a many-core GPU host, where 16 clients' 20-document requests would otherwise queue on one thread: at
+# ~0.23 ms a document (2-core Xeon), one thread tokenizes ~4,000 pairs/s, half of what one GPU scores.
+MAX_SMALL_THREADS = 4
+
+
 def default_bulk_threads() -> int:
     return max(2, min(MAX_BULK_THREADS, cpu_cores()))
 
 
+def default_small_threads() -> int:
+    return max(1, min(MAX_SMALL_THREADS, cpu_cores() // 4))
+
+
 class _Lane:
-    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, threads: int, bound: int) -> None:
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, threads: int, bound: int, sliced: bool = True) -> None:
         self.pool = pool
         self.threads = threads
         self.bound = bound
+        self.sliced = sliced  # big requests are cut into slices; a small one is tokenized whole
         self.pending = 0
 
     def slices(self, n_docs: int) -> list[tuple[int, int]]:
-        """Consecutive [start, stop) slices of the documents, one per thread the request can use."""
-        count = max(1, min(self.threads, n_docs // MIN_SLICE_DOCS))
+        """Consecutive [start, stop) slices of the documents: one for a request the small lane takes, else
+        slices of MIN..MAX_SLICE_DOCS, about SLICES_PER_THREAD per thread."""
+        if not self.sliced or self.threads == 1:
+            return [(0, n_docs)]
+        size = max(MIN_SLICE_DOCS, min(MAX_SLICE_DOCS, -(-n_docs // (self.threads * SLICES_PER_THREAD))))
+        count = max(1, -(-n_docs // size))
         cuts = [n_docs * k // count for k in range(count + 1)]
         return list(zip(cuts, cuts[1:]))
 
@@ -61,7 +80,11 @@ class TokenizerLanes:
     def __init__(self, name: str, bulk_threads: int | None = None) -> None:
         bulk_threads = bulk_threads or default_bulk_threads()
         self.name = name
-        self.small = _Lane(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tok-small-{name}"), 1, MAX_PENDING_SMALL)
+        small_threads = default_small_threads()
+        self.small = _Lane(
+            concurrent.futures.ThreadPoolExecutor(small_threads, thread_name_prefix=f"tok-small-{name}"), small_threads,
+            MAX_PENDING_SMALL, sliced=False,
+        )
         self.bulk = _Lane(
             concurrent.futures.ThreadPoolExecutor(bulk_threads, thread_name_prefix=f"tok-{name}", initializer=lower_cpu_priority, initargs=(BULK_TOKENIZE_NICE,)),
             bulk_threads,

@@ -4,34 +4,43 @@ It owns the model's queue (engine.fair_queue), the window of pulled pairs and ba
 (engine.batching), the inference streams (engine.streams) running batches (engine.inference), the
 tokenizer lanes (engine.lanes), admission (engine.admission) and the token budget with its OOM cap.
 
-Locking: one condition variable guards the queue, the window and the requests' bookkeeping. The event
-loop takes it (admission, submit, cancel), so nothing under it touches the device: batches are
-collated, forwarded, synchronised and pooled outside it.
+A request is tokenized in slices on the tokenizer lanes, and each slice joins the queue as soon as it is
+ready (from the tokenizer thread), so the device starts on a big request's first pairs while the rest are
+still tokenizing (`rerank`). `prepare` + `submit` do the same in two steps for callers that hold a
+tokenized request already (tools, tests).
+
+Locking: one condition variable guards the queue, the window, the reservations and the requests'
+bookkeeping. The event loop and the tokenizer threads take it briefly (admission, adding a slice, cancel),
+so nothing under it touches the device: batches are collated, forwarded, synchronised and pooled outside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
 
 from backends.base import Backend, Prepared, configure_cpu_streams
+from core.budgets import LADDER_MAX_BATCH_S, climbing
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
 from core.host import CPU_STREAMS
-from engine.admission import Reservations, estimate_cost
-from engine.batching import SMALL_SHARE, backend_cost, take_batch
-from engine.device import StreamContext
+from engine.admission import Held, Reservations, estimate_cost
+from engine.batching import SMALL_SHARE, BatchCost, Plan, plan_of, take_batch
+from engine.device import StreamContext, free_cached
 from engine.fair_queue import FairQueue
 from engine.inference import BatchRunner
 from engine.lanes import TokenizerLanes
 from engine.streams import InferenceStreams
-from engine.warmup import run_warmup, warmup_shapes
-from engine.work import Completed, Slot, Work, compact, new_work
+from engine.warmup import rate_shape, run_rate, run_warmup, warmup_shapes
+from engine.window import Window
+from engine.work import Completed, Work, new_work
 
 log = logging.getLogger("rerank_gateway.engine")
 
@@ -47,8 +56,30 @@ WINDOW_BATCHES = 8
 # against 1.6x with full batches, while the loop completed 356 and 708 searches against 191.
 SEARCH_RECENT_S = 1.0
 SEARCH_RUN_SHARE = 4
+# On a GPU a bulk request's batch is also bounded by time while searches arrive, at the measured rate (real
+# tokens per second of device time): a search waits for the batch in flight and the one launched behind it,
+# so those take at most SEARCH_BATCH_S each. (On a CPU the token budget is already small: its measured rule
+# above stands.)
+SEARCH_BATCH_S = 0.010
 # After an OOM the model's token budget is lowered to what fitted, for this long.
 OOM_COOLDOWN_S = 60.0
+# Host threads per model on a GPU, sharing its CUDA stream (one launches while the other waits).
+GPU_HOST_THREADS = 2
+
+
+# A slice's check before it is queued (the runner's limits: chunks per request, truncation off): raises to
+# refuse the whole request. Arguments: the slice, the request-wide index of its first document, and the
+# request's pairs with it.
+SliceCheck = Callable[[Prepared, int, int], None]
+
+
+def bulk_run_budget(budget: int, *, searching: bool, tokens_per_s: float, gpu: bool) -> int:
+    """The budget of a bulk request's length run: the whole budget, a share of it while searches arrive,
+    and on a GPU at most SEARCH_BATCH_S of device time then (at the measured rate)."""
+    if not searching:
+        return budget
+    run = budget // SEARCH_RUN_SHARE
+    return min(run, max(1, int(tokens_per_s * SEARCH_BATCH_S))) if gpu else run
 
 
 @dataclass(eq=False)
@@ -76,7 +107,6 @@ class Scheduler:
         cpu_streams: int = CPU_STREAMS,
     ) -> None:
         self.backend = backend
-        self._batch_cost = backend_cost(backend)
         self.name = backend.name
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -91,9 +121,9 @@ class Scheduler:
         self._cap_until = 0.0
         self._search_at = float("-inf")  # when the last small request was queued (time.monotonic)
         self._queue = FairQueue()
-        self._window: list[Slot] = []
+        self._window = Window()
+        self._cost = BatchCost(backend.is_padded)
         self._control: list[_Control] = []
-        self._seq = itertools.count()
         self._cv = threading.Condition()
         self._stopping = False
         self._reserved = Reservations()
@@ -102,10 +132,13 @@ class Scheduler:
         # Throughput estimate (real tokens/s of one stream, device time) for Retry-After.
         self._tokens_per_s = 5_000.0
         self.runner = BatchRunner(
-            backend, lock=self._cv, metrics=metrics, on_oom=self._lower_budget, fail=self._fail_works, observed=self._observed
+            backend, lock=self._cv, metrics=metrics, on_oom=self._lower_budget, fail=self._fail_works, observed=self._observed,
+            cost=self._cost.of_plan,
         )
         if streams is None:
-            streams = 1 if backend.device.type != "cpu" else configure_cpu_streams(cpu_streams)
+            # On a GPU two host threads share the model's CUDA stream: one prepares and launches the next
+            # batch while the other waits for its own (engine.inference). On a CPU, whole batches in parallel.
+            streams = GPU_HOST_THREADS if backend.device.type != "cpu" else configure_cpu_streams(cpu_streams)
         self._streams = InferenceStreams(
             self.name, streams, StreamContext(backend.device),
             take=self._next_job, run=self._run_job, fail=self._fail_job, on_health=self._health, taken=self._taken,
@@ -131,7 +164,7 @@ class Scheduler:
     # -- state, read from the event loop --------------------------------------------------------------------
     @property
     def streams(self) -> int:
-        """Inference threads running batches of this model (one on a GPU)."""
+        """Inference threads running batches of this model (two sharing one CUDA stream on a GPU)."""
         return self._streams.count
 
     @property
@@ -150,43 +183,88 @@ class Scheduler:
 
     def queue_depth(self) -> tuple[int, int]:
         with self._cv:
-            window_tokens = sum(s.length for s in self._window)
-            return self._queue.pairs + len(self._window), self._queue.tokens + window_tokens
+            return self._queue.pairs + len(self._window), self._queue.tokens + self._window.tokens
 
-    # -- admission and submission (event loop) ---------------------------------------------------------------
+    # -- admission and submission ---------------------------------------------------------------------------
     def _check_room(self, pairs: int, tokens: int) -> None:
         """429 when the queue (with the requests being tokenized) is full. A request alone is always
         admitted, so a 10,000-document request is never refused for its size alone."""
-        queued_pairs, queued_tokens = self.queue_depth()
-        queued_pairs += self._reserved.pairs
-        queued_tokens += self._reserved.tokens
+        with self._cv:
+            queued_pairs = self._queue.pairs + len(self._window) + self._reserved.pairs
+            queued_tokens = self._queue.tokens + self._window.tokens + self._reserved.tokens
         if queued_pairs and (queued_pairs + pairs > self.max_queue_pairs or queued_tokens + tokens > self.max_queue_tokens):
             raise TooManyRequests(
                 f"model {self.name!r} is overloaded ({queued_pairs} pairs queued); retry later",
                 retry_after_s=queued_tokens / max(self._tokens_per_s * self.streams, 1.0),
             )
 
-    async def prepare(self, query: str, documents: list[str], **kwargs: Any) -> Prepared:
-        """Tokenize, after checking an estimate of the request's cost against the queue limits."""
-        pairs, tokens = estimate_cost(query, documents, max_length=kwargs.get("max_length", 512), max_chunks=kwargs.get("max_chunks", 1))
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        tokenize: dict[str, Any],
+        check: SliceCheck | None = None,
+        top_n: int,
+        raw_scores: bool = False,
+        tenant: str = "",
+        weight: float = 1.0,
+        priority: int = 0,
+        timeout_s: float | None = None,
+        disconnected: asyncio.Future | None = None,
+    ) -> tuple[Completed, Prepared]:
+        """Tokenize (in slices on the tokenizer lanes) and score a request; its top_n and the whole request as
+        tokenized (for metering). `check` may refuse the request from any slice.
+
+        A packed backend's slices are queued as each is ready: the device starts on the first pairs while
+        the rest tokenize, and a packed batch costs its real tokens however its lengths mix. A padded
+        backend's request is queued whole, so its batches are runs of similar lengths: queued slice by
+        slice, the tiny cross-encoder of bench.host_path padded 0.88 of its batches' tokens with real ones
+        instead of 0.98, and ran 70 batches instead of 61 (15% more CPU per 1,000-document request)."""
+        stream = not self.backend.is_padded
+        pairs, tokens = estimate_cost(query, documents, max_length=tokenize.get("max_length", 512), max_chunks=tokenize.get("max_chunks", 1))
         self._check_room(pairs, tokens)
-        self._reserved.add(pairs, tokens)
+        held = self._reserve(pairs, tokens)
+        work = self._open(top_n=top_n, raw_scores=raw_scores, tenant=tenant, weight=weight, priority=priority, docs=len(documents))
         start = time.perf_counter()
         try:
-            parts = await self._lanes.run(len(documents), lambda a, b: self._tokenize(query, documents[a:b], kwargs))
+            try:
+                parts = await self._lanes.run(
+                    len(documents), lambda a, b: self._tokenize_slice(work, query, documents, a, b, tokenize, check, held, stream)
+                )
+            finally:
+                self._release(held)
+            if self.metrics:
+                self.metrics.tokenize_seconds.labels(self.name).observe(time.perf_counter() - start)
+            if any(p is None for p in parts):  # the request failed while slices tokenized: its future says why
+                await work.future
+            tokenize_s = time.perf_counter() - start
             prepared = parts[0] if len(parts) == 1 else self.backend.merge(parts)
+            if not stream:
+                with self._cv:
+                    if work.state == "queued":
+                        self._add(work, prepared, 0)
+            done = await self._wait(work, timeout_s, disconnected)
+            done.tokenize_s = tokenize_s
+            return done, prepared
+        except BaseException:
+            self.cancel(work)
+            raise
+
+    async def prepare(self, query: str, documents: Sequence[str], **kwargs: Any) -> Prepared:
+        """Tokenize a whole request (in slices on the lanes, merged), after checking an estimate of its cost
+        against the queue limits; `submit` queues it."""
+        pairs, tokens = estimate_cost(query, documents, max_length=kwargs.get("max_length", 512), max_chunks=kwargs.get("max_chunks", 1))
+        self._check_room(pairs, tokens)
+        held = self._reserve(pairs, tokens)
+        start = time.perf_counter()
+        try:
+            parts = await self._lanes.run(len(documents), lambda a, b: self.backend.prepare(query, list(documents[a:b]), **kwargs))
         finally:
-            self._reserved.remove(pairs, tokens)
+            self._release(held)
         if self.metrics:
             self.metrics.tokenize_seconds.labels(self.name).observe(time.perf_counter() - start)
-        return prepared
-
-    def _tokenize(self, query: str, documents: list[str], kwargs: dict[str, Any]) -> Prepared:
-        return compact(self.backend.prepare(query, documents, **kwargs))
-
-    def admit(self, prepared: Prepared) -> None:
-        """The real cost, after tokenizing."""
-        self._check_room(len(prepared.items), sum(len(item.input_ids) for item in prepared.items))
+        return parts[0] if len(parts) == 1 else self.backend.merge(parts)
 
     async def submit(
         self,
@@ -200,17 +278,60 @@ class Scheduler:
         timeout_s: float | None = None,
         disconnected: asyncio.Future | None = None,
     ) -> Completed:
-        """Queue a prepared request and wait for its top_n. Its queued pairs leave the queue on every way
+        """Queue a tokenized request and wait for its top_n. Its queued pairs leave the queue on every way
         out: answered, failed, timed out, client gone, task cancelled."""
-        self.admit(prepared)
-        work = new_work(prepared, top_n=top_n, raw_scores=raw_scores, tenant=tenant, priority=priority)
-        if not prepared.items:
+        self._check_room(prepared.n_items, int(prepared.lengths.sum()))
+        if not prepared.n_items:
             return Completed([], [], 0.0, 0.0)
+        work = self._open(top_n=top_n, raw_scores=raw_scores, tenant=tenant, weight=weight, priority=priority, docs=prepared.n_docs)
+        with self._cv:
+            self._add(work, prepared, 0)
+        try:
+            return await self._wait(work, timeout_s, disconnected)
+        except BaseException:
+            self.cancel(work)
+            raise
+
+    def _open(self, *, top_n: int, raw_scores: bool, tenant: str, weight: float, priority: int, docs: int) -> Work:
+        work = new_work(top_n=top_n, raw_scores=raw_scores, tenant=tenant, priority=priority, docs=docs)
         loop = asyncio.get_running_loop()
         work.loop, work.future = loop, loop.create_future()
         with self._cv:
-            self._push(work, weight)
-            self._cv.notify_all()  # every idle stream: a big request has batches for all of them
+            self._queue.push(work, weight)
+        return work
+
+    def _tokenize_slice(
+        self, work: Work, query: str, documents: Sequence[str], a: int, b: int, kwargs: dict[str, Any],
+        check: SliceCheck | None, held: Held, stream: bool,
+    ) -> Prepared | None:
+        """On a tokenizer thread: tokenize documents[a:b] and check them; when streaming, queue them at once.
+        None when the request was settled (cancelled, failed) before this slice was done."""
+        if work.state != "queued":
+            return None
+        prepared = self.backend.prepare(query, list(documents[a:b]), **kwargs)
+        with self._cv:
+            work.tokenized_items += prepared.n_items
+            chunks = work.tokenized_items
+        if check is not None:
+            check(prepared, a, chunks)
+        if not stream:
+            return prepared
+        with self._cv:
+            self._reserved.consume(held, (b - a) / max(len(documents), 1))
+            if work.state != "queued":
+                return None
+            self._add(work, prepared, a)
+        return prepared
+
+    def _add(self, work: Work, prepared: Prepared, doc_base: int) -> None:
+        """Queue a slice of a request (lock held); the slice that brings its last documents seals it."""
+        part = work.add(prepared, doc_base)
+        if work.sealed and work.total_tokens * SMALL_SHARE <= self.token_budget:
+            self._search_at = time.monotonic()
+        self._queue.added(work, part)
+        self._cv.notify_all()  # every idle stream: a big request has batches for all of them
+
+    async def _wait(self, work: Work, timeout_s: float | None, disconnected: asyncio.Future | None) -> Completed:
         waiter = work.future
         try:
             if disconnected is None:
@@ -224,15 +345,14 @@ class Scheduler:
         except TimeoutError:
             self.cancel(work)
             raise Timeout(f"request to model {self.name!r} did not finish within {timeout_s:g} s") from None
-        except BaseException:
-            self.cancel(work)
-            raise
 
-    def _push(self, work: Work, weight: float) -> None:
-        """Queue a request (lock held), noting when a search was last queued."""
-        if work.total_tokens * SMALL_SHARE <= self.token_budget:
-            self._search_at = time.monotonic()
-        self._queue.push(work, weight)
+    def _reserve(self, pairs: int, tokens: int) -> Held:
+        with self._cv:
+            return self._reserved.add(pairs, tokens)
+
+    def _release(self, held: Held) -> None:
+        with self._cv:
+            self._reserved.release(held)
 
     def cancel(self, work: Work) -> None:
         with self._cv:
@@ -245,8 +365,8 @@ class Scheduler:
     def _drop(self, work: Work) -> None:
         """Remove a settled request's pairs from the queue and the window (lock held)."""
         self._queue.remove(work)
-        self._window = [s for s in self._window if s.work is not work]
-        work.parts = []
+        self._window.drop_work(work)
+        work.scored = []
 
     def close(self) -> None:
         self._stopping = True  # not running from here on; the streams stop at their next take
@@ -264,17 +384,43 @@ class Scheduler:
         Returns pairs, length, seconds, peak_bytes, activation_bytes (0 on a CPU, memory_measured False),
         workspace_bytes, padded_tokens, real_tokens, shapes. Raises BudgetDoesNotHold on OOM."""
         shapes = warmup_shapes(
-            length, budget=self.max_batch_tokens, max_batch_size=self.max_batch_size, packed=self.backend.padding_free
+            length, budget=self.max_batch_tokens, max_batch_size=self.max_batch_size, packed=not self.backend.is_padded
         )
 
         def measure() -> dict[str, Any]:
             return run_warmup(
-                self.backend, self.runner.forward_items, shapes, budget=self.max_batch_tokens, workspace_bytes=self._workspace_bytes
+                self.backend, self.runner.forward_rows, shapes, budget=self.max_batch_tokens, workspace_bytes=self._workspace_bytes
             )
 
         result = self.call_in_stream(measure)
         self._workspace_bytes = self._workspace_bytes or result["workspace_bytes"]
+        if self.backend.device.type == "cuda":
+            # The first estimate of the device's rate, which bounds batches by time until batches measure it.
+            self._tokens_per_s = result["real_tokens"] / max(result["seconds"], 1e-6)
         return result
+
+    def measure_rate(self, budget: int, length: int) -> dict[str, Any]:
+        """Real tokens/s and peak memory of one full batch of typical pairs at `budget` tokens, in an
+        inference thread (engine.warmup.run_rate)."""
+        lengths = rate_shape(budget, length)
+        return self.call_in_stream(lambda: run_rate(self.backend, self.runner.forward_rows, lengths))
+
+    def measure_ladder(self, rungs: list[int], length: int) -> list[dict[str, Any]]:
+        """Each rung's max_batch_tokens, tokens_per_s and peak_bytes, climbing while throughput still gains
+        (core.budgets.climbing) and a batch takes under LADDER_MAX_BATCH_S, and stopping below a rung that
+        runs out of memory: what a GPU budget at the knee is chosen from."""
+        out: list[dict[str, Any]] = []
+        for tokens in rungs:
+            try:
+                rate = self.measure_rate(tokens, length)
+            except torch.OutOfMemoryError:
+                break  # the memory model was optimistic past here: the rungs below stand
+            finally:
+                free_cached(self.backend.device)
+            out.append({"max_batch_tokens": tokens, "tokens_per_s": round(rate["tokens_per_s"]), "peak_bytes": rate["peak_bytes"]})
+            if not climbing([r["tokens_per_s"] for r in out]) or rate["seconds"] > LADDER_MAX_BATCH_S:
+                break
+        return out
 
     def call_in_stream(self, fn: Callable[[], Any], timeout_s: float | None = 600) -> Any:
         """Run fn in an inference thread, between batches (blocking; not from the event loop)."""
@@ -285,7 +431,7 @@ class Scheduler:
         return control.future.result(timeout_s)
 
     # -- the inference streams' side ------------------------------------------------------------------------
-    def _next_job(self) -> list[Slot] | _Control | None:
+    def _next_job(self) -> Plan | _Control | None:
         """Block until there is work; return the next batch or control call (None when stopping)."""
         with self._cv:
             while True:
@@ -293,37 +439,43 @@ class Scheduler:
                     return None
                 if self._control:
                     return self._control.pop(0)
-                budget = self.token_budget
-                pulled = self._queue.pull_newcomers(budget // SMALL_SHARE, budget)
-                window_tokens = sum(s.length for s in self._window)
-                want = WINDOW_BATCHES * budget - window_tokens
-                if want > 0:
-                    pulled += self._queue.pull(want)
-                for work, item, tag, rtag in pulled:
-                    self._window.append(Slot(work, item, work.lengths[item], next(self._seq), tag, rtag))
-                if self._window:
-                    searching = time.monotonic() - self._search_at < SEARCH_RECENT_S
-                    run_budget = budget // SEARCH_RUN_SHARE if searching else budget
-                    batch, self._window = take_batch(
-                        self._window, self._queue, budget, self.max_batch_size, self._batch_cost, run_budget=run_budget
-                    )
-                    batch = [s for s in batch if s.work.state == "queued"]
-                    if not batch:
-                        continue
-                    now = time.perf_counter()
-                    for s in batch:
-                        if s.work.started_at is None:
-                            s.work.started_at = now
-                    return batch
+                plan = self._build_batch()
+                if plan is not None:
+                    return plan
                 self._cv.wait()
 
-    def _taken(self, job: list[Slot] | _Control) -> None:
+    def _build_batch(self) -> Plan | None:
+        """The next batch from the window, after topping the window up from the queue (lock held)."""
+        budget = self.token_budget
+        window = self._window
+        runs = self._queue.pull_newcomers(budget // SMALL_SHARE, budget)
+        want = WINDOW_BATCHES * budget - window.tokens
+        if want > 0:
+            runs += self._queue.pull(want)
+        window.add(runs)
+        if not len(window):
+            return None
+        searching = time.monotonic() - self._search_at < SEARCH_RECENT_S
+        run_budget = bulk_run_budget(budget, searching=searching, tokens_per_s=self._tokens_per_s, gpu=self.backend.device.type == "cuda")
+        rows = take_batch(window, self._queue, budget, self.max_batch_size, self._cost, run_budget=run_budget)
+        plan = plan_of(window, rows, 0)
+        plan.cost = self._cost.of_plan(plan)
+        keep = np.ones(len(window), dtype=bool)
+        keep[rows] = False
+        window.keep(keep)
+        now = time.perf_counter()
+        for work in plan.works:
+            if work.started_at is None:
+                work.started_at = now
+        return plan
+
+    def _taken(self, job: Plan | _Control) -> None:
         """Between taking a job and its guarded run: only the tests' "take" fault runs here, which kills
         the stream (the supervisor's path)."""
         if self.runner.step_hook is not None and not isinstance(job, _Control):
             self.runner.step_hook("take", job)
 
-    def _run_job(self, job: list[Slot] | _Control) -> None:
+    def _run_job(self, job: Plan | _Control) -> None:
         if isinstance(job, _Control):
             try:
                 job.future.set_result(job.fn())
@@ -332,12 +484,12 @@ class Scheduler:
             return
         self.runner.run(job)
 
-    def _fail_job(self, job: list[Slot] | _Control, message: str) -> None:
+    def _fail_job(self, job: Plan | _Control, message: str) -> None:
         if isinstance(job, _Control):
             if not job.future.done():
                 job.future.set_exception(RuntimeError(message))
             return
-        self._fail_works(list(dict.fromkeys(s.work for s in job)), message, answered_too=True)
+        self._fail_works(job.works, message, answered_too=True)
 
     def _fail_works(self, works: list[Work], message: str, answered_too: bool = False) -> None:
         """Fail requests: their pairs leave the queue. With answered_too, also those a failed step had
@@ -354,7 +506,7 @@ class Scheduler:
             work.deliver(error=InferenceFailed(message))
 
     def _lower_budget(self, width: int, cost: int) -> None:
-        """After an OOM: what did not fit (its cost, Backend.batch_cost) lowers the budget for a while; new
+        """After an OOM: what did not fit (its cost against the budget) lowers the budget for a while; new
         batches are built under it."""
         self.oom_recoveries += 1
         if self.metrics:
@@ -369,4 +521,3 @@ class Scheduler:
         self.unavailable_reason = reason
         if self.on_health is not None:
             self.on_health(reason)
-

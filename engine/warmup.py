@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from backends.base import Backend
-from engine.device import PeakMeter
+from engine.device import DeviceTimer, PeakMeter
 
 
 class BudgetDoesNotHold(RuntimeError):
@@ -35,7 +35,7 @@ def mixed_lengths(n: int, width: int) -> list[int]:
 
 
 def warmup_shapes(length: int, *, budget: int, max_batch_size: int, packed: bool = False) -> list[list[int]]:
-    """`packed`: the backend packs batches without padding (Backend.padding_free), so the batch builder
+    """`packed`: the backend packs batches without padding (Backend.is_padded False), so the batch builder
     fills the budget with real tokens (engine.batching); the mixed batch has only about half, and a batch
     of real tokens at the full budget is run as well."""
     width = max(2, min(length, budget))
@@ -48,19 +48,18 @@ def warmup_shapes(length: int, *, budget: int, max_batch_size: int, packed: bool
     return shapes
 
 
-def run_warmup(backend: Backend, forward_items: Any, shapes: list[list[int]], *, budget: int, workspace_bytes: int) -> dict[str, Any]:
+def run_warmup(backend: Backend, forward_rows: Any, shapes: list[list[int]], *, budget: int, workspace_bytes: int) -> dict[str, Any]:
     """Forward each shape once and measure. `workspace_bytes`: what an earlier warm-up found the thread keeps
     (already inside the baseline now, so added back)."""
     meter = PeakMeter(backend.device)
     seconds: list[float] = []
     with meter.measure():
         for lengths in shapes:
-            items = [backend.synthetic_item(k) for k in lengths]
-            contexts = [backend.synthetic_context() for _ in lengths]
+            rows = backend.synthetic_rows(lengths)
             start = time.perf_counter()
             try:
                 with torch.inference_mode():
-                    scores = forward_items(items, contexts)
+                    scores = forward_rows(rows)
                     if backend.device.type == "cuda":
                         torch.cuda.current_stream().synchronize()
             except torch.OutOfMemoryError:
@@ -96,3 +95,37 @@ def run_warmup(backend: Backend, forward_items: Any, shapes: list[list[int]], *,
         out["activation_bytes"] = 0
         out["memory_note"] = "not measured: a CPU has no allocator counter to read"
     return out
+
+
+# -- the throughput ladder (GPU budgets at the knee, pool.local_loading) -----------------------------------------
+# Pairs of about this many tokens make a typical batch (a query and a passage of ~80 words).
+RATE_PAIR_TOKENS = 128
+RATE_REPEATS = 3
+
+
+def rate_shape(budget: int, length: int) -> list[int]:
+    """A full batch of typical pairs at this budget: two lengths a token apart (the attention mask is used)."""
+    width = max(2, min(length, RATE_PAIR_TOKENS))
+    return [width - (k % 2) for k in range(max(1, budget // width))]
+
+
+def run_rate(backend: Backend, forward_rows: Any, lengths: list[int], repeats: int = RATE_REPEATS) -> dict[str, Any]:
+    """Real tokens per second of device time for one batch of these lengths (median of `repeats` after one
+    untimed run), and this model's peak memory over the runs."""
+    rows = backend.synthetic_rows(lengths)
+    meter = PeakMeter(backend.device)
+    seconds: list[float] = []
+    with meter.measure(), torch.inference_mode():
+        for k in range(repeats + 1):
+            timer = DeviceTimer(backend.device)
+            timer.start()
+            forward_rows(rows)
+            timer.stop()
+            timer.synchronize()
+            if k:
+                seconds.append(timer.seconds())
+    median = sorted(seconds)[len(seconds) // 2]
+    return {
+        "tokens": sum(lengths), "pairs": len(lengths), "tokens_per_s": sum(lengths) / max(median, 1e-9),
+        "seconds": median, "peak_bytes": meter.peak, "activation_bytes": max(meter.peak - meter.base, 0),
+    }

@@ -1,4 +1,10 @@
-"""A request inside the engine, its queued pairs, and its answer.
+"""A request inside the engine, and its answer.
+
+A request arrives in slices: a big request's documents are tokenized in consecutive slices on several
+threads, and each slice is queued as soon as it is ready (`Work.add`), so the device starts on the first
+slices while the rest are tokenizing. A slice holds its pairs as flat arrays (backends.base.Prepared) and
+the order in which the queue takes them (shortest first); nothing in the engine is an object per pair.
+The request is complete once it is sealed (every slice added) and every pair is scored.
 
 A Work is settled exactly once, by whoever gets there first under the scheduler's lock: the stream that
 scores its last pair, a failure, or a cancellation (timeout, disconnect, task cancelled). The answer goes
@@ -8,7 +14,6 @@ has cancelled can never make the inference thread raise.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import itertools
 import time
@@ -29,45 +34,76 @@ class Completed:
     scores: list[float]
     queue_s: float
     inference_s: float
+    tokenize_s: float = 0.0
+
+
+@dataclass(eq=False, slots=True)
+class Slice:
+    """A consecutive slice of a request's documents, tokenized: its pairs and the queue's cursor in them."""
+
+    prepared: Prepared
+    item_base: int  # the request-wide number of its first pair
+    doc_base: int  # the request-wide index of its first document
+    order: np.ndarray  # its pairs, shortest first (int64)
+    cursor: int = 0  # pairs of `order` already taken by the queue
+
+    @property
+    def pending(self) -> int:
+        return len(self.order) - self.cursor
+
+    def pending_tokens(self) -> int:
+        return int(self.prepared.lengths[self.order[self.cursor :]].sum())
 
 
 @dataclass(eq=False)
 class Work:
     """One request inside the scheduler."""
 
-    prepared: Prepared
     top_n: int
     raw_scores: bool
     tenant: str
     priority: int
-    lengths: array.array  # tokens of each item (int32)
-    order: array.array  # item indices, shortest first
-    total_tokens: int  # sum of lengths
+    seq: int = 0  # arrival order, to break ties in the fair queue
+    expected_docs: int = 0  # documents of the request; it is sealed once slices covering them are added
+    slices: list[Slice] = field(default_factory=list)
+    docs_added: int = 0
+    sealed: bool = False  # every slice added: the request's size is final
+    n_items: int = 0  # pairs added so far
+    tokenized_items: int = 0  # pairs its slices have tokenized so far (queued or not)
+    total_tokens: int = 0  # their tokens
     loop: asyncio.AbstractEventLoop | None = None
     future: asyncio.Future | None = None
-    seq: int = 0  # arrival order, to break ties in the fair queue
-    cursor: int = 0  # next position in `order` not yet pulled into the window
     vtime: float = 0.0  # virtual time inside its tenant (fair share per request)
+    active: bool = False  # in its tenant's queue (has pairs the queue has not taken)
     done_items: int = 0
-    # Scored parts, (item indices, rows of the batch, the batch's scores on the device); pooled once the
-    # last pair is scored.
-    parts: list[tuple[list[int], list[int], torch.Tensor]] = field(default_factory=list)
+    # Scored parts: (slice, its pairs, their scores on the device), pooled once the last pair is scored.
+    scored: list[tuple[Slice, np.ndarray, torch.Tensor]] = field(default_factory=list)
     state: WorkState = "queued"
     delivered: bool = False
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     inference_s: float = 0.0
 
-    @property
-    def n_items(self) -> int:
-        return len(self.lengths)
+    def add(self, prepared: Prepared, doc_base: int) -> Slice:
+        """Append a tokenized slice (lock held)."""
+        part = Slice(prepared, self.n_items, doc_base, np.argsort(prepared.lengths, kind="stable"))
+        self.slices.append(part)
+        self.n_items += prepared.n_items
+        self.total_tokens += int(prepared.lengths.sum())
+        self.docs_added += prepared.n_docs
+        self.sealed = self.docs_added >= self.expected_docs
+        return part
 
+    @property
+    def pending(self) -> int:
+        return sum(s.pending for s in self.slices)
 
     def pending_tokens(self) -> int:
-        return sum(self.lengths[self.order[k]] for k in range(self.cursor, self.n_items))
+        return sum(s.pending_tokens() for s in self.slices if s.pending)
 
-    def pending_in_queue(self) -> int:
-        return self.n_items - self.cursor
+    @property
+    def complete(self) -> bool:
+        return self.sealed and self.done_items == self.n_items
 
     # -- settling: call with the scheduler's lock held, then `deliver` outside it --------------------------
     def settle(self, state: WorkState) -> bool:
@@ -88,6 +124,17 @@ class Work:
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
+    # -- the answer ---------------------------------------------------------------------------------------
+    def raw_scores_by_doc(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(every pair's raw score, float32; the request-wide document of each pair; documents) on the
+        device, from the scored parts: one index copy per part."""
+        raw = torch.empty(self.n_items, device=device, dtype=torch.float32)
+        for part, items, scores in self.scored:
+            at = torch.from_numpy(part.item_base + items).to(device, non_blocking=True)
+            raw.index_copy_(0, at, scores.float())
+        doc_index = np.concatenate([s.prepared.doc_index.astype(np.int64) + s.doc_base for s in self.slices])
+        return raw, torch.from_numpy(doc_index).to(device, non_blocking=True), self.expected_docs
+
 
 def _resolve(future: asyncio.Future, result: Completed | None, error: BaseException | None) -> None:
     if future.done():  # cancelled by the loop (timeout, disconnect) before the answer arrived
@@ -98,55 +145,8 @@ def _resolve(future: asyncio.Future, result: Completed | None, error: BaseExcept
         future.set_result(result)
 
 
-@dataclass(slots=True)
-class Slot:
-    """A queued pair: (work, item index), with its length cached for batching."""
-
-    work: Work
-    item: int
-    length: int
-    seq: int  # pull order, to break ties between equal tags
-    # Virtual start times: `tag` across tenants, `rtag` across the requests of one tenant.
-    tag: float = 0.0
-    rtag: float = 0.0
-
-
 _arrivals = itertools.count()
 
 
-def new_work(prepared: Prepared, *, top_n: int, raw_scores: bool, tenant: str, priority: int) -> Work:
-    lengths = array.array("i", (len(item.input_ids) for item in prepared.items))
-    order = array.array("i", sorted(range(len(lengths)), key=lengths.__getitem__))
-    return Work(
-        prepared=prepared, top_n=top_n, raw_scores=raw_scores, tenant=tenant, priority=priority,
-        lengths=lengths, order=order, total_tokens=sum(lengths), seq=next(_arrivals),
-    )
-
-
-def compact(prepared: Prepared) -> Prepared:
-    """Store a prepared request's token ids as views into one int32 array (type ids as int8).
-
-    A Python list of ints costs 8 bytes a token for the pointer plus 28 for each int object above 256, so a
-    queue of 8 M tokens held ~300 MB of lists; int32 holds the same in 32 MB. Backends keep producing lists
-    (what tokenizers return); the engine compacts them once, on the tokenizer thread, before queueing.
-    """
-    items = prepared.items
-    if not items or isinstance(items[0].input_ids, np.ndarray):
-        return prepared
-    lengths = np.fromiter((len(it.input_ids) for it in items), dtype=np.int64, count=len(items))
-    offsets = np.zeros(len(items) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    total = int(offsets[-1])
-    flat = np.fromiter(itertools.chain.from_iterable(it.input_ids for it in items), dtype=np.int32, count=total)
-    has_types = items[0].token_type_ids is not None
-    types = (
-        np.fromiter(itertools.chain.from_iterable(it.token_type_ids for it in items), dtype=np.int8, count=total)
-        if has_types
-        else None
-    )
-    for k, it in enumerate(items):
-        a, b = offsets[k], offsets[k + 1]
-        it.input_ids = flat[a:b]
-        if types is not None:
-            it.token_type_ids = types[a:b]
-    return prepared
+def new_work(*, top_n: int, raw_scores: bool, tenant: str, priority: int, docs: int) -> Work:
+    return Work(top_n=top_n, raw_scores=raw_scores, tenant=tenant, priority=priority, seq=next(_arrivals), expected_docs=docs)

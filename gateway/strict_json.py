@@ -16,7 +16,7 @@ from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.typing import FieldDefinition
 
-from core.errors import BadRequest
+from core.errors import BadRequest, EmptyInput
 
 # A JSON string: its brackets do not nest. Unrolled so it runs in linear time on 60 MB bodies.
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -72,7 +72,9 @@ def decode_checked(body: bytes, type_: Any) -> Any:
         match = re.search(r" - at `\$\.?(.*)`$", message)
         if match:
             field, problem = match.group(1) or "body", message[: match.start()]
-            message = f"{field} must not be empty" if "of length >= 1" in problem else f"{field}: {problem}"
+            if "of length >= 1" in problem:
+                raise EmptyInput(field) from None
+            message = f"{field}: {problem}"
         raise BadRequest(f"invalid request: {message}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"invalid request: body is not valid JSON: {exc}") from None

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import numpy as np
 import yaml
 
-from core.host import cpu_cores, cpu_model_name
+from core.budgets import KNEE_TOLERANCE, LADDER_MAX, knee, ladder_rungs
 from core.config import Registry, effective
+from core.host import cpu_cores, cpu_model_name
 
 GIB = 1024**3
 KIB = 1024
@@ -63,6 +65,9 @@ class TuneResult:
     pairs: int
     machine: str
     cpu_cores: int | None = None  # the cores a CPU run had (its affinity); None on a GPU
+    # On a GPU, the ladder a plain registry entry's automatic budget is chosen from at load (pool.local_loading):
+    # each rung's max_batch_tokens, tokens_per_s, peak_bytes; the knee is what such an entry runs with.
+    ladder: list[dict] | None = None
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d"))
 
     def rate(self, p: Point) -> float:
@@ -108,9 +113,9 @@ def mixed_batch(budget: int, width: int) -> list[int]:
 def _prepared(backend, lengths: list[int]):
     from backends.base import Prepared
 
-    items = [backend.synthetic_item(n) for n in lengths]
-    return Prepared(items=items, doc_index=list(range(len(items))), n_docs=len(items),
-                    context=backend.synthetic_context(), tokens=sum(lengths))
+    rows = backend.synthetic_rows(lengths)
+    return Prepared(ids=rows.ids, lengths=rows.lengths, doc_index=np.arange(len(lengths), dtype=np.int32), n_docs=len(lengths),
+                    types=rows.types, context=rows.contexts[0] if lengths else None, tokens=sum(lengths))
 
 
 def _throughput(scheduler, backend, lengths: list[int], clients: int) -> tuple[float, float]:
@@ -119,7 +124,7 @@ def _throughput(scheduler, backend, lengths: list[int], clients: int) -> tuple[f
 
     async def go() -> tuple[float, float]:
         start, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(scheduler.submit(p, top_n=1) for p in requests if p.items))
+        await asyncio.gather(*(scheduler.submit(p, top_n=1) for p in requests if p.n_items))
         return time.perf_counter() - start, time.process_time() - cpu
 
     return asyncio.run(go())
@@ -128,13 +133,11 @@ def _throughput(scheduler, backend, lengths: list[int], clients: int) -> tuple[f
 def _peak(backend, budget: int, width: int) -> int:
     import torch
 
-    rows = mixed_batch(budget, width)
-    items = [backend.synthetic_item(n) for n in rows]
-    contexts = [backend.synthetic_context() for _ in rows]
+    rows = backend.synthetic_rows(mixed_batch(budget, width))
 
     def forward():
         with torch.inference_mode():
-            return backend.forward(backend.collate(items, contexts))
+            return backend.forward(backend.collate(rows))
 
     if backend.device.type == "cuda":
         torch.cuda.synchronize(backend.device)
@@ -180,11 +183,20 @@ def tune(
             f"peak activations {peak / GIB:.3f} GiB")
     if not points:
         raise ValueError(f"no budget in {list(budgets)} holds a pair of {width} tokens")
+    ladder = None
+    if eff.device == "cuda":
+        probe = Scheduler(backend, max_batch_tokens=budgets[-1], max_batch_size=eff.max_batch_size, max_queue_pairs=1, max_queue_tokens=1)
+        try:
+            ladder = probe.measure_ladder(ladder_rungs(eff.max_length, LADDER_MAX), eff.max_length)
+        finally:
+            probe.close()
+        for rung in ladder:
+            log(f"ladder {rung['max_batch_tokens']:>6} tokens: {rung['tokens_per_s']} tokens/s, peak {rung['peak_bytes'] / GIB:.3f} GiB")
     return TuneResult(
         model_id=model_id, profile_key=eff.profile if eff.profile != "default" else ("cpu" if eff.device == "cpu" else gpu_type),
         device=eff.device, dtype=str(backend.dtype).removeprefix("torch."), weights_bytes=backend.weights_bytes(),
         points=points, pairs=len(lengths), machine=_machine(eff.device),
-        cpu_cores=cpu_cores() if eff.device == "cpu" else None,
+        cpu_cores=cpu_cores() if eff.device == "cpu" else None, ladder=ladder,
     )
 
 
@@ -225,9 +237,25 @@ def profile_yaml(result: TuneResult) -> str:
             + ("   <- chosen (smallest within 3% of the fastest)" if p is best else "")
             for p in result.points
         ),
+        *_ladder_lines(result.ladder),
         f"# weights {result.weights_bytes / GIB:.3f} GiB on {result.device}",
         f"# measured_*: the chosen budget's wall-clock throughput on {result.machine}, {result.date} "
         "(a machine shared with other work measures low); `plan --rps` sizes pools from them",
         yaml.safe_dump(fragment, sort_keys=False, default_flow_style=False).rstrip(),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _ladder_lines(ladder: list[dict] | None) -> list[str]:
+    """The load-time ladder (GPU): what a plain entry with no profile measures and chooses at load."""
+    if not ladder:
+        return []
+    chosen = knee([(r["max_batch_tokens"], r["tokens_per_s"]) for r in ladder])
+    return [
+        f"# load-time ladder (a plain entry's automatic budget: the smallest within {KNEE_TOLERANCE:.0%} of the fastest):",
+        *(
+            f"#   {r['max_batch_tokens']:>6}: {r['tokens_per_s']:>9} tokens/s, peak {r['peak_bytes'] / GIB:6.2f} GiB"
+            + ("   <- knee" if r["max_batch_tokens"] == chosen else "")
+            for r in ladder
+        ),
+    ]

@@ -1,5 +1,6 @@
 """Loading a local model: its backend and weights, its engine Scheduler, the warm-up that proves the token
-budget on the path production takes, and, on a GPU with no profile, that budget sized from the warm-up.
+budget on the path production takes, and, on a GPU with no profile, that budget chosen at the knee of a
+measured ladder (capped by what the warm-up says fits in memory).
 
 Runs in a worker thread (the pool loads off the event loop) and touches no pool state: it returns the
 model's LocalRunner, or raises with the reason the model is unavailable.
@@ -14,7 +15,7 @@ from typing import Any
 
 from backends import backend_class
 from backends.base import Backend
-from core.budgets import gpu_budget, usable_gb
+from core.budgets import KNEE_TOLERANCE, gpu_budget, knee, ladder_rungs, usable_gb
 from core.config import Effective, ModelSpec, ServerSettings
 from engine import Scheduler
 from observability.metrics import Metrics
@@ -44,11 +45,11 @@ def load_local(
     backend.load()
     weights_bytes = backend.weights_bytes()
     scheduler = _scheduler(backend, spec, eff, server, metrics, eff.max_batch_tokens)
-    budget_reason = None
+    budget_reason, ladder = None, None
     try:
         warmup = scheduler.warmup(eff.max_length)
         if eff.auto_budget:
-            scheduler, warmup, budget_reason = _size_budget(
+            scheduler, warmup, budget_reason, ladder = _size_budget(
                 backend, spec, eff, server, metrics, scheduler, warmup, weights_bytes, _budget_bytes(eff, cuda_models)
             )
         _check_budget(model_id, eff, weights_bytes, warmup, scheduler.max_batch_tokens)
@@ -65,17 +66,18 @@ def load_local(
     )
     return LocalRunner(
         model_id, spec, eff, scheduler, metrics, server=server,
-        weights_bytes=weights_bytes, warmup=warmup, budget_reason=budget_reason, load_seconds=load_seconds,
+        weights_bytes=weights_bytes, warmup=warmup, budget_reason=budget_reason, budget_ladder=ladder, load_seconds=load_seconds,
     )
 
 
 def _scheduler(
-    backend: Backend, spec: ModelSpec, eff: Effective, server: ServerSettings, metrics: Metrics, max_batch_tokens: int
+    backend: Backend, spec: ModelSpec, eff: Effective, server: ServerSettings, metrics: Metrics, max_batch_tokens: int,
+    max_batch_size: int | None = None,
 ) -> Scheduler:
     return Scheduler(
         backend,
         max_batch_tokens=max_batch_tokens,
-        max_batch_size=eff.max_batch_size,
+        max_batch_size=max_batch_size or eff.max_batch_size,
         max_queue_pairs=server.max_queue_pairs,
         max_queue_tokens=server.max_queue_tokens,
         metrics=metrics,
@@ -86,24 +88,45 @@ def _scheduler(
 def _size_budget(
     backend: Backend, spec: ModelSpec, eff: Effective, server: ServerSettings, metrics: Metrics,
     probe: Scheduler, warmup: dict[str, Any], weights_bytes: int, budget_bytes: float,
-) -> tuple[Scheduler, dict[str, Any], str]:
-    """A GPU model with no profile: size its budget from the probe warm-up, then prove it with a warm-up at
-    the chosen size (a scheduler of its own; the probe's is closed). Returns it, its warm-up and why."""
+) -> tuple[Scheduler, dict[str, Any], str, list[dict[str, Any]]]:
+    """A GPU model with no profile: the memory the probe warm-up measured caps the budget; a ladder of
+    budgets under that cap is measured for real tokens/s, and the knee (core.budgets.knee) is taken and
+    proven with a warm-up at its size (a scheduler of its own; the probe's is closed). The allocator's cache
+    of the bigger rungs is given back, so the process holds weights + one batch at the knee. Returns the
+    scheduler, its warm-up, why, and the ladder."""
+    import torch
+
     # The inference thread's cuBLAS workspace (engine.warmup) is a fixed cost beside the weights, not
     # bytes per token: left out of the per-token rate.
     workspace = int(warmup.get("workspace_bytes", 0))
-    tokens, why = gpu_budget(
+    cap, memory_why = gpu_budget(
         weights_bytes=weights_bytes + workspace, activation_bytes=int(warmup["activation_bytes"]) - workspace,
         probe_tokens=probe.max_batch_tokens, budget_bytes=budget_bytes, max_length=eff.max_length,
     )
-    probe.close()
-    scheduler = _scheduler(backend, spec, eff, server, metrics, tokens)
+    try:
+        ladder = probe.measure_ladder(ladder_rungs(eff.max_length, cap), eff.max_length)
+    finally:
+        probe.close()
+        torch.cuda.empty_cache()
+    if not ladder:
+        raise BudgetError(f"no budget of the ladder ran ({memory_why})")
+    tokens = knee([(r["max_batch_tokens"], r["tokens_per_s"]) for r in ladder])
+    fastest = max(ladder, key=lambda r: r["tokens_per_s"])
+    # Pairs per batch follow the budget: typical pairs must be able to fill it.
+    scheduler = _scheduler(backend, spec, eff, server, metrics, tokens, max_batch_size=max(eff.max_batch_size, tokens // 32))
     try:
         warmup = scheduler.warmup(eff.max_length)
     except BaseException:
         scheduler.close()
         raise
-    return scheduler, warmup, why
+    finally:
+        torch.cuda.empty_cache()
+    why = (
+        f"auto (no profile for this GPU): {tokens} tokens, the smallest budget of the measured ladder within "
+        f"{KNEE_TOLERANCE:.0%} of the fastest ({fastest['tokens_per_s']} tokens/s at {fastest['max_batch_tokens']}); "
+        f"memory allows up to {cap} ({memory_why})"
+    )
+    return scheduler, warmup, why, ladder
 
 
 def _budget_bytes(eff: Effective, cuda_models: int) -> float:

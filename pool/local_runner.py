@@ -8,9 +8,9 @@ device of its own."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any, Callable
 
+from backends.base import Prepared
 from core.config import Effective, ModelSpec, ServerSettings
 from core.errors import BadRequest
 from core.rerank import RerankRequest, RerankResult
@@ -32,6 +32,7 @@ class LocalRunner:
         weights_bytes: int = 0,
         warmup: dict[str, Any] | None = None,
         budget_reason: str | None = None,
+        budget_ladder: list[dict[str, Any]] | None = None,
         load_seconds: float = 0.0,
     ) -> None:
         self.model_id = model_id
@@ -42,8 +43,10 @@ class LocalRunner:
         self.max_chunks_per_request = server.max_chunks_per_request
         self.weights_bytes = weights_bytes
         self.warmup = warmup
-        # Why the scheduler runs with its token budget, when the warm-up chose it (a profile-less GPU model).
+        # Why the scheduler runs with its token budget, when the warm-up chose it (a profile-less GPU model),
+        # and the ladder it was chosen from: each rung's max_batch_tokens, tokens_per_s, peak_bytes.
         self.budget_reason = budget_reason
+        self.budget_ladder = budget_ladder
         self.load_seconds = load_seconds
 
     # -- what the pool asks ------------------------------------------------------------------------------
@@ -57,6 +60,8 @@ class LocalRunner:
             "max_batch_tokens": self.scheduler.max_batch_tokens,
             "budget_reason": self.budget_reason or self.eff.budget_reason,
         }
+        if self.budget_ladder is not None:
+            out["budget_ladder"] = self.budget_ladder
         runtime = self.scheduler.backend.runtime
         if runtime is not None:
             out["runtime"] = runtime.describe()
@@ -89,31 +94,33 @@ class LocalRunner:
     # -- what the pipeline asks --------------------------------------------------------------------------
     async def rerank(self, req: RerankRequest, *, caller: Caller, timeout_s: float) -> RerankResult:
         """Tokenize, queue and wait for the scores. Cancelling the call drops the request's queued pairs."""
-        tokenize_start = time.perf_counter()
-        prepared = await self.scheduler.prepare(
+        cap = self.max_chunks_per_request
+        max_length = self.eff.max_length
+
+        def check(part: Prepared, doc_base: int, chunks: int) -> None:
+            # Runs on each slice as it is tokenized, before it is queued: a refusal stops the whole request.
+            if chunks > cap:
+                raise BadRequest(
+                    f"invalid request: the documents split into at least {chunks} chunks; the maximum is {cap} "
+                    "per request (server.max_chunks_per_request): lower max_chunks_per_doc or raise max_tokens_per_doc"
+                )
+            if not req.truncate and part.cut_docs:
+                raise BadRequest(
+                    f"invalid request: document {doc_base + part.cut_docs[0]} does not fit the model's {max_length} "
+                    "tokens with the query, and truncation is off; shorten it or turn truncation on"
+                )
+
+        done, prepared = await self.scheduler.rerank(
             req.query,
             req.texts,
-            max_length=self.eff.max_length,
-            max_chunks=req.max_chunks_per_doc or 1,
-            instruction=req.instruction or self.spec.instruction,
-            max_doc_tokens=req.max_tokens_per_doc,
-        )
-        tokenize_s = time.perf_counter() - tokenize_start
-        cap = self.max_chunks_per_request
-        if len(prepared.items) > cap:
-            raise BadRequest(
-                f"invalid request: the documents split into {len(prepared.items)} chunks; the maximum is {cap} "
-                "per request (server.max_chunks_per_request): lower max_chunks_per_doc or raise max_tokens_per_doc"
-            )
-        if not req.truncate and prepared.cut_docs:
-            raise BadRequest(
-                f"invalid request: document {prepared.cut_docs[0]} does not fit the model's {self.eff.max_length} "
-                "tokens with the query, and truncation is off; shorten it or turn truncation on"
-            )
-        top_n = min(req.top_n or len(req.texts), len(req.texts))
-        done = await self.scheduler.submit(
-            prepared,
-            top_n=top_n,
+            tokenize=dict(
+                max_length=max_length,
+                max_chunks=req.max_chunks_per_doc or 1,
+                instruction=req.instruction or self.spec.instruction,
+                max_doc_tokens=req.max_tokens_per_doc,
+            ),
+            check=check,
+            top_n=min(req.top_n or len(req.texts), len(req.texts)),
             raw_scores=req.raw_scores,
             tenant=caller.tenant,
             weight=caller.weight,
@@ -126,8 +133,8 @@ class LocalRunner:
             indices=done.indices,
             scores=done.scores,
             total_tokens=prepared.tokens,
-            scored_units=len(prepared.items),
+            scored_units=prepared.n_items,
             queue_s=done.queue_s,
-            tokenize_s=tokenize_s,
+            tokenize_s=done.tokenize_s,
             inference_s=done.inference_s,
         )

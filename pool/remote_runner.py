@@ -178,8 +178,14 @@ class RemoteRunner:
                 await asyncio.sleep(pause)
             try:
                 endpoint = await self.pool.acquire(tried, deadline)
-            except (ModelUnavailable, TooManyRequests, Timeout) as exc:
-                raise (error if isinstance(exc, ModelUnavailable) and error is not None else exc) from None
+            except ModelUnavailable as exc:
+                # Every endpoint is out. The pool's message names each one's last error, this call's
+                # failures included, so the answer is the same whether the call found them ejected or
+                # probed them (a cool-down just over) and failed. An upstream's 5xx, timeout or malformed
+                # answer says more than "unreachable" does, and is kept.
+                raise (error if error is not None and not isinstance(error, ModelUnavailable) else exc) from None
+            except (TooManyRequests, Timeout) as exc:
+                raise exc from None
             tried.add(endpoint)
             try:
                 return await self._send(endpoint, body, headers, len(texts), top_n, deadline)

@@ -66,6 +66,47 @@ def test_a_gpu_without_a_profile_is_sized_from_the_warm_up():
                            budget_bytes=1.1 * gib, max_length=512)
 
 
+def test_a_gpu_budget_is_the_knee_of_the_measured_ladder_not_the_memory_cap():
+    """The memory cap only bounds the ladder; the budget is the smallest rung within 5% of the fastest."""
+    assert budgets.ladder_rungs(512, 1 << 20) == [4096, 8192, 16384, 32768, 65536, 131072, 262144]
+    assert budgets.ladder_rungs(8192, 40000) == [8192, 16384, 32768]  # a rung holds one full-length pair
+    assert budgets.ladder_rungs(512, 3000) == [2816]  # no power of two fits: the cap itself, rounded
+    # A curve like the first GPU run's (16,384 -> 65,536 tokens: +14%): the knee is 32,768, within 5%.
+    curve = [(4096, 400e3), (8192, 700e3), (16384, 1000e3), (32768, 1100e3), (65536, 1140e3), (131072, 1150e3)]
+    assert budgets.knee(curve) == 32768
+    assert budgets.knee(curve, tolerance=0.0) == 131072
+    # The climb stops once two rungs in a row gain under 2%, and not before.
+    rates = [r for _, r in curve]
+    assert budgets.climbing(rates[:4]) and budgets.climbing(rates[:5])
+    assert not budgets.climbing(rates[:4] + [1110e3, 1115e3])
+
+
+def test_the_ladder_measures_real_batches_and_stops_where_it_flattens():
+    """Scheduler.measure_ladder runs one full batch of typical pairs per rung in the inference thread, and
+    stops climbing once the rate flattens (on a CPU, timed by the wall clock; peaks are not measured)."""
+    from backends.embedding import EmbeddingBackend
+    from core.config import ModelSpec
+    from engine import Scheduler
+
+    spec = ModelSpec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
+    backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
+    backend.load()
+    s = Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
+    seen: list[int] = []
+    s.step_hook = lambda step, info: seen.append(int(info.lengths.sum())) if step == "collate" else None
+    rungs = [128, 256, 512, 1024]
+    try:
+        ladder = s.measure_ladder(rungs, 64)
+    finally:
+        s.close()
+    assert [r["max_batch_tokens"] for r in ladder] == rungs[: len(ladder)] and len(ladder) >= 3
+    assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] == 0 for r in ladder)
+    # Each rung ran full batches of its size: typical 64- and 63-token pairs filling it (one untimed run, then timed ones).
+    assert seen[:4] == [127] * 4 and seen[4:8] == [254] * 4
+    rates = [r["tokens_per_s"] for r in ladder]
+    assert len(ladder) == len(rungs) or not budgets.climbing(rates), "the climb stopped only where the rate flattened"
+
+
 def test_peak_live_bytes_sees_allocations_and_frees():
     def work():
         a = torch.empty(40 << 20, dtype=torch.uint8)

@@ -159,3 +159,28 @@ def test_auth_errors_in_each_dialect():
         assert cohere.status_code == 401 and set(cohere.json()) == {"id", "message"}
         ok = c.post("/voyage/v1/rerank", json={"query": "q", "documents": ["x"]}, headers={"authorization": "Bearer k-t"})
         assert ok.status_code == 200
+
+
+# Each rule an OpenAPI schema can state, as the document states it, and the same body refused on the wire in
+# the dialect's shape. (Issue 20: schemathesis built these schema-valid requests and got 400s.)
+STATED_RULES = [
+    # (path, schema, property, keyword path, body that breaks it, status, error key, what the error says)
+    ("/tei/rerank", "TeiRerankRequest", "texts", ("minItems",), {"query": QUERY, "texts": []}, 400, "error", "`texts` cannot be empty"),
+    ("/voyage/v1/rerank", "VoyageRerankRequest", "documents", ("minItems",), {"query": QUERY, "documents": []}, 400, "detail", "documents must not be empty"),
+    ("/voyage/v1/rerank", "VoyageRerankRequest", "top_k", ("minimum",), {"query": QUERY, "documents": ["x"], "top_k": 0}, 400, "detail", "top_k"),
+    ("/v2/rerank", "CohereRerankRequest", "rank_fields", ("items", "minLength"), {"query": QUERY, "documents": [{"": "x"}], "rank_fields": [""]}, 400, "message", "rank_fields[0] must not be empty"),
+    ("/v1/rerank", "CohereRerankRequest", "documents", ("items", "anyOf", 1, "minProperties"), {"query": QUERY, "documents": ["a", {}]}, 400, "message", "documents[1] must not be empty"),
+]
+
+
+@pytest.mark.parametrize("path, schema, prop, keywords, body, status, key, says", STATED_RULES, ids=[f"{r[0]}:{r[2]}" for r in STATED_RULES])
+def test_the_openapi_document_states_each_rule_the_server_enforces(client, path, schema, prop, keywords, body, status, key, says):
+    stated = client.get("/schema/openapi.json").json()["components"]["schemas"][schema]["properties"][prop]
+    for keyword in keywords:
+        stated = stated[keyword]
+    assert stated == 1
+    r = client.post(path, json=body)
+    assert r.status_code == status and says in r.json()[key], r.text
+    if path == "/tei/rerank":
+        assert r.json()["error_type"] == "Empty"
+        assert client.post("/rerank", json=body).json() == r.json()  # the bare route, in TEI's shape too

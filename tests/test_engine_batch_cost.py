@@ -1,6 +1,6 @@
-"""The batch builder budgets a batch with the backend's own cost (Backend.batch_cost) when it has one: a
-padding-free (packed) batch costs its real tokens, so short pairs ride along with a long one that a
-padded budget (longest x count) would have sent alone."""
+"""The batch builder budgets a batch as the backend runs it (Backend.is_padded): a padding-free (packed)
+batch costs its real tokens, so short pairs ride along with a long one that a padded budget (longest x
+count) would have sent alone."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def run(backend: FlagBackend, docs: list[str]) -> tuple[list[list[int]], list[fl
     batches: list[list[int]] = []
     collate = backend.collate
 
-    def recording(items, contexts):  # records, then runs the backend's own collate
-        batches.append([len(it.input_ids) for it in items])
-        return collate(items, contexts)
+    def recording(rows):  # records, then runs the backend's own collate
+        batches.append(rows.lengths.tolist())
+        return collate(rows)
 
     backend.collate = recording
     scheduler = Scheduler(backend, max_batch_tokens=BUDGET, max_batch_size=64, max_queue_pairs=10_000, max_queue_tokens=10**7, streams=1)
@@ -58,7 +58,7 @@ def test_packed_batches_are_budgeted_by_their_real_tokens(model_dir) -> None:
     long_doc = " ".join(f"word{k}" for k in range(200))  # truncated to max_length: the widest pair
     docs = [long_doc] + [f"short doc {k}" for k in range(12)]
     packed = load(model_dir, "on")
-    assert packed.padding_free
+    assert not packed.is_padded
     batches, scores = run(packed, docs)
     assert all(sum(b) <= BUDGET for b in batches), batches
     # Without the backend's cost the long pair goes alone: 12 short pairs + it are 13 x 128 padded tokens.

@@ -212,6 +212,8 @@ def test_warmup_runs_mixed_lengths_at_the_full_token_budget(backend):
 
 
 def test_queued_token_ids_are_compact_and_score_the_same(backend):
+    """A request's pairs are held as one int32 array (and int8 type ids), not a list per pair, and score as
+    the backend scores them alone."""
     s = scheduler(backend)
     try:
         async def run():
@@ -219,26 +221,33 @@ def test_queued_token_ids_are_compact_and_score_the_same(backend):
             return prepared, await s.submit(prepared, top_n=6)
 
         prepared, done = asyncio.run(run())
-        assert all(isinstance(it.input_ids, np.ndarray) and it.input_ids.dtype == np.int32 for it in prepared.items)
-        lists = backend.prepare("alpha gamma", docs(6), max_length=64, max_chunks=1, instruction=None)
-        assert [list(it.input_ids) for it in prepared.items] == [it.input_ids for it in lists.items]
+        assert prepared.ids.dtype == np.int32 and prepared.ids.ndim == 1 and len(prepared.ids) == prepared.lengths.sum()
+        assert prepared.types is None or prepared.types.dtype == np.int8
+        direct = backend.tokenizer(["alpha gamma"], truncation=True, max_length=64)["input_ids"][0]
+        assert prepared.context.rows.ids.tolist() == direct
         with torch.inference_mode():
-            alone = backend.relevance(backend.forward(backend.collate(lists.items, [lists.context] * 6)))
+            alone = backend.relevance(backend.forward(backend.collate(prepared.rows())))
         assert torch.allclose(torch.tensor(done.scores), alone[done.indices], atol=1e-5)
     finally:
         s.close()
 
 
 def _queued(s: Scheduler, n: int, length: int, tenant: str = "", lengths: list[int] | None = None):
-    from backends.base import Encoded, Prepared
+    from backends.base import prepared
     from engine.work import new_work
 
     lengths = lengths or [length] * n
-    prepared = Prepared(items=[Encoded(np.full(k, 1000, dtype=np.int32)) for k in lengths], doc_index=list(range(n)), n_docs=n)
-    work = new_work(prepared, top_n=1, raw_scores=False, tenant=tenant, priority=0)
+    request = prepared([np.full(k, 1000, dtype=np.int32) for k in lengths], list(range(n)), n)
+    work = new_work(top_n=1, raw_scores=False, tenant=tenant, priority=0, docs=n)
     with s._cv:
-        s._push(work, 1.0)
+        s._queue.push(work, 1.0)
+        s._add(work, request, 0)
     return work
+
+
+def works(plan) -> list:
+    """The request of each row of a planned batch."""
+    return [g.work for g in plan.groups for _ in g.items]
 
 
 def test_a_small_request_is_not_queued_behind_a_bulk_request_of_its_own_tenant(backend):
@@ -248,15 +257,15 @@ def test_a_small_request_is_not_queued_behind_a_bulk_request_of_its_own_tenant(b
     try:
         bulk = _queued(s, 2000, 20)
         for _ in range(3):
-            assert all(slot.work is bulk for slot in s._next_job())
+            assert all(w is bulk for w in works(s._next_job()))
         small = _queued(s, 3, 20)
-        batch = s._next_job()
-        assert sum(slot.work is small for slot in batch) == 3, "the small request went whole into the next batch"
+        batch = works(s._next_job())
+        assert sum(w is small for w in batch) == 3, "the small request went whole into the next batch"
         assert len(batch) == 3, "no bulk pairs ride along: the search's batch costs what the search costs"
         # Across tenants as before: another tenant's small request also goes first.
         other = _queued(s, 3, 20, tenant="beta")
-        assert sum(slot.work is other for slot in s._next_job()) == 3
-        assert all(slot.work is bulk for slot in s._next_job())
+        assert sum(w is other for w in works(s._next_job())) == 3
+        assert all(w is bulk for w in works(s._next_job()))
     finally:
         s.close()
 
@@ -266,17 +275,17 @@ def test_bulk_batches_shrink_while_searches_arrive(backend):
     of the budget, so the next search waits for a short batch in flight; without searches, full batches."""
     s = scheduler(backend, max_batch_tokens=1024, max_batch_size=128, streams=0)
 
-    def padded(batch) -> int:
-        return max(slot.length for slot in batch) * len(batch)
+    def padded(plan) -> int:
+        return int(plan.lengths.max()) * len(plan)
 
     try:
         bulk = _queued(s, 2000, 20)
         assert padded(s._next_job()) > 1024 // 2, "no search around: full batches"
         small = _queued(s, 3, 20)
-        assert all(slot.work is small for slot in s._next_job())
+        assert all(w is small for w in works(s._next_job()))
         for _ in range(3):
             batch = s._next_job()
-            assert all(slot.work is bulk for slot in batch)
+            assert all(w is bulk for w in works(batch))
             assert padded(batch) <= 1024 // SEARCH_RUN_SHARE < 1024 // 2
         s._search_at -= SEARCH_RECENT_S  # the last search is a while ago
         assert padded(s._next_job()) > 1024 // 2
@@ -289,9 +298,23 @@ def test_bulk_batches_shrink_while_searches_arrive(backend):
         assert len(s._next_job()) == 3
         search = _queued(s, 12, 0, lengths=[5] * 11 + [40])
         batch = s._next_job()
-        assert padded(batch) > 1024 // SEARCH_RUN_SHARE and all(slot.work is search for slot in batch) and len(batch) == 12
+        assert padded(batch) > 1024 // SEARCH_RUN_SHARE and all(w is search for w in works(batch)) and len(batch) == 12
     finally:
         s.close()
+
+
+def test_on_a_gpu_bulk_batches_are_bounded_by_time_while_searches_arrive():
+    """A batch cannot be interrupted: on a GPU a bulk run takes at most SEARCH_BATCH_S at the measured rate
+    while searches arrive (a big knee budget would otherwise keep a search waiting a whole batch), the CPU
+    keeps its share rule, and with no search around the whole budget runs."""
+    from engine.scheduler import SEARCH_BATCH_S, bulk_run_budget
+
+    fast = 1_000_000.0  # real tokens/s, about one H200 on a bge-large-sized model
+    assert bulk_run_budget(65536, searching=False, tokens_per_s=fast, gpu=True) == 65536
+    assert bulk_run_budget(65536, searching=True, tokens_per_s=fast, gpu=True) == int(fast * SEARCH_BATCH_S) < 65536 // SEARCH_RUN_SHARE
+    assert bulk_run_budget(65536, searching=True, tokens_per_s=fast, gpu=False) == 65536 // SEARCH_RUN_SHARE
+    # A slow model's time bound is tighter than the share; never below one token (the anchor always runs).
+    assert bulk_run_budget(4096, searching=True, tokens_per_s=10.0, gpu=True) == 1
 
 
 def test_the_query_is_embedded_in_the_inference_stream_beside_its_documents(backend):
@@ -362,7 +385,7 @@ def test_tokenizer_lanes_are_bounded_and_a_search_has_its_own():
     big = 4 * SMALL_REQUEST_DOCS
 
     async def run():
-        # Each big request runs as two slices, and still counts once towards the lane's bound.
+        # Each big request runs as several slices, and still counts once towards the lane's bound.
         bulk = [asyncio.ensure_future(lanes.run(big, lambda a, b: gate.wait() and (a, b))) for _ in range(2 * MAX_PENDING_BULK_PER_THREAD)]
         await asyncio.sleep(0.05)
         with pytest.raises(TooManyRequests):
@@ -370,7 +393,10 @@ def test_tokenizer_lanes_are_bounded_and_a_search_has_its_own():
         # The bulk lane is full and blocked; a small request still runs at once on its own lane, whole.
         assert await asyncio.wait_for(lanes.run(3, lambda a, b: ("search", a, b)), 5) == [("search", 0, 3)]
         gate.set()
-        assert (await asyncio.gather(*bulk))[0] == [(0, big // 2), (big // 2, big)]
+        slices = (await asyncio.gather(*bulk))[0]
+        # Consecutive slices covering the request, several per thread (each is queued as it is ready).
+        assert slices[0][0] == 0 and slices[-1][1] == big and all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+        assert len(slices) >= 2 * 2 and slices == lanes.bulk.slices(big)
         assert lanes.bulk.pending == 0
 
     try:
@@ -433,7 +459,8 @@ def test_a_failing_slice_fails_its_request_and_frees_the_lane():
         with pytest.raises(ValueError, match="tokenizer broke"):
             await lanes.run(2 * SMALL_REQUEST_DOCS, second_slice_breaks)
         assert lanes.bulk.pending == 0
-        assert await lanes.run(2 * SMALL_REQUEST_DOCS, lambda a, b: b - a) == [SMALL_REQUEST_DOCS, SMALL_REQUEST_DOCS]
+        sizes = await lanes.run(2 * SMALL_REQUEST_DOCS, lambda a, b: b - a)
+        assert sum(sizes) == 2 * SMALL_REQUEST_DOCS and len(sizes) > 1
 
     try:
         asyncio.run(asyncio.wait_for(run(), 30))

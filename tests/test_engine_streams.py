@@ -55,10 +55,10 @@ def test_cpu_streams_share_batches_and_keep_scores_exact(backend: FlagBackend) -
     assert len(seen_threads) == CPU_STREAMS, seen_threads
     with torch.inference_mode():
         for prepared, done in results:
-            alone = torch.stack([backend.forward(backend.collate([item], [None]))[0] for item in prepared.items])
+            alone = torch.stack([backend.forward(backend.collate(prepared.rows([k])))[0] for k in range(prepared.n_items)])
             expected = backend.relevance(alone)
             order = torch.argsort(expected, descending=True).tolist()
-            assert sorted(done.indices) == list(range(len(prepared.items)))
+            assert sorted(done.indices) == list(range(prepared.n_items))
             got = torch.tensor(done.scores)
             assert torch.allclose(got, expected[done.indices], atol=1e-5)
             # Ranked best first, as a lone forward pass ranks them (ties aside).

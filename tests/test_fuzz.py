@@ -1,9 +1,12 @@
-"""Schemathesis against the OpenAPI document a `rerank-gateway serve` process serves, with every check
-(`--checks all`: no 5xx, every status and body as documented, schema-valid requests accepted, invalid ones
-refused, auth not ignored), tenants off and on. Zero failures allowed.
+"""Schemathesis against the OpenAPI document a `rerank-gateway serve` process serves for the default
+registry (registry.yaml, what `make serve` serves), with every check (`--checks all`: no 5xx, every status
+and body as documented, schema-valid requests accepted, invalid ones refused, auth not ignored) and its
+coverage phase, tenants off and on. Zero failures allowed; the only failures forgiven are a schema-valid
+request refused for a rule no OpenAPI schema can state, checked case by case (tests/fuzz/hooks.py).
 
 The seed is fixed so CI is repeatable; FUZZ_SEED=<n> or FUZZ_SEED=random explores further, and
-FUZZ_EXAMPLES sets the examples per operation."""
+FUZZ_EXAMPLES sets the examples per operation (150 without tenants, where the issue's run found its
+failures; the tenants run checks auth on the same operations with fewer)."""
 
 from __future__ import annotations
 
@@ -17,23 +20,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import MINILM, serve_process
+from tests.conftest import REPO, serve_process
 
 HERE = Path(__file__).resolve().parent
 KEY = "fuzz-tenant-key-0123456789"
 ADMIN_KEY = "fuzz-admin-key-0123456789"
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
+EXAMPLES = {False: int(os.environ.get("FUZZ_EXAMPLES", "150")), True: int(os.environ.get("FUZZ_EXAMPLES", "25"))}
 SEED = os.environ.get("FUZZ_SEED", "20261124")
 
 
 def _registry(tmp: Path, tenants: bool) -> Path:
-    data = {
-        "default_model": "minilm",
-        "models": {"minilm": {"backend": "embedding", "source": MINILM, "max_length": 32, "cpu_streams": 1, "aliases": ["mini"]}},
-        "routes": {"search": {"split": {"minilm": 1}}},
-        "server": {"max_documents": 1000},
-        "usage": {"path": str(tmp / "usage.sqlite3")},
-    }
+    """The default registry as `make serve` reads it (its hub models are lazy and, offline, unavailable),
+    with a route for the route report to find and the usage ledger in the test's folder."""
+    data = yaml.safe_load((REPO / "registry.yaml").read_text())
+    data["routes"] = {"search": {"split": {"minilm": 1}}}
+    data["usage"] = {"path": str(tmp / "usage.sqlite3")}
     if tenants:
         data["tenants"] = {"acme": {"api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}}
         data["admin_api_key_sha256"] = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
@@ -57,16 +58,18 @@ def test_schemathesis_finds_nothing(tmp_path, tenants):
             "run", f"{url}/schema/openapi.json",
             "--checks", "all",
             "--phases", "examples,coverage,fuzzing",
-            "--max-examples", str(EXAMPLES),
-            "--workers", "2",
+            "--max-examples", str(EXAMPLES[tenants]),
+            "--workers", "1",
             "--request-timeout", "30",
         ]
         if SEED != "random":
             command += ["--seed", SEED]
         # cwd: schemathesis keeps a cache (.schemathesis/) where it runs; not in the repository.
-        run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"})
+        env = {**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_HOOKS": "tests.fuzz.hooks", "PYTHONPATH": str(REPO)}
+        run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     out = run.stdout + run.stderr
     generated = re.search(r"(\d+) generated", out)
-    print(f"\nschemathesis ({'tenants' if tenants else 'open'}): {generated.group(0) if generated else '?'}; exit {run.returncode}")
+    dropped = re.search(r"Filtered: (\d+)", out)
+    print(f"\nschemathesis ({'tenants' if tenants else 'open'}): {generated.group(0) if generated else '?'}; exit {run.returncode}; {dropped.group(1) if dropped else 0} forgiven by tests/fuzz/hooks.py")
     assert run.returncode == 0, out[-6000:]
-    assert generated and int(generated.group(1)) >= 200, out[-2000:]
+    assert "Coverage" in out and generated and int(generated.group(1)) >= 200, out[-2000:]

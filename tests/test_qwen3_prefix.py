@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from backends import backend_class
-from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix
+import numpy as np
+
+from backends.base import Rows
+from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix_length
+from backends.token_arrays import flatten
 from core.config import ModelSpec, effective
 from tests import tiny_models as tm
 
@@ -31,45 +35,49 @@ def mixed_batch(backend):
     a = backend.prepare("kalo mira river", docs, max_length=160, max_chunks=1, instruction=None)
     b = backend.prepare("water light", docs[:6] + [""], max_length=96, max_chunks=3, instruction="Judge rivers")
     c = backend.prepare("music", ["city music of the river"], max_length=160, max_chunks=1, instruction=None)
-    items = a.items + b.items + c.items
-    contexts = [a.context] * len(a.items) + [b.context] * len(b.items) + [c.context] * len(c.items)
-    return items, contexts
+    return (a, b, c), Rows.concat([a.rows(), b.rows(), c.rows()])
 
 
-def score(backend, items, contexts, share: bool) -> torch.Tensor:
+def take(rows: Rows, which) -> Rows:
+    """Some rows of a batch, in order."""
+    offsets = np.concatenate([[0], np.cumsum(rows.lengths)])
+    ids, lengths = flatten([rows.ids[offsets[k] : offsets[k + 1]] for k in which])
+    return Rows(ids, lengths, None, [rows.contexts[k] for k in which])
+
+
+def score(backend, rows: Rows, share: bool) -> torch.Tensor:
     backend.share_prefix = share
     with torch.inference_mode():
-        return backend.forward(backend.collate(items, contexts))
+        return backend.forward(backend.collate(rows))
 
 
 def test_prefix_path_equals_the_whole_path_in_fp32(qwen3_dir) -> None:
     backend = load(qwen3_dir, "float32")
-    items, contexts = mixed_batch(backend)
+    requests, rows = mixed_batch(backend)
     # Every pair of a request shares the system prompt, instruction and query, up to "<Document>:".
     head = backend.prefix_ids + backend.tokenizer("<Instruct>: Given", add_special_tokens=False)["input_ids"]
-    assert list(contexts[0].ids[: len(head)]) == head
-    whole = score(backend, items, contexts, share=False)
-    backend.share_prefix = True
-    padded_cost = max(len(it.input_ids) for it in items) * len(items)
-    assert backend.batch_cost(items, contexts) < padded_cost * 0.8  # the budget can count what runs
-    shared = score(backend, items, contexts, share=True)
+    assert list(rows.contexts[0].ids[: len(head)]) == head
+    whole = score(backend, rows, share=False)
+    assert engine_cost(requests) < int(rows.lengths.max()) * len(rows) * 0.8  # the budget can count what runs
+    shared = score(backend, rows, share=True)
     assert (shared - whole).abs().max() <= 1e-5
     assert whole.std() > 0.05  # the scores differ between documents: the check has teeth
     # Two prefixes were computed; the one-document request ran whole (nothing to share).
     assert backend.prefixes.misses == 2 and backend.prefixes.hits == 0
     # A later batch of the same requests reuses the cached prefixes.
-    again = score(backend, items[3:12] + items[-4:], contexts[3:12] + contexts[-4:], share=True)
+    n = len(rows)
+    again = score(backend, take(rows, [*range(3, 12), *range(n - 4, n)]), share=True)
     assert (again - torch.cat([whole[3:12], whole[-4:]])).abs().max() <= 1e-5
     assert backend.prefixes.hits == 2
 
 
 def test_prefix_path_in_bf16_is_within_bf16_batching_noise(qwen3_dir) -> None:
     backend = load(qwen3_dir, "bfloat16")
-    items, contexts = mixed_batch(backend)
-    whole = score(backend, items, contexts, share=False)
-    shared = score(backend, items, contexts, share=True)
+    _, rows = mixed_batch(backend)
+    whole = score(backend, rows, share=False)
+    shared = score(backend, rows, share=True)
     # bf16 results already move with the batch's composition: each pair alone vs the whole batch.
-    alone = torch.cat([score(backend, [it], [ctx], share=False) for it, ctx in zip(items, contexts)])
+    alone = torch.cat([score(backend, take(rows, [k]), share=False) for k in range(len(rows))])
     noise = (alone - whole).abs().max().item()
     diff = (shared - whole).abs().max().item()
     assert diff <= max(1e-3, 1.5 * noise), (diff, noise)
@@ -77,10 +85,27 @@ def test_prefix_path_in_bf16_is_within_bf16_batching_noise(qwen3_dir) -> None:
 
 
 def test_common_prefix_leaves_every_pair_its_last_token() -> None:
-    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == [1, 2]
-    assert common_prefix([[7, 8, 9], [7, 8, 9]]) == [7, 8]  # identical pairs: the last token stays theirs
-    assert common_prefix([[4], [4, 5]]) == []
-    assert common_prefix([]) == []
+    def common(seqs):
+        return common_prefix_length(*flatten(seqs))
+
+    assert common([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert common([[7, 8, 9], [7, 8, 9]]) == 2  # identical pairs: the last token stays theirs
+    assert common([[4], [4, 5]]) == 0
+    assert common([]) == 0
+
+
+def engine_cost(requests) -> int:
+    """What the engine's batch builder counts against the token budget for these requests in one batch."""
+    from engine.batching import BatchCost, Group, Plan
+    from engine.work import new_work
+
+    groups = []
+    for p in requests:
+        work = new_work(top_n=1, raw_scores=False, tenant="", priority=0, docs=p.n_docs)
+        part = work.add(p, 0)
+        groups.append(Group(work, part, np.arange(p.n_items)))
+    plan = Plan(groups, np.concatenate([p.lengths for p in requests]), 0)
+    return BatchCost(is_padded=True).of_plan(plan)
 
 
 def test_prefix_cache_is_bounded_in_bytes() -> None:

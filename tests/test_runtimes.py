@@ -63,7 +63,7 @@ def load(kind: str, source, **fields):
 def relevance(backend, query: str, docs: list[str]) -> torch.Tensor:
     prepared = backend.prepare(query, docs, max_length=MAX_LENGTH, max_chunks=1, instruction=None)
     with torch.inference_mode():
-        raw = backend.forward(backend.collate(prepared.items, [prepared.context] * len(prepared.items)))
+        raw = backend.forward(backend.collate(prepared.rows()))
         return backend.relevance(raw)
 
 
@@ -130,8 +130,8 @@ def test_int8_streams_score_alike_concurrently(ce_dir, workload, ce_reference) -
     # The loading thread verified and timed it on one copy, then gave that copy back for a stream to take.
     assert len(backend.runtime._spare) == 1
     prepared = backend.prepare(workload.query, workload.documents, max_length=MAX_LENGTH, max_chunks=1, instruction=None)
-    halves = [prepared.items[: len(prepared.items) // 2], prepared.items[len(prepared.items) // 2 :]]
-    batches = [backend.collate(items, [None] * len(items)) for items in halves]
+    half = prepared.n_items // 2
+    batches = [backend.collate(prepared.rows(items)) for items in (range(half), range(half, prepared.n_items))]
     with torch.inference_mode():
         alone = [backend.forward(b) for b in batches]
     together: dict[int, torch.Tensor] = {}

@@ -24,7 +24,7 @@ def load(kind: str, path, **fields):
 def scores(backend, docs: list[str], max_chunks: int = 1) -> torch.Tensor:
     prepared = backend.prepare("kalo mira river", docs, max_length=96, max_chunks=max_chunks, instruction=None)
     with torch.inference_mode():
-        return backend.forward(backend.collate(prepared.items, [None] * len(prepared.items)))
+        return backend.forward(backend.collate(prepared.rows()))
 
 
 BUILDERS = {
@@ -39,13 +39,12 @@ def test_packed_batches_score_as_padded_ones(arch, tmp_path_factory) -> None:
     kind, builder = BUILDERS[arch]
     path = builder(tmp_path_factory.getbasetemp() / f"varlen_{arch}")
     padded, packed = load(kind, path, padding_free="off"), load(kind, path, padding_free="on")
-    assert packed.padding_free and not padded.padding_free
+    assert not packed.is_padded and padded.is_padded
     docs = tm.sentences(17, min_words=1, max_words=150)  # 1 to ~150 words: widths differ a lot
-    batch = packed.collate(packed.prepare("q", docs, max_length=96, max_chunks=1, instruction=None).items, [None] * 17)
-    real = sum(len(it.input_ids) for it in packed.prepare("q", docs, max_length=96, max_chunks=1, instruction=None).items)
+    prepared = packed.prepare("q", docs, max_length=96, max_chunks=1, instruction=None)
+    batch = packed.collate(prepared.rows())
+    real = int(prepared.lengths.sum())
     assert batch.inputs["input_ids"].shape == (1, real)  # no padding at all
-    items = packed.prepare("q", docs, max_length=96, max_chunks=1, instruction=None).items
-    assert packed.batch_cost(items, [None] * 17) == real < padded.batch_cost(items, [None] * 17)
     for max_chunks in (1, 3):
         want, got = scores(padded, docs, max_chunks), scores(packed, docs, max_chunks)
         assert got.shape == want.shape
@@ -58,4 +57,4 @@ def test_padding_free_refuses_what_it_cannot_pack(tmp_path_factory) -> None:
     with pytest.raises(RuntimeError, match="padding_free: on needs"):
         load("flag", path, padding_free="on", quantization="int8")
     # On a CPU, auto pads (the packed path is correct there, not faster).
-    assert not load("flag", path).padding_free
+    assert load("flag", path).is_padded

@@ -309,7 +309,7 @@ def _choose(builder: _Builder, candidates: list[str]) -> Runtime:
             log.warning("model %s: runtime %s skipped: %s", backend.name, name, f"{type(exc).__name__}: {exc}".splitlines()[0])
     if not built:
         raise RuntimeUnavailable("no runtime could run this model")
-    batch = backend.collate([backend.synthetic_item(length) for _ in range(n)], [backend.synthetic_context() for _ in range(n)])
+    batch = backend.collate(backend.synthetic_rows([length] * n))
     seconds = _time_interleaved(built, batch, builder.threads)
     best = min(seconds, key=seconds.get)
     if "torch" in seconds and seconds[best] > seconds["torch"] * (1 - AUTO_MARGIN):
@@ -359,7 +359,7 @@ def _rank_check_inputs(backend: Any) -> dict[str, torch.Tensor]:
     docs = [" ".join(rng.choices(words, k=rng.randint(4, RANK_CHECK_TOKENS))) for _ in range(RANK_CHECK_PAIRS)]
     length = min(backend.eff.max_length, RANK_CHECK_TOKENS)
     prepared = backend.prepare(query, docs, max_length=length, max_chunks=1, instruction=None)
-    return backend.collate(prepared.items, [prepared.context] * len(prepared.items)).inputs
+    return backend.collate(prepared.rows()).inputs
 
 
 def _sample_inputs(backend: Any, lengths: list[int]) -> dict[str, torch.Tensor]:
@@ -370,5 +370,4 @@ def _sample_inputs(backend: Any, lengths: list[int]) -> dict[str, torch.Tensor]:
     prepared = backend.prepare(
         "river city music", docs, max_length=min(backend.eff.max_length, 64), max_chunks=1, instruction=None
     )
-    batch = backend.collate(prepared.items, [prepared.context] * len(prepared.items))
-    return batch.inputs
+    return backend.collate(prepared.rows()).inputs
