@@ -26,40 +26,36 @@ from observability.logs import with_request_id
 from observability.metrics import Metrics
 from pool.model_pool import ModelPool
 from server.lifecycle import Lifecycle
+from serving.pipeline import RerankPipeline, Served
 from serving.reload import Reloader
-from serving.service import RerankService
 from serving.shadow import ShadowRecorder
 from tenancy import auth
 from tenancy.caller import Caller
-from tenancy.limits import Limiter, build_limiter
+from tenancy.limits import build_limiter
 from tenancy.usage import UsageStore
 
 log = logging.getLogger("rerank_gateway")
 
 
-def _service(state: State) -> RerankService:
-    return state.service
-
-
 class ApiKeyAuth(AbstractAuthenticationMiddleware):
     """Resolves the API key to a Caller (request.user) before the body is read; 401 ends it there.
-    Reads the registry the service runs now, so a reloaded registry takes effect at once."""
+    Reads the registry the pipeline serves now, so a reloaded registry takes effect at once."""
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
-        caller = auth.authenticate(connection.headers, connection.app.state.service.registry)
+        caller = auth.authenticate(connection.headers, connection.app.state.pipeline.registry)
         return AuthenticationResult(user=caller, auth=None)
+
+
+def _pipeline(state: State) -> RerankPipeline:
+    return state.pipeline
+
+
+def _reloader(state: State) -> Reloader:
+    return state.reloader
 
 
 def _caller(request: Request) -> Caller:
     return request.user
-
-
-def _limiter(state: State) -> Limiter:
-    return state.limiter
-
-
-def _usage(state: State) -> UsageStore:
-    return state.usage
 
 
 _SECURITY_SCHEMES = {
@@ -81,18 +77,22 @@ def create_app(
     `registry_path` is the file POST /admin/reload (and SIGHUP, with `reload_on_sighup`) re-reads."""
     gpu_type = gpu_type or detect_gpu_type(registry, cuda_device_name())
 
+    # Driven by server.http_server on SIGTERM; a fresh one (never draining) under any other server.
+    lifecycle = lifecycle or Lifecycle()
+
     @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+    async def serve_registry(app: Litestar) -> AsyncIterator[None]:
+        """Builds the pipeline and what it runs on; closes them in reverse at shutdown."""
         metrics = Metrics()
+        limiter = build_limiter(registry.limits, lease_ttl_s=registry.server.request_timeout_s + 30)
+        usage = await UsageStore(registry.usage.path).open()
         pool = ModelPool(registry, gpu_type, metrics)
-        app.state.service = RerankService(registry, pool, metrics)
-        app.state.shadows = ShadowRecorder(metrics)
-        app.state.reloader = reloader = Reloader(str(registry_path) if registry_path else None, gpu_type)
-        # Driven by server.http_server on SIGTERM; a fresh one (never draining) under any other server.
-        app.state.lifecycle = lifecycle or Lifecycle()
+        pipeline = RerankPipeline(Served(registry, pool), limiter=limiter, usage=usage, shadows=ShadowRecorder(metrics), metrics=metrics)
+        reloader = Reloader(str(registry_path) if registry_path else None, gpu_type, pipeline)
+        app.state.pipeline, app.state.reloader = pipeline, reloader
         loop = asyncio.get_running_loop()
         if reload_on_sighup:
-            loop.add_signal_handler(signal.SIGHUP, reloader.reload_in_background, app.state)
+            loop.add_signal_handler(signal.SIGHUP, reloader.reload_in_background)
         pool.start()
         if wait_for_models:
             await pool.wait_started()
@@ -101,33 +101,25 @@ def create_app(
         finally:
             if reload_on_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
-            await app.state.shadows.close()
+            await pipeline.shadows.close()
             reloader.close()
-            await app.state.service.pool.close()
-
-    @asynccontextmanager
-    async def tenancy(app: Litestar) -> AsyncIterator[None]:
-        app.state.limiter = build_limiter(registry.limits, lease_ttl_s=registry.server.request_timeout_s + 30)
-        app.state.usage = await UsageStore(registry.usage.path).open()
-        try:
-            yield
-        finally:
-            await app.state.usage.close()
-            await app.state.limiter.close()
+            await pipeline.pool.close()
+            await pipeline.usage.close()
+            await pipeline.limiter.close()
 
     app = Litestar(
         route_handlers=[
-            *rerank_routes.HANDLERS, *tenant_routes.HANDLERS, *operator_routes.HANDLERS,
+            rerank_routes.routes(), *tenant_routes.HANDLERS, *operator_routes.HANDLERS,
         ],
         dependencies={
-            "service": Provide(_service, sync_to_thread=False),
+            "pipeline": Provide(_pipeline, sync_to_thread=False),
+            "reloader": Provide(_reloader, sync_to_thread=False),
+            "lifecycle": Provide(lambda: lifecycle, sync_to_thread=False),
             "caller": Provide(_caller, sync_to_thread=False),
-            "limiter": Provide(_limiter, sync_to_thread=False),
-            "usage": Provide(_usage, sync_to_thread=False),
         },
         # Admin routes take the admin key instead (admin_guard / auth.require_admin).
         middleware=[DefineMiddleware(ApiKeyAuth, exclude=["^/schema", "^/admin/"])],
-        lifespan=[tenancy, lifespan],
+        lifespan=[serve_registry],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=registry.server.max_body_bytes,
         openapi_config=OpenAPIConfig(

@@ -1,6 +1,6 @@
 """Litestar exception handlers and the error bodies they write.
 
-Every error leaves in the error shape of the route's dialect: a route handler names its `ErrorDialect` in
+Every error leaves in the error shape of the route's dialect: a dialect's router names its `ErrorDialect` in
 `opt={ERROR_DIALECT: ...}` (see `dialect_opt`), a route whose body says its dialect (/rerank) names it per
 request (`use_dialect`), and routes without one (and paths that match no route) answer in Cohere's
 `{"id", "message"}` (core.errors.error_body). A dialect may also answer with statuses of its own (TEI's

@@ -13,15 +13,15 @@ from core.config import Registry
 from core.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway import schemas
 from gateway.http_errors import AUTH_ERRORS, error_responses
-from serving.service import RerankService
+from serving.pipeline import RerankPipeline
 from tenancy import auth
 from tenancy.caller import Caller
-from tenancy.usage import UsageStore, total
+from tenancy.usage import total
 
 
 @get("/v1/models", summary="Models the caller may use, with their state", responses=error_responses(*AUTH_ERRORS))
-async def list_models(service: RerankService, caller: Caller) -> schemas.ModelList:
-    models = [msgspec.convert(m, schemas.ModelInfo) for m in service.pool.describe() if auth.may_use(caller, m["id"])]
+async def list_models(pipeline: RerankPipeline, caller: Caller) -> schemas.ModelList:
+    models = [msgspec.convert(m, schemas.ModelInfo) for m in pipeline.pool.describe() if auth.may_use(caller, m["id"])]
     return schemas.ModelList(object="list", data=models)
 
 
@@ -38,8 +38,8 @@ def _is_admin(request: Request, registry: Registry) -> bool:
     "/v1/routes/{name:str}/report", exclude_from_auth=True, summary="A route's traffic, fallbacks and shadow agreement",
     responses=error_responses(400, 401, 404),
 )
-async def route_report(request: Request, service: RerankService, name: str) -> schemas.RouteReport:
-    registry = service.registry
+async def route_report(request: Request, pipeline: RerankPipeline, name: str) -> schemas.RouteReport:
+    registry = pipeline.registry
     if _is_admin(request, registry):
         visible = sorted(registry.routes)
     else:
@@ -48,7 +48,7 @@ async def route_report(request: Request, service: RerankService, name: str) -> s
     # A route the caller may not use answers exactly as one that does not exist.
     if name not in visible:
         raise NotFound(f"route {name!r} not found; routes: {', '.join(visible) or 'none'}")
-    return msgspec.convert(request.app.state.shadows.report(name, registry.routes[name]), schemas.RouteReport)
+    return msgspec.convert(pipeline.shadows.report(name, registry.routes[name]), schemas.RouteReport)
 
 
 DateParameter = Parameter(description="A UTC day, YYYY-MM-DD (inclusive)", schema_extra={"format": "date"})
@@ -57,11 +57,11 @@ DateParameter = Parameter(description="A UTC day, YYYY-MM-DD (inclusive)", schem
 @get("/v1/usage", summary="The caller's usage by day and model", responses=error_responses(400, *AUTH_ERRORS))
 async def my_usage(
     caller: Caller,
-    usage: UsageStore,
+    pipeline: RerankPipeline,
     since: Annotated[str | None, DateParameter] = None,
     until: Annotated[str | None, DateParameter] = None,
 ) -> schemas.TenantUsage:
-    rows = await usage.rows(caller.tenant, utc_day(since, "since"), utc_day(until, "until"))
+    rows = await pipeline.usage.rows(caller.tenant, utc_day(since, "since"), utc_day(until, "until"))
     return schemas.TenantUsage(object="usage", tenant=caller.tenant, data=rows, total=total(rows))
 
 

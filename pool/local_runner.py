@@ -92,9 +92,8 @@ class LocalRunner:
         await asyncio.to_thread(self.scheduler.close)
 
     # -- what the pipeline asks --------------------------------------------------------------------------
-    async def rerank(
-        self, req: RerankRequest, *, caller: Caller, timeout_s: float, disconnected: asyncio.Future | None = None
-    ) -> RerankResult:
+    async def rerank(self, req: RerankRequest, *, caller: Caller, timeout_s: float) -> RerankResult:
+        """Tokenize, queue and wait for the scores. Cancelling the call drops the request's queued pairs."""
         cap = self.max_chunks_per_request
         max_length = self.eff.max_length
 
@@ -127,7 +126,6 @@ class LocalRunner:
             weight=caller.weight,
             priority=req.priority,
             timeout_s=timeout_s,
-            disconnected=disconnected,
         )
         self.metrics.queue_seconds.labels(self.model_id).observe(done.queue_s)
         return RerankResult(

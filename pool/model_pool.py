@@ -42,9 +42,7 @@ State = Literal["ready", "loading", "unavailable", "not_loaded", "off"]
 class Runner(Protocol):
     """What answers a loaded model's requests: pool.local_runner.LocalRunner or pool.remote_runner.RemoteRunner."""
 
-    async def rerank(
-        self, req: RerankRequest, *, caller: Caller, timeout_s: float, disconnected: asyncio.Future | None = None
-    ) -> RerankResult: ...
+    async def rerank(self, req: RerankRequest, *, caller: Caller, timeout_s: float) -> RerankResult: ...
 
     def describe(self) -> dict[str, Any]: ...
 

@@ -24,7 +24,7 @@ import msgspec
 
 from core.config import ModelSpec, ServerSettings
 from core.errors import (
-    BadRequest, ClientClosedRequest, GatewayError, InferenceFailed, ModelUnavailable, Timeout, TooManyRequests,
+    BadRequest, GatewayError, InferenceFailed, ModelUnavailable, Timeout, TooManyRequests,
 )
 from core.rerank import RerankRequest, RerankResult, Scored
 from dialects.upstream import DIALECTS, TENANT_HEADER, TENANT_WEIGHT_HEADER
@@ -122,9 +122,9 @@ class RemoteRunner:
             await client.aclose()
 
     # -- the runner interface ------------------------------------------------------------------------------
-    async def rerank(
-        self, req: RerankRequest, *, caller: Caller, timeout_s: float, disconnected: asyncio.Future | None = None
-    ) -> RerankResult:
+    async def rerank(self, req: RerankRequest, *, caller: Caller, timeout_s: float) -> RerankResult:
+        """Calls of at most max_documents_per_call at once, merged. Cancelling this cancels the calls in
+        flight, which closes their connections, so the upstream drops them too."""
         if req.raw_scores and not self.dialect.raw_scores:
             raise BadRequest(f"invalid request: model {self.model_id!r} ({self.dialect.name} upstream) cannot return raw scores")
         started = time.perf_counter()
@@ -140,12 +140,9 @@ class RemoteRunner:
             for s in starts
         ]
         every = asyncio.gather(*calls)
-        waiting = {every} | ({disconnected} if disconnected is not None else set())
         try:
-            done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({every}, timeout=max(0.0, deadline - time.monotonic()))
             if every not in done:
-                if disconnected is not None and disconnected in done:
-                    raise ClientClosedRequest("client closed the request")
                 raise Timeout(f"model {self.model_id!r}: the upstream did not answer within {timeout_s:g} s")
             answers: list[Scored] = every.result()
         finally:

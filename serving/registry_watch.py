@@ -39,7 +39,7 @@ async def _poll(app: Litestar, path: Path, interval_s: float) -> None:
             continue
         seen = current
         log.info("registry file %s changed; reloading", path)
-        app.state.reloader.reload_in_background(app.state)
+        app.state.reloader.reload_in_background()
 
 
 def install(app: Litestar, path: str | Path, interval_s: float) -> None:

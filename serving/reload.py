@@ -2,9 +2,9 @@
 
 The new file is loaded and validated whole before anything changes; a file with any error is refused and
 the running configuration stays. Then a new ModelPool takes over every unchanged model as it is (loaded
-scheduler, queue and all), a new RerankService with the new route table is built around it, and a single
-assignment of app.state.service switches new requests over. Requests already running keep the service
-they started with. Models that were removed (or changed, or switched off) are closed only after their
+scheduler, queue and all), and the pipeline switches, in one assignment, to the new registry served with
+that pool and its route table (serving.pipeline.Served). Requests already running keep the one they
+started with. Models that were removed (or changed, or switched off) are closed only after their
 in-flight requests have finished; added or changed models load in the background, and routes fall back
 while they do.
 
@@ -17,24 +17,23 @@ import asyncio
 import logging
 from typing import Any
 
-from litestar.datastructures import State
-
 from core.config import RegistryError, load_registry
 from core.errors import BadRequest
 from pool.model_pool import ModelPool
-from serving.service import RerankService
+from serving.pipeline import RerankPipeline, Served
 
 log = logging.getLogger("rerank_gateway.reload")
 
 
 class Reloader:
-    def __init__(self, path: str | None, gpu_type: str) -> None:
+    def __init__(self, path: str | None, gpu_type: str, pipeline: RerankPipeline) -> None:
         self.path = path
         self.gpu_type = gpu_type
+        self.pipeline = pipeline
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
 
-    async def reload(self, state: State) -> dict[str, Any]:
+    async def reload(self) -> dict[str, Any]:
         """Swap in the registry file's current content. BadRequest (nothing changed) when it is invalid."""
         if self.path is None:
             raise BadRequest("this gateway was not started from a registry file; there is nothing to reload")
@@ -43,12 +42,11 @@ class Reloader:
                 registry = await asyncio.to_thread(load_registry, self.path)
             except RegistryError as exc:
                 raise BadRequest(f"reload refused, the running configuration is unchanged: {exc}") from None
-            old: RerankService = state.service
-            pool = ModelPool(registry, self.gpu_type, old.metrics)
+            old = self.pipeline.served
+            pool = ModelPool(registry, self.gpu_type, self.pipeline.metrics)
             retired = pool.carry_over(old.pool)
-            service = RerankService(registry, pool, old.metrics)
             old.pool.stop_startup()
-            state.service = service  # the switch: every request from here on sees the new registry
+            self.pipeline.served = Served(registry, pool)  # the switch: every request from here on sees the new registry
             pool.start()
             pool.retire(retired, timeout_s=registry.server.request_timeout_s)
             kept = [m for m in pool.entries if pool.entries[m] is old.pool.entries.get(m)]
@@ -66,12 +64,12 @@ class Reloader:
             log.info("registry reloaded from %s: %s", self.path, outcome["models"])
             return outcome
 
-    def reload_in_background(self, state: State) -> None:
-        """For the SIGHUP handler: reload, and log the outcome (there is nobody to answer)."""
+    def reload_in_background(self) -> None:
+        """For the SIGHUP handler and the file watch: reload, and log the outcome (there is nobody to answer)."""
 
         async def run() -> None:
             try:
-                await self.reload(state)
+                await self.reload()
             except BadRequest as exc:
                 log.error("%s", exc.message)
 

@@ -18,7 +18,6 @@ from typing import Callable
 
 from core.config import Registry
 from core.errors import BadRequest, Forbidden, NotFound
-from core.rerank import RerankResult
 
 # Request headers: a tester forces a variant; a client names its user when the body has no `user`.
 VARIANT_HEADER = "x-rerank-variant"
@@ -46,19 +45,6 @@ class Decision:
     candidates: tuple[str, ...]  # model ids to try in order: the chosen one, then the fallbacks
     forced: bool = False
     shadow: str | None = None  # the model that mirrors this request, when it is sampled
-
-
-@dataclass(slots=True)
-class Routed:
-    result: RerankResult  # already cut to the request's top_n
-    decision: Decision
-    skipped: list[tuple[str, str]]  # (model id, cause) of each model passed over before the answer
-
-    def headers(self) -> dict[str, str]:
-        out = {"x-rerank-route": self.decision.name}
-        if self.skipped:
-            out["x-rerank-fallback"] = ", ".join(f"{m}={cause}" for m, cause in self.skipped)
-        return out
 
 
 def stable_fraction(route: str, key: str) -> float:

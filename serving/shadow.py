@@ -17,17 +17,20 @@ import dataclasses
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from serving.agreement import OVERLAP_KS, Agreement, ScoreSummary, compare
 from core.config import Route
 from core.errors import ModelUnavailable, TooManyRequests
-from observability.metrics import Metrics
-from tenancy.caller import Caller
-from serving.service import RerankService
 from core.rerank import RerankRequest, RerankResult
+from observability.metrics import Metrics
+from pool.model_pool import ModelPool
+from serving.agreement import OVERLAP_KS, Agreement, ScoreSummary, compare
+from tenancy.caller import Caller
+
+# Scores a request on the shadow model, as the given caller (serving.pipeline.RerankPipeline.score).
+Score = Callable[[RerankRequest, Caller], Awaitable[RerankResult]]
 
 log = logging.getLogger("rerank_gateway.shadow")
 
@@ -99,32 +102,34 @@ class ShadowRecorder:
             stats = self.routes[route] = RouteStats()
         return stats
 
-    # -- called by serving.routing for every routed answer ---------------------------------------------
+    # -- called by serving.pipeline for every routed answer --------------------------------------------
     def answered(self, route: str, model_id: str, skipped: list[tuple[str, str]]) -> None:
         stats = self._stats(route)
         stats.answered[model_id] += 1
         for skipped_id, cause in skipped:
             stats.fallbacks[(skipped_id, cause)] += 1
 
-    def mirror(self, service: RerankService, route: str, shadow_id: str, req: RerankRequest, primary: RerankResult) -> None:
+    def mirror(
+        self, pool: ModelPool, route: str, shadow_id: str, req: RerankRequest, primary: RerankResult, *, score: Score
+    ) -> None:
         """Start the shadow request in the background, or count why it was dropped. Never blocks."""
         if len(self._tasks) >= MAX_IN_FLIGHT:
             return self._outcome(route, shadow_id, "dropped_backlog")
         # A lazy shadow starts loading; this request is not mirrored meanwhile.
-        if service.pool.unready_cause(shadow_id) is not None:
+        if pool.unready_cause(shadow_id) is not None:
             return self._outcome(route, shadow_id, "dropped_unavailable")
         # More than one batch already waiting means the model has real work to do: skip rather than queue.
         # (A remote shadow has no queue here; MAX_IN_FLIGHT bounds it.)
-        if service.pool.busy(shadow_id):
+        if pool.busy(shadow_id):
             return self._outcome(route, shadow_id, "dropped_busy")
-        task = asyncio.get_running_loop().create_task(self._run(service, route, shadow_id, req, primary))
+        task = asyncio.get_running_loop().create_task(self._run(score, route, shadow_id, req, primary))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, service: RerankService, route: str, shadow_id: str, req: RerankRequest, primary: RerankResult) -> None:
+    async def _run(self, score: Score, route: str, shadow_id: str, req: RerankRequest, primary: RerankResult) -> None:
         shadow_req = dataclasses.replace(req, model=shadow_id, top_n=None, raw_scores=False, priority=SHADOW_PRIORITY)
         try:
-            shadow = await service.rerank(shadow_req, shadow_id, caller=Caller(SHADOW_TENANT, SHADOW_WEIGHT))
+            shadow = await score(shadow_req, Caller(SHADOW_TENANT, SHADOW_WEIGHT))
         except TooManyRequests:
             return self._outcome(route, shadow_id, "dropped_overloaded")
         except ModelUnavailable:

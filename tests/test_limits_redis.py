@@ -80,7 +80,7 @@ def test_two_gateway_instances_share_one_budget(model_dir, tmp_path, redis_serve
         assert r.status_code == 429 and "3 search units per day" in r.json()["message"]
         assert two.post("/v1/rerank", json=rerank_body(50), headers=bearer("beta")).status_code == 200
         # Concurrency: a request in flight on one takes the slot from two.
-        scheduler = one.app.state.service.pool.entries["tiny"].scheduler
+        scheduler = one.app.state.pipeline.pool.entries["tiny"].scheduler
         statuses: list[int] = []
         held = threading.Thread(target=lambda: statuses.append(one.post("/v1/rerank", json=rerank_body(5000), headers=bearer("gamma")).status_code))
         held.start()

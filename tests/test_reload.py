@@ -53,7 +53,7 @@ def gateway(served):
 
 
 def _entries(client: TestClient) -> dict:
-    return client.app.state.service.pool.entries
+    return client.app.state.pipeline.pool.entries
 
 
 def _reload_to(client: TestClient, path: Path, registry: dict | str):
@@ -84,7 +84,7 @@ def test_flip_the_weights_live(gateway) -> None:
     assert r.status_code == 200 and r.json()["models"]["kept"] == ["a", "b", "c"]
     after = {u: rerank(client, "search", documents=DOCS[:2], user=u).headers["x-rerank-model"] for u in users}
     assert list(after.values()).count("b") > list(after.values()).count("a")
-    table = client.app.state.service.routes
+    table = client.app.state.pipeline.routes
     assert all(after[u] == table.decide("search", user=u).candidates[0] for u in users)
     # Nothing was loaded again: the very same schedulers serve.
     assert {m: e.scheduler for m, e in _entries(client).items()} == schedulers
@@ -93,7 +93,7 @@ def test_flip_the_weights_live(gateway) -> None:
 
 def test_a_reload_with_errors_is_refused_whole(gateway) -> None:
     client, path = gateway
-    service = client.app.state.service
+    served = client.app.state.pipeline.served
     broken = copy.deepcopy(BASE)
     broken["routes"]["new-route"] = {"split": {"b": 1}}  # valid on its own...
     broken["routes"]["search"]["split"] = {"a": 1, "zzz": 1}  # ...but this is not
@@ -105,7 +105,7 @@ def test_a_reload_with_errors_is_refused_whole(gateway) -> None:
     assert r.status_code == 400 and "not valid YAML" in r.json()["message"]
     r = _reload_to(client, path, yaml.safe_dump({**BASE, "modles": {}}))
     assert r.status_code == 400 and "modles" in r.json()["message"]
-    assert client.app.state.service is service
+    assert client.app.state.pipeline.served is served
     assert rerank(client, "new-route").status_code == 404
     assert rerank(client, "search", user="someone").status_code == 200
 

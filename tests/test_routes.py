@@ -204,7 +204,7 @@ def client():
 
 
 def _scheduler(client: TestClient, model_id: str):
-    return client.app.state.service.pool.entries[model_id].scheduler
+    return client.app.state.pipeline.pool.entries[model_id].scheduler
 
 
 @contextlib.contextmanager
@@ -218,7 +218,7 @@ def _fault(client: TestClient, model_id: str, hook):
 
 
 def _drain_shadows(client: TestClient) -> None:
-    client.blocking_portal.call(client.app.state.shadows.drain)
+    client.blocking_portal.call(client.app.state.pipeline.shadows.drain)
 
 
 def _report(client: TestClient, route: str) -> dict:
@@ -258,7 +258,7 @@ def test_sticky_per_tenant_over_http(client: TestClient) -> None:
 
 
 def test_split_over_http_matches_the_routing_function(client: TestClient) -> None:
-    table = client.app.state.service.routes
+    table = client.app.state.pipeline.routes
     counts = collections.Counter()
     for i in range(40):
         r = rerank(client, "ninety-ten", documents=DOCS[:2], user=f"visitor-{i}")
@@ -289,7 +289,7 @@ def test_fallback_when_the_model_failed_to_load(client: TestClient) -> None:
 
 
 def test_fallback_while_the_model_is_loading(client: TestClient) -> None:
-    entries = client.app.state.service.pool.entries
+    entries = client.app.state.pipeline.pool.entries
     assert entries["c"].state == "not_loaded"  # lazy: the first request starts the load and falls back
     r = rerank(client, "via-lazy")
     assert r.status_code == 200

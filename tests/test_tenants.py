@@ -66,7 +66,7 @@ def test_a_tenant_may_hold_several_keys(model_dir, tmp_path):
     reg = parse_registry(
         {
             "default_model": "tiny",
-            "models": {"tiny": {"backend": "embedding", "source": str(model_dir), "max_length": 64}},
+            "models": {"tiny": {"backend": "embedding", "source": str(model_dir), "max_length": 64, "runtime": "torch"}},
             "tenants": {"alpha": {"api_key_sha256": [key_sha256("old-key"), key_sha256("new-key")]}},
             "usage": {"path": str(tmp_path / "u.db")},
         }
@@ -198,7 +198,7 @@ def test_search_units_per_day_counts_chunks_then_resets(model_dir, tmp_path):
 def test_max_concurrent_requests(model_dir, tmp_path):
     reg = registry(model_dir, tenants={"alpha": {"max_concurrent_requests": 1}}, usage={"path": str(tmp_path / "u.db")})
     with client(reg) as c:
-        scheduler = c.app.state.service.pool.entries["tiny"].scheduler
+        scheduler = c.app.state.pipeline.pool.entries["tiny"].scheduler
         statuses: list[int] = []
         big = threading.Thread(target=lambda: statuses.append(c.post("/v1/rerank", json=rerank_body(5000), headers=bearer("alpha")).status_code))
         big.start()
@@ -275,7 +275,7 @@ def test_tenant_priority_becomes_the_scheduler_weight(model_dir, tmp_path):
     assert authenticate({"x-api-key": KEYS["beta"]}, reg).weight == 1
     with client(reg) as c:
         assert c.post("/v1/rerank", json=rerank_body(), headers=bearer("alpha")).status_code == 200
-        queue = c.app.state.service.pool.entries["tiny"].scheduler._queue
+        queue = c.app.state.pipeline.pool.entries["tiny"].scheduler._queue
         assert queue.tenants["alpha"].weight == 3
 
 
@@ -292,7 +292,7 @@ def test_keys_new_prints_a_key_and_the_line_to_paste(model_dir, tmp_path, capsys
     reg = parse_registry(
         {
             "default_model": "tiny",
-            "models": {"tiny": {"backend": "embedding", "source": str(model_dir), "max_length": 64}},
+            "models": {"tiny": {"backend": "embedding", "source": str(model_dir), "max_length": 64, "runtime": "torch"}},
             "tenants": {"acme": {"api_key_sha256": digest}},
             "usage": {"path": str(tmp_path / "u.db")},
         }
