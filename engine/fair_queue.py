@@ -96,7 +96,9 @@ class FairQueue:
             # Serve this request a small run of its shortest pending pairs (from the slice whose next pair is
             # shortest: slices arrive one by one, each sorted), then pick again.
             part = min((s for s in work.slices if s.pending), key=lambda s: s.prepared.lengths[s.order[s.cursor]])
-            items = part.order[part.cursor : part.cursor + MAX_RUN_PAIRS]
+            # Pairs are shortest first: a run holds at most run_limit // (the next pair's length) + 1 of them.
+            shortest = max(1, int(part.prepared.lengths[part.order[part.cursor]]))
+            items = part.order[part.cursor : part.cursor + min(MAX_RUN_PAIRS, run_limit // shortest + 1)]
             lengths = part.prepared.lengths[items]
             before = np.cumsum(lengths, dtype=np.int64) - lengths  # tokens of the run before each pair
             count = max(1, int(np.searchsorted(before, run_limit, side="left")))
