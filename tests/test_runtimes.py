@@ -297,3 +297,26 @@ def test_exportable_backends_are_the_ones_the_registry_allows_exported_runtimes_
     from core.config import EXPORTABLE_BACKENDS
 
     assert {kind for kind in BACKENDS if backend_class(kind).exportable} == set(EXPORTABLE_BACKENDS)
+
+
+@needs_ov
+def test_a_runtime_that_crashes_in_native_code_rules_itself_out_not_the_gateway(tmp_path_factory):
+    """Each OpenVINO IR is first compiled and run in a child process in the precision it will run in: the
+    tiny GTE reranker compiled in bf16 killed the process with SIGFPE on an Intel Xeon with AMX (OpenVINO
+    2026.4). A plain entry (runtime auto, dtype auto) loads here whatever the CPU, scores as torch does,
+    and a runtime that crashed is named with its signal, not taken."""
+    from backends.runtimes.openvino import survives
+
+    path = tm.build_gte_reranker(tmp_path_factory.getbasetemp() / "crash_gte")
+    backend = load("gte", path)  # in this process: a crash would end the test run here
+    docs = tm.sentences(12, seed=17, max_words=40)
+    torch_backend = load("gte", path, runtime="torch")
+    got, want = relevance(backend, "kalo mira river", docs), relevance(torch_backend, "kalo mira river", docs)
+    assert spearman(got, want) > 0.9
+    skipped = getattr(backend, "runtime_report", {}) or {}
+    assert backend.runtime.name in ("torch", "openvino", "onnxruntime"), skipped
+    # The child's verdict is kept beside the IR; an IR that cannot compile is a reason, not an exception.
+    broken = tmp_path_factory.mktemp("broken-ir")
+    (broken / "model.xml").write_text("<net>not an IR</net>")
+    reason = survives(broken, "float32", {"input_ids": torch.ones(1, 4, dtype=torch.long)})
+    assert reason is not None and "failed in a child process" in reason

@@ -242,7 +242,7 @@ class _Builder:
                 folder = self._export("onnxruntime", "int8", versions, lambda out: quantize_int8(self.onnx_fp32(), out))
             return folder, OnnxRuntime(folder, precision="int8" if int8 else "float32", threads=self.threads)
         if name == "openvino":
-            from backends.runtimes.openvino import OpenVinoRuntime, compress_int8, convert_ir
+            from backends.runtimes.openvino import OpenVinoRuntime, compress_int8, convert_ir, survives
 
             versions = {"openvino": _version("openvino")}
             folder = self._export("openvino", "float32", versions, lambda out: convert_ir(self.fp32, self.sample, out))
@@ -251,6 +251,9 @@ class _Builder:
                 source = folder
                 versions["nncf"] = _version("nncf")
                 folder = self._export("openvino", "int8", versions, lambda out: compress_int8(source, out))
+            problem = survives(folder, compute, self.sample)
+            if problem is not None:
+                raise RuntimeUnavailable(problem)
             runtime = OpenVinoRuntime(
                 folder, precision="int8" if int8 else compute, compute=compute, streams=self.streams, threads=self.threads
             )

@@ -18,14 +18,21 @@ The CPU plugin runs `streams` requests in parallel, each on its share of the cor
 
 from __future__ import annotations
 
+import hashlib
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import warnings
 import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from backends.runtimes.base import Positional, Runtime, feeds
+from core.host import cpu_model_name
 
 IR_FILE = "model.xml"
 _PRECISION_HINT = {"bfloat16": "bf16", "float32": "f32"}
@@ -60,6 +67,39 @@ def compress_int8(source: Path, folder: Path) -> None:
     model = ov.Core().read_model(str(source / IR_FILE))
     model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     ov.save_model(model, str(folder / IR_FILE), compress_to_fp16=False)
+
+
+# A compile that crashes the process cannot be caught: each IR and compute precision is first compiled and
+# run once in a child process on this CPU (the result is kept beside the IR).
+SURVIVAL_TIMEOUT_S = 600
+
+
+def survives(folder: Path, compute: str, sample: dict[str, torch.Tensor]) -> str | None:
+    """None when folder's IR compiles and runs in `compute` precision in a child process, else why not.
+
+    OpenVINO's CPU plugin can die in native code: a GTE model compiled in bf16 on an Intel Xeon with AMX
+    (OpenVINO 2026.4) raised SIGFPE, which ended the whole gateway at load. In a child process the same
+    crash only rules the runtime out for that model (`auto` picks another one)."""
+    marker = folder / f"survives-{compute}-{hashlib.sha256(cpu_model_name().encode()).hexdigest()[:12]}"
+    if marker.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        feed = Path(tmp) / "sample.npz"
+        np.savez(feed, **{k: v.cpu().numpy() for k, v in sample.items()})
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "backends.runtimes.openvino", str(folder), compute, str(feed)],
+                capture_output=True, text=True, timeout=SURVIVAL_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            return f"compiling it in {compute} did not finish in {SURVIVAL_TIMEOUT_S} s"
+    if proc.returncode == 0:
+        marker.touch()
+        return None
+    if proc.returncode < 0:
+        return f"OpenVINO's CPU plugin crashed ({signal.Signals(-proc.returncode).name}) compiling or running it in {compute}"
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    return f"compiling it in {compute} failed in a child process: {last}"
 
 
 class _Lease:
@@ -129,3 +169,9 @@ class OpenVinoRuntime(Runtime):
         request.infer(feeds(inputs, self.input_names))
         # The output buffer belongs to the request and is overwritten by its next call: copy it out.
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+
+if __name__ == "__main__":  # the child of survives(): compile folder's IR in a precision and run the sample
+    _folder, _compute, _feed = Path(sys.argv[1]), sys.argv[2], np.load(sys.argv[3])
+    _runtime = OpenVinoRuntime(_folder, precision=_compute, compute=_compute, streams=1, threads=1)
+    _runtime({k: torch.from_numpy(_feed[k]) for k in _feed.files})
