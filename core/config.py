@@ -176,6 +176,18 @@ class ServerSettings(_Strict):
     max_chunks_per_request: int = 100_000
 
 
+# The server keys a registry reload cannot change (serving.reload refuses a reload that does, naming them):
+# the HTTP app's body limit and the HTTP server's connection settings are fixed when they start. Every
+# other key of the registry takes effect on reload.
+RESTART_ONLY_KEYS = tuple(
+    f"server.{key}"
+    for key in (
+        "max_body_bytes", "max_connections", "header_timeout_s", "body_timeout_s", "keep_alive_timeout_s",
+        "max_header_bytes", "max_headers", "drain_timeout_s",
+    )
+)
+
+
 class Tenant(_Strict):
     api_key_sha256: str | list[str]
     models: list[str] = msgspec.field(default_factory=lambda: ["*"])
