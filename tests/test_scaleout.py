@@ -1,11 +1,7 @@
 """The scale-out topology as real processes on 127.0.0.1: front doors (`backend: remote`, `dialect: gateway`),
 two workers and a real redis-server. What Kubernetes does to pods, done to processes: a worker SIGKILLed
 under load, a rolling restart (SIGTERM one worker at a time, each drains and comes back on its address),
-and two front doors holding one tenant's global rate limit through Redis.
-
-The worker tests wait on two features being merged: the remote backend (issue 11) and the bounded drain on
-SIGTERM (issue 10). They skip, saying which, until the registry schema has them; nothing here stands in
-for either."""
+and two front doors holding one tenant's global rate limit through Redis."""
 
 from __future__ import annotations
 
@@ -23,9 +19,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import MINILM, free_port, remote_backend_available, serve_process
+from tests.conftest import MINILM, free_port, serve_process
 from tests.load import Load
-from core.config import ServerSettings
 from tenancy.auth import key_sha256
 from tests.tenant_fixtures import RedisServer
 
@@ -34,9 +29,6 @@ BODY = {"model": "minilm", "query": "what is a cat", "documents": ["a cat is an 
 
 
 
-needs_remote = pytest.mark.skipif(not remote_backend_available(), reason="waits on issue 11: backend: remote, dialect: gateway")
-HAS_DRAIN = "drain_timeout_s" in ServerSettings.__struct_fields__
-needs_drain = pytest.mark.skipif(not HAS_DRAIN, reason="waits on issue 10: bounded drain on SIGTERM")
 
 
 @pytest.fixture
@@ -75,8 +67,9 @@ def _start_together(stack: contextlib.ExitStack, *servers) -> list:
 def topology(tmp_path: Path, redis: RedisServer, drain_s: float = 10.0) -> Iterator[dict]:
     """Two workers on fixed ports (a restarted one comes back on its address, as a pod behind its Service
     does) and a front door whose registry lists both as one endpoint pool."""
-    drain = {"drain_timeout_s": drain_s} if HAS_DRAIN else {}
-    worker_registry = _write(tmp_path / "worker.yaml", _local({"frontdoor": {"api_key_sha256": key_sha256(WORKER_KEY)}}, server=drain))
+    worker_registry = _write(
+        tmp_path / "worker.yaml", _local({"frontdoor": {"api_key_sha256": key_sha256(WORKER_KEY)}}, server={"drain_timeout_s": drain_s})
+    )
     ports = [free_port(), free_port()]
     front_registry = _write(tmp_path / "frontdoor.yaml", {
         "default_model": "minilm",
@@ -100,7 +93,6 @@ def topology(tmp_path: Path, redis: RedisServer, drain_s: float = 10.0) -> Itera
         yield {"front": front_url, "workers": workers, "restart": worker, "stack": stack, "logs": [Path(f.name) for f in logs]}
 
 
-@needs_remote
 def test_worker_killed_under_load_loses_no_client_request(tmp_path, redis_server):
     with topology(tmp_path, redis_server) as t:
         # The request id a client sends reaches the worker that answers (its JSON access line) and comes back.
@@ -124,8 +116,6 @@ def test_worker_killed_under_load_loses_no_client_request(tmp_path, redis_server
         assert httpx.post(f"{t['front']}/v2/rerank", json=BODY, headers={"Authorization": f"Bearer {TENANT_KEY}"}, timeout=30).status_code == 200
 
 
-@needs_remote
-@needs_drain
 def test_rolling_restart_of_both_workers_loses_no_client_request(tmp_path, redis_server):
     with topology(tmp_path, redis_server, drain_s=10.0) as t:
         with Load(t["front"], BODY, clients=3, headers={"Authorization": f"Bearer {TENANT_KEY}"}) as load:
