@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 REGISTRY ?= registry.yaml
 
-.PHONY: install serve test bench check plan clean
+.PHONY: install serve test bench check plan clean gpu-check gpu-wheels gpu-wheels-verify
 
 # torch goes in first, pinned: 2.13.0 is the CPU build that lies on this machine's disk; letting the
 # project's dependencies pull torch would download a multi-GB CUDA build.
@@ -54,10 +54,24 @@ $(INFINITY_VENV)/.installed:
 bench: $(TEST_STAMP) $(INFINITY_VENV)/.installed
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.rerank_bench $(BENCH_ARGS)
 
+# Every GPU figure of issue 18 in one run on one GPU (bench/gpu_check, <= 8 min, real-size random weights):
+# markdown + JSON in $$OUT or bench/results/. GPU_CHECK_ARGS=--smoke runs it all on a CPU with tiny models.
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
+
+# For a GPU machine with no package index (the device tool's, Python 3.12): the wheels it lacks and the
+# MiniLM tokenizer into .whl/ (~23 MB); gpu-wheels-verify runs the smoke check with only the image's
+# packages + those wheels (.venv-gpuimage, ~5 min). The command to run there: bench/gpu_check/__init__.py.
+gpu-wheels: $(STAMP)
+	$(PY) -m bench.gpu_check.wheels download
+
+gpu-wheels-verify: gpu-wheels
+	$(PY) -m bench.gpu_check.wheels verify
+
 # The limits tests start a real redis-server (Debian package) on 127.0.0.1; install it when missing.
 test: $(TEST_STAMP)
 	command -v redis-server >/dev/null 2>&1 || apt-get install -y -q redis-server || { apt-get update -q && apt-get install -y -q redis-server; }
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(INFINITY_VENV) .pytest_cache
+	rm -rf $(VENV) $(INFINITY_VENV) .venv-gpuimage .pytest_cache

@@ -39,9 +39,13 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    """`python -m ops.cli serve` on a registry (a dict, written as JSON, which is YAML)."""
+    """`python -m ops.cli serve` on a registry (a dict, written as JSON, which is YAML). `module`: another
+    entry point taking the same arguments (bench.gpu_check.serve: the same CLI under a GPU memory cap)."""
 
-    def __init__(self, registry: dict[str, Any], work_dir: Path, name: str = "gateway", env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, registry: dict[str, Any], work_dir: Path, name: str = "gateway", env: dict[str, str] | None = None,
+        module: str = "ops.cli",
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +57,7 @@ class GatewayProcess:
         self.log_path = work_dir / f"{name}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "serve", "--registry", str(path), "--port", str(self.port)],
+            [sys.executable, "-m", module, "serve", "--registry", str(path), "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, env=child, cwd=ROOT,
         )
 

@@ -16,6 +16,15 @@ from typing import IO, Any, Iterator
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Exports and `runtime: auto`'s measurements go to a cache of the run's own (servers started by the tests
+# inherit it): a run neither reuses what an earlier one left in ~/.cache/rerank-gateway, so it costs what it
+# costs on a fresh machine (CI's), nor leaves gigabytes of exports there. RERANK_GATEWAY_CACHE, when set, wins.
+if "RERANK_GATEWAY_CACHE" not in os.environ:
+    import atexit
+    import shutil
+
+    os.environ["RERANK_GATEWAY_CACHE"] = tempfile.mkdtemp(prefix="rerank-gateway-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["RERANK_GATEWAY_CACHE"], ignore_errors=True)
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402

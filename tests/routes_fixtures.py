@@ -40,6 +40,9 @@ def minilm(max_length: int = 64, **extra: Any) -> dict[str, Any]:
         "dtype": "float32",
         "max_batch_tokens": 1024,
         "max_batch_size": 64,
+        # torch: these tests are about routing, limits and serving, not the runtime; `auto` would export and
+        # time ONNX and OpenVINO copies at load (tests/test_runtimes.py covers those).
+        "runtime": "torch",
         **extra,
     }
 

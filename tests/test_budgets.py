@@ -122,7 +122,7 @@ def test_peak_live_bytes_sees_allocations_and_frees():
 def test_tune_prints_a_profile_that_plan_rps_sizes_pools_from(tmp_path, capsys):
     path = tmp_path / "registry.yaml"
     path.write_text(yaml.safe_dump({"default_model": "mini", "models": {
-        "mini": {"backend": "embedding", "source": MINILM, "max_length": 64, "cpu_streams": 1}}}))
+        "mini": {"backend": "embedding", "source": MINILM, "max_length": 64, "cpu_streams": 1, "runtime": "torch"}}}))
     # Before tuning there is nothing to size from.
     assert main(["plan", "--registry", str(path), "--rps", "10", "--docs", "100", "--doc-tokens", "200"]) == 1
     assert "no measured profile" in capsys.readouterr().out

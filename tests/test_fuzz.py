@@ -33,6 +33,7 @@ def _registry(tmp: Path, tenants: bool) -> Path:
     """The default registry as `make serve` reads it (its hub models are lazy and, offline, unavailable),
     with a route for the route report to find and the usage ledger in the test's folder."""
     data = yaml.safe_load((REPO / "registry.yaml").read_text())
+    data["models"]["minilm"]["runtime"] = "torch"  # what is fuzzed is the HTTP edge; `auto` exports and times runtimes at load
     data["routes"] = {"search": {"split": {"minilm": 1}}}
     data["usage"] = {"path": str(tmp / "usage.sqlite3")}
     if tenants:

@@ -31,7 +31,7 @@ BODY_TIMEOUT_S = 2.0
 
 def _registry(tmp: Path, server: dict[str, Any], load: str = "eager", **top: Any) -> Path:
     # load: lazy where a test needs no model: the server is ready at once.
-    model = {"backend": "embedding", "source": MINILM, "max_length": 32, "cpu_streams": 1, "load": load}
+    model = {"backend": "embedding", "source": MINILM, "max_length": 32, "cpu_streams": 1, "load": load, "runtime": "torch"}
     data = {
         "default_model": "minilm",
         "models": {"minilm": model},

@@ -23,7 +23,7 @@ KEY, NEW_KEY = "rg-test-key-one", "rg-test-key-two"
 def _registry(tenants: dict) -> dict:
     return {
         "default_model": "minilm",
-        "models": {"minilm": {"backend": "embedding", "source": MINILM, "max_length": 64, "cpu_streams": 1}},
+        "models": {"minilm": {"backend": "embedding", "source": MINILM, "max_length": 64, "cpu_streams": 1, "runtime": "torch"}},
         "usage": {"path": None},
         "tenants": tenants,
     }

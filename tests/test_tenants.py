@@ -66,7 +66,7 @@ def test_a_tenant_may_hold_several_keys(model_dir, tmp_path):
     reg = parse_registry(
         {
             "default_model": "tiny",
-            "models": {"tiny": {"backend": "embedding", "source": str(model_dir), "max_length": 64}},
+            "models": {"tiny": {"backend": "embedding", "source": str(model_dir), "max_length": 64, "runtime": "torch"}},
             "tenants": {"alpha": {"api_key_sha256": [key_sha256("old-key"), key_sha256("new-key")]}},
             "usage": {"path": str(tmp_path / "u.db")},
         }
@@ -292,7 +292,7 @@ def test_keys_new_prints_a_key_and_the_line_to_paste(model_dir, tmp_path, capsys
     reg = parse_registry(
         {
             "default_model": "tiny",
-            "models": {"tiny": {"backend": "embedding", "source": str(model_dir), "max_length": 64}},
+            "models": {"tiny": {"backend": "embedding", "source": str(model_dir), "max_length": 64, "runtime": "torch"}},
             "tenants": {"acme": {"api_key_sha256": digest}},
             "usage": {"path": str(tmp_path / "u.db")},
         }

@@ -1,0 +1,144 @@
+"""The GPU check (bench/gpu_check) cannot rot unseen: its smoke mode runs sections end to end on this CPU
+with tiny models, a section killed at its time limit loses nothing else and takes its gateway with it,
+and the wheel resolver refuses what the GPU machine could not import."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(tmp_path: Path, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, dict, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("OUT", None)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--smoke", "--work", str(tmp_path / "work"), "--out", str(out), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    doc = json.loads((out / "gpu-check-smoke.json").read_text())
+    return proc, doc, (out / "gpu-check-smoke.md").read_text()
+
+
+def test_smoke_table_counts_real_tokens_against_the_measured_ceiling(tmp_path: Path) -> None:
+    proc, doc, md = _run(tmp_path, "--sections", "ceilings,table_encoders")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ceilings = doc["sections"]["ceilings"]["result"]
+    assert ceilings["matmul_bf16"]["tflops"] > 0 and ceilings["copy"]["gb_per_s"] > 0
+    rows = [r for v in doc["sections"]["table_encoders"]["result"].values() for r in v]
+    assert {r["model"] for r in rows} == {"bge-reranker-large", "gte-multilingual-reranker-base"}
+    for row in rows:
+        # The warm-up batch is about half padding; the rate and "of peak" count only real tokens, against
+        # the matmul this run measured, not a datasheet.
+        assert row["real_tokens"] < row["padded_tokens"]
+        assert row["real_tokens_per_s"] == pytest.approx(row["real_tokens"] / row["seconds"])
+        assert row["of_peak"] == pytest.approx(row["tflops"] / ceilings[row["ceiling"]]["tflops"])
+    # The markdown comes last on stdout (the device tool returns only the output's tail) and fits in it.
+    assert proc.stdout.rstrip().endswith(md.rstrip()[-200:])
+    assert len(md) <= 10_000 and "a. Ceilings" in md and "b. Memory/speed" in md
+
+
+def test_a_section_killed_at_its_limit_keeps_the_others_and_its_gateway_goes(tmp_path: Path) -> None:
+    # Built beforehand, so the section reaches its gateway quickly on any machine; then 5,000 sequential
+    # small requests keep it busy well past its 30 s limit.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-m", "bench.gpu_check.checkpoints", "bge_shape", "--work", str(tmp_path / "work"), "--smoke"],
+                   cwd=ROOT, env=env, check=True, timeout=120)
+    proc, doc, md = _run(tmp_path, "--sections", "http_bge,ceilings", "--limit", "http_bge=30", "--set", "alone_requests=5000")
+    s = doc["sections"]
+    assert s["http_bge"]["status"] == "timeout" and s["http_bge"]["seconds"] < 60
+    # What it recorded before the kill is kept, and the section after it ran.
+    assert s["http_bge"]["result"]["tokens"]["big_100"]["pairs"] == 100
+    assert s["ceilings"]["status"] == "ok" and s["ceilings"]["result"]["copy"]["gb_per_s"] > 0
+    assert proc.returncode == 1  # not every section ok
+    assert "http_bge | timeout" in md
+    # The gateway the killed section had started is gone with it.
+    registry = tmp_path / "work" / "logs" / "gateway-bge-registry.yaml"
+    assert registry.exists()
+    assert not _alive(registry)
+
+
+def _fake_wheel(folder: Path, name: str, version: str, requires: list[str]) -> None:
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+        z.writestr(f"{name}-{version}.dist-info/METADATA", meta)
+
+
+def test_wheel_check_refuses_what_neither_the_image_nor_the_wheels_hold(tmp_path: Path) -> None:
+    from bench.gpu_check import wheels
+
+    _fake_wheel(tmp_path, "foo", "1.0", ["nowhere-pkg>=1", "numpy>=99", "tokenizers>=0.20", "ir-datasets", 'oldpy; python_version < "3.10"'])
+    problems = "\n".join(wheels.check(tmp_path))
+    assert "foo 1.0 needs nowhere-pkg>=1: neither in the image nor carried" in problems
+    assert "foo 1.0 needs numpy>=99; the image has 2.5.2" in problems
+    assert "tokenizers" not in problems and "ir-datasets" not in problems and "oldpy" not in problems
+    # The project's own needs are resolved too: litestar is not in the image and not in this folder.
+    assert "rerank-gateway needs litestar" in problems
+
+
+def test_bitsandbytes_slimmed_to_cpu_and_cuda13(tmp_path: Path) -> None:
+    from bench.gpu_check.wheels import slim_bitsandbytes
+
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    libs = ["cpu", "cuda118", "cuda128", "cuda130", "cuda132", "rocm64", "xpu2025"]
+    with zipfile.ZipFile(wheel, "w") as z:
+        for lib in libs:
+            z.writestr(f"bitsandbytes/libbitsandbytes_{lib}.so", b"x" * 100)
+        z.writestr("bitsandbytes/__init__.py", "")
+        z.writestr("bitsandbytes-0.50.2.dist-info/RECORD", "".join(f"bitsandbytes/libbitsandbytes_{lib}.so,sha256=x,100\n" for lib in libs))
+    slim_bitsandbytes(wheel)
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        record = z.read("bitsandbytes-0.50.2.dist-info/RECORD").decode()
+    kept = {f"bitsandbytes/libbitsandbytes_{lib}.so" for lib in ("cpu", "cuda130", "cuda132")}
+    assert {n for n in names if n.endswith(".so")} == kept
+    assert "bitsandbytes/__init__.py" in names
+    assert set(line.split(",")[0] for line in record.splitlines()) == kept
+
+
+def _alive(marker: Path) -> list[str]:
+    """Pids of processes whose command line names this file."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(marker).encode() in cmdline.read_bytes():
+                out.append(cmdline.parent.name)
+        except OSError:
+            pass
+    return out
+
+
+def test_sigterm_to_the_run_ends_its_sections_and_still_writes_the_report(tmp_path: Path) -> None:
+    # `timeout` around the check sends SIGTERM; the sections lead sessions of their own and would outlive it.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("OUT", None)
+    out, work = tmp_path / "out", tmp_path / "work"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "bench.gpu_check", "--smoke", "--work", str(work), "--out", str(out), "--sections", "http_bge,ceilings"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    registry = work / "logs" / "gateway-bge-registry.yaml"
+    deadline = time.monotonic() + 120
+    while not (registry.exists() and _alive(registry)) and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    assert _alive(registry), "the gateway never started"
+    run.send_signal(signal.SIGTERM)
+    stdout, _ = run.communicate(timeout=60)
+    assert run.returncode == 1
+    doc = json.loads((out / "gpu-check-smoke.json").read_text())
+    # The run ends there: the section after it never starts.
+    assert doc["sections"]["http_bge"]["status"] == "stopped" and "ceilings" not in doc["sections"]
+    assert "SIGTERM" in doc["meta"]["stopped"]
+    assert "# GPU check" in stdout
+    time.sleep(0.5)
+    assert not _alive(registry)
