@@ -14,13 +14,21 @@ REGISTRY ?= registry.yaml
 # images and a developer's .venv cannot drift apart (tests/test_deploy.py checks it).
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= test,onnx,openvino
+EXTRAS      ?= onnx,openvino
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e "$(if $(EXTRAS),.[$(EXTRAS)],.)"
 	touch $(STAMP)
+
+# The test extra (pytest, the SDKs, the reference libraries: FlagEmbedding, sentence-transformers) on top,
+# for `make test` and `make bench` only: `make serve` installs none of it.
+TEST_STAMP := $(VENV)/.installed-test
+COMMA      := ,
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[test$(if $(EXTRAS),$(COMMA)$(EXTRAS))]"
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -43,7 +51,7 @@ $(INFINITY_VENV)/.installed:
 	touch $@
 
 # The rerank benchmark (bench/rerank_bench.py): ~10 min on 2 cores; BENCH_ARGS=--quick for a smoke run.
-bench: $(STAMP) $(INFINITY_VENV)/.installed
+bench: $(TEST_STAMP) $(INFINITY_VENV)/.installed
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.rerank_bench $(BENCH_ARGS)
 
 # Every GPU figure of issue 18 in one run on one GPU (bench/gpu_check, <= 8 min, real-size random weights):
@@ -61,7 +69,7 @@ gpu-wheels-verify: gpu-wheels
 	$(PY) -m bench.gpu_check.wheels verify
 
 # The limits tests start a real redis-server (Debian package) on 127.0.0.1; install it when missing.
-test: $(STAMP)
+test: $(TEST_STAMP)
 	command -v redis-server >/dev/null 2>&1 || apt-get install -y -q redis-server || { apt-get update -q && apt-get install -y -q redis-server; }
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 

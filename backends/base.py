@@ -16,7 +16,7 @@ import torch
 
 from backends.runtimes import may_export, start_runtime
 from backends.token_arrays import flatten, gather_index, offsets_of, padded_mask
-from core.config import Effective, ModelSpec
+from core.config import Effective, LocalModelSpec
 from core.host import CPU_STREAMS, cpu_has_fast_bf16, cpu_stream_split
 
 # Longest characters-per-token ratio we expect from any tokenizer we serve. Documents are cut at
@@ -129,7 +129,7 @@ class Backend(abc.ABC):
     # How raw model outputs map to a relevance score in [0, 1].
     score_transform: Literal["sigmoid", "cosine"] = "sigmoid"
 
-    def __init__(self, name: str, spec: ModelSpec, eff: Effective) -> None:
+    def __init__(self, name: str, spec: LocalModelSpec, eff: Effective) -> None:
         self.name = name
         self.spec = spec
         self.eff = eff

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends import backend_class  # noqa: E402
 from engine import Scheduler  # noqa: E402
-from core.config import ModelSpec, effective  # noqa: E402
+from core.config import effective, model_spec  # noqa: E402
 from tests import tiny_models  # noqa: E402  (seeded tokenizers, tiny builders)
 from bench.memory import gte_multilingual_base_config, qwen3_4b_config, xlmr_large_config  # noqa: E402
 
@@ -132,7 +132,7 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def measure(name: str, kind: str, path: Path, *, dtype: str, quantization: str, lengths: list[int], max_batch_tokens: int, device: str) -> list[Row]:
-    spec = ModelSpec(
+    spec = model_spec(
         backend=kind, source=str(path), dtype=dtype, quantization=quantization,  # type: ignore[arg-type]
         max_length=max(lengths), max_batch_tokens=max_batch_tokens, max_batch_size=4096,
     )

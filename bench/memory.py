@@ -295,11 +295,11 @@ def measure_batch(backend, name: str, budget: int, length: int, *, weights: int,
 def load_backend(name: str, arch: Arch, tiny_dir: Path, *, tiny: bool):
     """The backend loaded by its real code from a tiny checkpoint, then given the real-size model."""
     from backends import backend_class
-    from core.config import ModelSpec, effective
+    from core.config import effective, model_spec
     from tests import tiny_models
 
     path = getattr(tiny_models, arch.tiny)(tiny_dir / name)
-    spec = ModelSpec(
+    spec = model_spec(
         backend=arch.backend, source=str(path), dtype="bfloat16", quantization=arch.quantization,  # type: ignore[arg-type]
         max_length=max(arch.lengths), max_batch_tokens=max(arch.lengths),
         # torch's own forward: the profiler sees its allocations, and a GPU runs torch too.

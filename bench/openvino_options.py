@@ -84,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     from backends.runtimes.openvino import compress_int8, convert_ir
     from bench.models import build_minilm_cross_encoder
     from bench.workload import big_request, small_requests, vocabulary
-    from core.config import ModelSpec, effective
+    from core.config import effective, model_spec
 
     model_dir = build_minilm_cross_encoder(Path(args.model_dir))
-    spec = ModelSpec(backend="flag", source=str(model_dir), max_length=512, dtype="float32", runtime="torch")
+    spec = model_spec(backend="flag", source=str(model_dir), max_length=512, dtype="float32", runtime="torch")
     backend = FlagBackend("bench", spec, effective(spec, "cpu"))
     backend.load()
     req = big_request(vocabulary(model_dir), args.docs)

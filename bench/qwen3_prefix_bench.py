@@ -38,7 +38,7 @@ def build_backend(layers: int, tokenizer_dir: Path):
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     from backends.qwen3 import Qwen3Backend
-    from core.config import ModelSpec, effective
+    from core.config import effective, model_spec
 
     config = Qwen3Config(
         vocab_size=151669, hidden_size=2560, intermediate_size=9728, num_hidden_layers=layers,
@@ -55,7 +55,7 @@ def build_backend(layers: int, tokenizer_dir: Path):
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(p.dtype))
-    spec = ModelSpec(backend="qwen3", source=str(tokenizer_dir), dtype="bfloat16", max_length=2048)
+    spec = model_spec(backend="qwen3", source=str(tokenizer_dir), dtype="bfloat16", max_length=2048)
     backend = Qwen3Backend("qwen3-4b-random", spec, effective(spec, "cpu"))
     backend.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     backend.model = model

@@ -161,9 +161,9 @@ def reference_scores(model_dir: Path, query: str, docs: list[str]) -> list[float
     import torch
 
     from backends.flag import FlagBackend
-    from core.config import ModelSpec, effective
+    from core.config import effective, model_spec
 
-    spec = ModelSpec(backend="flag", source=str(model_dir), max_length=512, dtype="float32", runtime="torch")
+    spec = model_spec(backend="flag", source=str(model_dir), max_length=512, dtype="float32", runtime="torch")
     backend = FlagBackend("ref", spec, effective(spec, "cpu"))
     backend.load()
     prepared = backend.prepare(query, docs, max_length=512, max_chunks=1, instruction=None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import msgspec
 import yaml
@@ -21,7 +21,6 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 # Weight quantization: "nf4" is bitsandbytes 4-bit NormalFloat with double quantization; compute runs in `dtype`.
 # "int8" is int8 on a CPU runtime (backends.runtimes): weight-only int8 on OpenVINO, dynamic int8 on ONNX Runtime.
 Quantization = Literal["none", "nf4", "int8"]
-BackendKind = Literal["embedding", "flag", "gte", "qwen3", "remote"]
 # What a `backend: remote` upstream speaks (dialects has one module per dialect).
 Dialect = Literal["cohere", "jina", "voyage", "tei", "vllm", "gateway"]
 # Backends that load weights through bitsandbytes when asked for `quantization: nf4`.
@@ -53,10 +52,22 @@ class Profile(_Strict):
     measured_cpu_cores: int | None = None
 
 
-class ModelSpec(_Strict):
-    backend: BackendKind
-    source: str = ""  # required by every backend but remote
+class _Model(_Strict, tag_field="backend", kw_only=True):
+    """What every model entry has. The entry's `backend` picks its class (a tagged union, ModelSpec): a
+    local model's keys and a remote model's are each refused on the other, by the schema."""
+
     aliases: list[str] = []
+    load: Literal["eager", "lazy", "off"] = "eager"
+
+    @property
+    def backend(self) -> str:
+        return self.__struct_config__.tag
+
+
+class LocalModelSpec(_Model, kw_only=True):
+    """A model this process loads and runs (backends/, engine/)."""
+
+    source: str  # a hub id, a directory, or package:<module> (backends.source)
     max_length: int = 512
     dtype: Dtype = "auto"
     quantization: Quantization = "none"
@@ -64,7 +75,6 @@ class ModelSpec(_Strict):
     # Padding-free batches (backends.varlen) for the encoder cross-encoders: "auto" packs on a GPU, where
     # varlen attention kernels exist; "on" packs anywhere (on a CPU: correct, not faster); "off" pads.
     padding_free: Literal["auto", "on", "off"] = "auto"
-    load: Literal["eager", "lazy", "off"] = "eager"
     trust_remote_code: bool = False
     # Qwen3-style rerankers: the instruction used when a request gives none.
     instruction: str | None = None
@@ -84,17 +94,52 @@ class ModelSpec(_Strict):
     weights_gb: float | None = None
     activation_kb_per_token: float | None = None
     profiles: dict[str, Profile] = {}
-    # -- backend: remote (another rerank service answers; see pool.remote_runner) -------------------------
-    dialect: Dialect | None = None
+
+    @property
+    def origin(self) -> str:
+        return self.source
+
+
+class EmbeddingSpec(LocalModelSpec, tag="embedding"):
+    """A bi-encoder: cosine of query and document embeddings (backends.embedding)."""
+
+
+class FlagSpec(LocalModelSpec, tag="flag"):
+    """An encoder cross-encoder, BGE-reranker style (backends.flag)."""
+
+
+class GteSpec(LocalModelSpec, tag="gte"):
+    """gte-multilingual-reranker (backends.gte)."""
+
+
+class Qwen3Spec(LocalModelSpec, tag="qwen3"):
+    """A Qwen3-Reranker: a causal LM's yes/no logits (backends.qwen3)."""
+
+
+class RemoteModelSpec(_Model, tag="remote", kw_only=True):
+    """A model another rerank service answers (pool.remote_runner), through a pool of endpoints."""
+
+    dialect: Dialect
+    endpoints: list[str]  # base URLs, one pool
     upstream_model: str | None = None  # the `model` sent upstream; the model id when unset
-    endpoints: list[str] = []  # base URLs, one pool
     api_key_env: str | None = None  # the name of the environment variable holding the key, never the key
     max_documents_per_call: int | None = None  # the dialect's own limit when unset
     timeout_s: float = 30.0
     max_concurrency_per_endpoint: int = 64
 
+    @property
+    def origin(self) -> str:
+        return f"{self.dialect} upstream at {', '.join(self.endpoints)}"
 
-REMOTE_KEYS = ("dialect", "upstream_model", "endpoints", "api_key_env", "max_documents_per_call")
+
+# A registry's model entry, by its `backend` key.
+ModelSpec = Union[EmbeddingSpec, FlagSpec, GteSpec, Qwen3Spec, RemoteModelSpec]
+BACKEND_KINDS = {cls.__struct_config__.tag: cls for cls in typing.get_args(ModelSpec)}
+
+
+def model_spec(backend: str, **fields: Any) -> ModelSpec:
+    """A model entry built in code (tests, benchmarks), validated as the registry's are."""
+    return msgspec.convert({"backend": backend, **fields}, ModelSpec)
 
 
 class GpuType(_Strict):
@@ -129,6 +174,18 @@ class ServerSettings(_Strict):
     drain_timeout_s: float = 30.0
     # Scored pairs one request may become once documents are split into chunks (max_chunks_per_doc); 400 past it.
     max_chunks_per_request: int = 100_000
+
+
+# The server keys a registry reload cannot change (serving.reload refuses a reload that does, naming them):
+# the HTTP app's body limit and the HTTP server's connection settings are fixed when they start. Every
+# other key of the registry takes effect on reload.
+RESTART_ONLY_KEYS = tuple(
+    f"server.{key}"
+    for key in (
+        "max_body_bytes", "max_connections", "header_timeout_s", "body_timeout_s", "keep_alive_timeout_s",
+        "max_header_bytes", "max_headers", "drain_timeout_s",
+    )
+)
 
 
 class Tenant(_Strict):
@@ -198,11 +255,25 @@ def parse_registry(data: Any, origin: str = "registry") -> Registry:
     return registry
 
 
+class _RegistryLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: `true` and `false` only. PyYAML reads YAML 1.1, where yes/no/on/off
+    are booleans too, so `load: off` or `padding_free: off`, written as a user writes them, arrived as
+    False and the registry was refused ("Expected `str`, got `bool`"). Here they are the words they are;
+    a boolean key given one of them is refused with "write true or false"."""
+
+
+_RegistryLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RegistryLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def read_yaml(path: str | Path) -> Any:
     """A registry file's data; RegistryError naming the file when it cannot be read or is not YAML."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_RegistryLoader)
     except OSError as exc:
         raise RegistryError(f"{path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -213,13 +284,14 @@ def load_registry(path: str | Path) -> Registry:
     return parse_registry(read_yaml(path), str(path))
 
 
-def _explain(data: Any, cls: type[msgspec.Struct], prefix: str = "") -> str:
+def _explain(data: Any, cls: Any, prefix: str = "") -> str:
     """The first validation error with its full key path. msgspec writes map keys as `[...]`; users need
-    the key (`models.bge.profiles.T4.dtype`), so descend into map-of-struct fields entry by entry."""
-    if isinstance(data, dict):
+    the key (`models.bge.profiles.T4.dtype`), so descend into map-of-struct fields entry by entry (into a
+    model entry's own class, picked by its `backend`)."""
+    if isinstance(data, dict) and isinstance(cls, type):
         for name, hint in typing.get_type_hints(cls).items():
             value_type = typing.get_args(hint)[1] if typing.get_origin(hint) is dict else None
-            if not (isinstance(value_type, type) and issubclass(value_type, msgspec.Struct)):
+            if not _structs(value_type):
                 continue
             entries = data.get(name)
             if not isinstance(entries, dict):
@@ -228,17 +300,50 @@ def _explain(data: Any, cls: type[msgspec.Struct], prefix: str = "") -> str:
                 try:
                     msgspec.convert(value, value_type)
                 except msgspec.ValidationError:
-                    return _explain(value, value_type, f"{prefix}{name}.{key}.")
+                    return _explain(value, _member(value_type, value), f"{prefix}{name}.{key}.")
     try:
         msgspec.convert(data, cls)
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = re.search(r" - at `\$(.*)`$", message)
-        if not match:
-            return f"{prefix.rstrip('.') or '<root>'}: {message}"
-        path = (prefix + match.group(1).lstrip(".")).rstrip(".") or "<root>"
-        return f"{path}: {message[: match.start()]}"
+        path = (prefix + (match.group(1).lstrip(".") if match else "")).rstrip(".") or "<root>"
+        return f"{path}{_wording(message[: match.start()] if match else message, cls)}"
     return "invalid"
+
+
+def _structs(hint: Any) -> list[type]:
+    """The struct types a map's values may be: one, or the members of a tagged union (ModelSpec)."""
+    members = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+    return [m for m in members if isinstance(m, type) and issubclass(m, msgspec.Struct)]
+
+
+def _member(hint: Any, value: Any) -> Any:
+    """The struct a map value is checked as: the union member its tag names (the union when none does)."""
+    members = _structs(hint)
+    if len(members) == 1:
+        return members[0]
+    field = members[0].__struct_config__.tag_field
+    tag = value.get(field) if isinstance(value, dict) else None
+    return next((m for m in members if m.__struct_config__.tag == tag), hint)
+
+
+def _wording(problem: str, cls: Any) -> str:
+    """msgspec's words for a missing or unknown key, said as a registry's reader needs them."""
+    missing = re.fullmatch(r"Object missing required field `(\w+)`", problem)
+    unknown = re.fullmatch(r"Object contains unknown field `(\w+)`", problem)
+    kind = cls.__struct_config__.tag if isinstance(cls, type) and issubclass(cls, msgspec.Struct) else None
+    if missing:
+        return f".{missing.group(1)}: required" + (f" by backend: {kind}" if kind else "")
+    if unknown:
+        key = unknown.group(1)
+        if kind and kind != "remote" and key in RemoteModelSpec.__struct_fields__:
+            return f".{key}: only for backend: remote"
+        if kind == "remote" and key in LocalModelSpec.__struct_fields__:
+            return f".{key}: only for a local backend ({', '.join(k for k in BACKEND_KINDS if k != 'remote')})"
+        return f".{key}: not a registry key" + (f" of backend {kind}" if kind else "")
+    if problem == "Expected `bool`, got `str`":
+        return ": write true or false"
+    return f": {problem}"
 
 
 def _semantic_problems(reg: Registry) -> list[str]:
@@ -249,26 +354,7 @@ def _semantic_problems(reg: Registry) -> list[str]:
             if name in names and names[name] != model_id:
                 problems.append(f"models.{model_id}.aliases: {name!r} is already a name of model {names[name]!r}")
             names[name] = model_id
-        for key, profile in spec.profiles.items():
-            if key != "cpu" and key not in reg.gpu_types:
-                problems.append(f"models.{model_id}.profiles.{key}: not 'cpu' and not a key of gpu_types")
-            elif key != "cpu" and (profile.dtype or spec.dtype) == "bfloat16" and not reg.gpu_types[key].bf16:
-                problems.append(f"models.{model_id}.profiles.{key}.dtype: bfloat16 on a GPU type without bf16")
-            for field in ("measured_pairs_per_s", "measured_tokens_per_s", "measured_cpu_cores"):
-                if getattr(profile, field) is not None and getattr(profile, field) <= 0:
-                    problems.append(f"models.{model_id}.profiles.{key}.{field}: must be > 0")
-        quantized = [spec.quantization, *(p.quantization for p in spec.profiles.values())]
-        if "nf4" in quantized and spec.backend not in QUANTIZABLE_BACKENDS:
-            problems.append(f"models.{model_id}.quantization: nf4 is supported by the {', '.join(QUANTIZABLE_BACKENDS)} backend only")
-        if spec.backend not in EXPORTABLE_BACKENDS and ("int8" in quantized or spec.runtime not in ("auto", "torch")):
-            problems.append(
-                f"models.{model_id}: runtime {spec.runtime} / quantization int8 need a backend of {', '.join(EXPORTABLE_BACKENDS)}"
-            )
-        if spec.cpu_streams < 1:
-            problems.append(f"models.{model_id}.cpu_streams: must be at least 1")
-        if spec.max_length < 8:
-            problems.append(f"models.{model_id}.max_length: must be at least 8")
-        problems.extend(_remote_problems(model_id, spec))
+        problems.extend(_local_problems(model_id, spec, reg) if isinstance(spec, LocalModelSpec) else _remote_problems(model_id, spec))
     for route_name, route in reg.routes.items():
         if route_name in names:
             problems.append(f"routes.{route_name}: the name is already a model id or alias")
@@ -323,15 +409,33 @@ def _semantic_problems(reg: Registry) -> list[str]:
     return problems
 
 
-def _remote_problems(model_id: str, spec: ModelSpec) -> list[str]:
+def _local_problems(model_id: str, spec: LocalModelSpec, reg: Registry) -> list[str]:
+    problems: list[str] = []
+    for key, profile in spec.profiles.items():
+        if key != "cpu" and key not in reg.gpu_types:
+            problems.append(f"models.{model_id}.profiles.{key}: not 'cpu' and not a key of gpu_types")
+        elif key != "cpu" and (profile.dtype or spec.dtype) == "bfloat16" and not reg.gpu_types[key].bf16:
+            problems.append(f"models.{model_id}.profiles.{key}.dtype: bfloat16 on a GPU type without bf16")
+        for field in ("measured_pairs_per_s", "measured_tokens_per_s", "measured_cpu_cores"):
+            if getattr(profile, field) is not None and getattr(profile, field) <= 0:
+                problems.append(f"models.{model_id}.profiles.{key}.{field}: must be > 0")
+    quantized = [spec.quantization, *(p.quantization for p in spec.profiles.values())]
+    if "nf4" in quantized and spec.backend not in QUANTIZABLE_BACKENDS:
+        problems.append(f"models.{model_id}.quantization: nf4 is supported by the {', '.join(QUANTIZABLE_BACKENDS)} backend only")
+    if spec.backend not in EXPORTABLE_BACKENDS and ("int8" in quantized or spec.runtime not in ("auto", "torch")):
+        problems.append(
+            f"models.{model_id}: runtime {spec.runtime} / quantization int8 need a backend of {', '.join(EXPORTABLE_BACKENDS)}"
+        )
+    if spec.cpu_streams < 1:
+        problems.append(f"models.{model_id}.cpu_streams: must be at least 1")
+    if spec.max_length < 8:
+        problems.append(f"models.{model_id}.max_length: must be at least 8")
+    return problems
+
+
+def _remote_problems(model_id: str, spec: RemoteModelSpec) -> list[str]:
     where = f"models.{model_id}"
-    if spec.backend != "remote":
-        stray = [k for k in REMOTE_KEYS if getattr(spec, k) not in (None, [])]
-        out = [f"{where}.{k}: only for backend: remote" for k in stray]
-        return out + ([] if spec.source else [f"{where}.source: required by backend {spec.backend}"])
     out = []
-    if spec.dialect is None:
-        out.append(f"{where}.dialect: required by backend: remote")
     if not spec.endpoints:
         out.append(f"{where}.endpoints: needs at least one base URL")
     for i, url in enumerate(spec.endpoints):
@@ -389,7 +493,7 @@ def gpu_name_matches(pattern: str, device_name: str) -> bool:
     return re.search(rf"(?<![0-9A-Za-z])(?:{pattern})(?![0-9A-Za-z])", device_name) is not None
 
 
-def effective(spec: ModelSpec, gpu_type: str, *, cpu_cores: int | None = None) -> Effective:
+def effective(spec: LocalModelSpec, gpu_type: str, *, cpu_cores: int | None = None) -> Effective:
     device = "cpu" if gpu_type == "cpu" or spec.device == "cpu" else "cuda"
     key = "cpu" if device == "cpu" else gpu_type
     chosen = spec.profiles.get(key)

@@ -31,7 +31,7 @@ from serving.reload import Reloader
 from serving.shadow import ShadowRecorder
 from tenancy import auth
 from tenancy.caller import Caller
-from tenancy.limits import build_limiter
+from tenancy.limits import build_limiter, lease_ttl_s
 from tenancy.usage import UsageStore
 
 log = logging.getLogger("rerank_gateway")
@@ -84,7 +84,7 @@ def create_app(
     async def serve_registry(app: Litestar) -> AsyncIterator[None]:
         """Builds the pipeline and what it runs on; closes them in reverse at shutdown."""
         metrics = Metrics()
-        limiter = build_limiter(registry.limits, lease_ttl_s=registry.server.request_timeout_s + 30)
+        limiter = build_limiter(registry.limits, lease_ttl_s=lease_ttl_s(registry.server))
         usage = await UsageStore(registry.usage.path).open()
         pool = ModelPool(registry, gpu_type, metrics)
         pipeline = RerankPipeline(Served(registry, pool), limiter=limiter, usage=usage, shadows=ShadowRecorder(metrics), metrics=metrics)
@@ -102,7 +102,7 @@ def create_app(
             if reload_on_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
             await pipeline.shadows.close()
-            reloader.close()
+            await reloader.close()
             await pipeline.pool.close()
             await pipeline.usage.close()
             await pipeline.limiter.close()

@@ -146,3 +146,6 @@ class ReloadOutcome(msgspec.Struct, kw_only=True):
     registry: str
     models: ReloadedModels
     routes: list[str]
+    # The other registry keys the reload changed, applied: server.* and limits.* keys, usage.path, tenants,
+    # admin_api_key_sha256, gpu_types, default_model.
+    changed: list[str]

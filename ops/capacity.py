@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from core.config import Profile, Registry, effective
+from core.config import LocalModelSpec, Profile, Registry, effective
 
 # [CLS] query [SEP] document [SEP] and the like; the Qwen3 prompt template adds more, which its
 # measured tokens/s already counts.
@@ -69,6 +69,7 @@ def worker_pairs_per_s(profile: Profile, pair_tokens: int) -> tuple[float | None
 
 def size_pool(registry: Registry, model_id: str, profile_key: str, demand: Demand) -> PoolSize:
     spec = registry.models[model_id]
+    assert isinstance(spec, LocalModelSpec), "plan_capacity sizes local models only"
     eff = effective(spec, profile_key)
     pair_tokens = min(demand.query_tokens + demand.doc_tokens + SPECIAL_TOKENS, eff.max_length)
     profile = spec.profiles.get(profile_key, Profile())
@@ -93,7 +94,10 @@ def plan_capacity(registry: Registry, demand: Demand, models: list[str] | None =
     """Every (model, profile) pair: measured ones sized, unmeasured ones listed as such."""
     out: list[PoolSize] = []
     for model_id in models or list(registry.models):
-        for key in registry.models[model_id].profiles:
+        spec = registry.models[model_id]
+        if not isinstance(spec, LocalModelSpec):
+            continue  # a remote model's capacity is its upstream's: nothing of it runs here
+        for key in spec.profiles:
             out.append(size_pool(registry, model_id, key, demand))
     return out
 

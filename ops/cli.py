@@ -114,6 +114,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if model_id is None:
         print(f"error: {args.model!r} is not a model id or alias in {args.registry}", file=sys.stderr)
         return 2
+    if registry.models[model_id].backend == "remote":
+        print(f"error: {args.model!r} is answered by a remote upstream: there is nothing to tune here", file=sys.stderr)
+        return 2
     gpu_type = args.gpu or detect_gpu_type(registry, cuda_device_name())
     budgets = tuple(int(b) for b in args.budgets.split(","))
     result = tune(registry, model_id, gpu_type, budgets=budgets, pairs=args.pairs, rounds=args.rounds,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from core.budgets import usable_gb
-from core.config import Registry, effective
+from core.config import LocalModelSpec, Registry, effective
 
 GIB = 1024**3
 KIB = 1024
@@ -88,6 +88,8 @@ def plan(registry: Registry, gpu_type: str) -> CardPlan:
     gpu = registry.gpu_types.get(gpu_type)
     models: list[ModelPlan] = []
     for model_id, spec in registry.models.items():
+        if not isinstance(spec, LocalModelSpec):
+            continue  # a remote model holds no memory here
         eff = effective(spec, gpu_type)
         models.append(
             ModelPlan(

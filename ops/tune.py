@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 from core.budgets import KNEE_TOLERANCE, LADDER_MAX, knee, ladder_rungs
-from core.config import Registry, effective
+from core.config import LocalModelSpec, Registry, effective
 from core.host import cpu_cores, cpu_model_name
 
 GIB = 1024**3
@@ -157,6 +157,8 @@ def tune(
     from engine import Scheduler
 
     spec = registry.models[model_id]
+    if not isinstance(spec, LocalModelSpec):
+        raise ValueError(f"model {model_id!r} is answered by a remote upstream: there is nothing to tune here")
     eff = effective(spec, gpu_type)
     backend = backend_class(spec.backend)(model_id, spec, eff)
     backend.load()

@@ -16,7 +16,7 @@ from typing import Any
 from backends import backend_class
 from backends.base import Backend
 from core.budgets import KNEE_TOLERANCE, gpu_budget, knee, ladder_rungs, usable_gb
-from core.config import Effective, ModelSpec, ServerSettings
+from core.config import Effective, LocalModelSpec, ServerSettings
 from engine import Scheduler
 from observability.metrics import Metrics
 from pool.local_runner import LocalRunner
@@ -31,7 +31,7 @@ class BudgetError(RuntimeError):
 
 
 def load_local(
-    model_id: str, spec: ModelSpec, eff: Effective, *, server: ServerSettings, metrics: Metrics, cuda_models: int
+    model_id: str, spec: LocalModelSpec, eff: Effective, *, server: ServerSettings, metrics: Metrics, cuda_models: int
 ) -> LocalRunner:
     """The loaded, warmed-up model. `cuda_models`: how many models this registry may load on the GPU (a
     profile-less model's memory budget is an even share of the card among them)."""
@@ -71,7 +71,7 @@ def load_local(
 
 
 def _scheduler(
-    backend: Backend, spec: ModelSpec, eff: Effective, server: ServerSettings, metrics: Metrics, max_batch_tokens: int,
+    backend: Backend, spec: LocalModelSpec, eff: Effective, server: ServerSettings, metrics: Metrics, max_batch_tokens: int,
     max_batch_size: int | None = None,
 ) -> Scheduler:
     return Scheduler(
@@ -86,7 +86,7 @@ def _scheduler(
 
 
 def _size_budget(
-    backend: Backend, spec: ModelSpec, eff: Effective, server: ServerSettings, metrics: Metrics,
+    backend: Backend, spec: LocalModelSpec, eff: Effective, server: ServerSettings, metrics: Metrics,
     probe: Scheduler, warmup: dict[str, Any], weights_bytes: int, budget_bytes: float,
 ) -> tuple[Scheduler, dict[str, Any], str, list[dict[str, Any]]]:
     """A GPU model with no profile: the memory the probe warm-up measured caps the budget; a ladder of

@@ -11,7 +11,7 @@ import asyncio
 from typing import Any, Callable
 
 from backends.base import Prepared
-from core.config import Effective, ModelSpec, ServerSettings
+from core.config import Effective, LocalModelSpec, ModelSpec, ServerSettings
 from core.errors import BadRequest
 from core.rerank import RerankRequest, RerankResult
 from engine import Scheduler
@@ -23,7 +23,7 @@ class LocalRunner:
     def __init__(
         self,
         model_id: str,
-        spec: ModelSpec,
+        spec: LocalModelSpec,
         eff: Effective,
         scheduler: Scheduler,
         metrics: Metrics,
@@ -77,6 +77,7 @@ class LocalRunner:
 
     def reconfigure(self, spec: ModelSpec, server: ServerSettings) -> None:
         """A reload kept this model: take the new entry's instruction and the server's queue limits."""
+        assert isinstance(spec, LocalModelSpec)
         self.spec = spec
         self.max_chunks_per_request = server.max_chunks_per_request
         self.scheduler.max_queue_pairs = server.max_queue_pairs

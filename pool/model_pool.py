@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Literal, Protocol
 
 import msgspec
 
-from core.config import Effective, ModelSpec, Registry, ServerSettings, effective
+from core.config import Effective, LocalModelSpec, ModelSpec, Registry, RemoteModelSpec, ServerSettings, effective
 from core.errors import ModelUnavailable
 from core.rerank import RerankRequest, RerankResult
 from engine import Scheduler
@@ -109,7 +109,7 @@ class ModelPool:
         self.metrics = metrics
         self.entries: dict[str, ModelEntry] = {}
         for model_id, spec in registry.models.items():
-            entry = ModelEntry(model_id, spec, None if spec.backend == "remote" else effective(spec, gpu_type))
+            entry = ModelEntry(model_id, spec, effective(spec, gpu_type) if isinstance(spec, LocalModelSpec) else None)
             if spec.load == "off":
                 entry.state, entry.reason = "off", "load: off in the registry"
             self.entries[model_id] = entry
@@ -127,7 +127,7 @@ class ModelPool:
 
         async def load_all() -> None:
             for i, entry in enumerate(eager, 1):
-                log.info("loading model %s (%d/%d) from %s", entry.model_id, i, len(eager), entry.spec.source)
+                log.info("loading model %s (%d/%d) from %s", entry.model_id, i, len(eager), entry.spec.origin)
                 await asyncio.shield(self._begin_load(entry))
 
         self._startup = asyncio.get_running_loop().create_task(load_all())
@@ -269,10 +269,12 @@ class ModelPool:
 
     def _open(self, entry: ModelEntry) -> Runner:
         """In a worker thread: build the model's runner. Touches no entry."""
-        if entry.eff is None:
-            runner = RemoteRunner.open(entry.model_id, entry.spec, self.metrics)
-            log.info("model %s ready: %s upstream, %d endpoint(s)", entry.model_id, entry.spec.dialect, len(entry.spec.endpoints))
+        spec = entry.spec
+        if isinstance(spec, RemoteModelSpec):
+            runner = RemoteRunner.open(entry.model_id, spec, self.metrics)
+            log.info("model %s ready: %s upstream, %d endpoint(s)", entry.model_id, spec.dialect, len(spec.endpoints))
             return runner
+        assert entry.eff is not None
         cuda_models = sum(1 for e in self.entries.values() if e.eff is not None and e.eff.device == "cuda" and e.spec.load != "off")
         return load_local(
             entry.model_id, entry.spec, entry.eff, server=self.registry.server, metrics=self.metrics, cuda_models=cuda_models
@@ -298,5 +300,11 @@ def _same_model(old: ModelEntry, new: ModelEntry) -> bool:
     # A model that failed to load gets a fresh attempt: the reload may be the operator's fix.
     if old.state in ("off", "unavailable") or old.eff != new.eff:
         return False
-    ignore = {"aliases": [], "instruction": None, "load": "eager", "weights_gb": None, "activation_kb_per_token": None}
+    if type(old.spec) is not type(new.spec):
+        return False
+    ignore = {k: v for k, v in _CHANGES_NOTHING_LOADED.items() if k in old.spec.__struct_fields__}
     return msgspec.structs.replace(old.spec, **ignore) == msgspec.structs.replace(new.spec, **ignore)
+
+
+# The keys a reload may change on a loaded model without loading it again (their value when compared).
+_CHANGES_NOTHING_LOADED = {"aliases": [], "instruction": None, "load": "eager", "weights_gb": None, "activation_kb_per_token": None}

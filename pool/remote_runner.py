@@ -22,7 +22,7 @@ from typing import Callable
 import httpx
 import msgspec
 
-from core.config import ModelSpec, ServerSettings
+from core.config import ModelSpec, RemoteModelSpec, ServerSettings
 from core.errors import (
     BadRequest, GatewayError, InferenceFailed, ModelUnavailable, Timeout, TooManyRequests,
 )
@@ -54,8 +54,7 @@ class _Retry(Exception):
 
 
 class RemoteRunner:
-    def __init__(self, model_id: str, spec: ModelSpec, metrics: Metrics, api_key: str | None) -> None:
-        assert spec.dialect is not None
+    def __init__(self, model_id: str, spec: RemoteModelSpec, metrics: Metrics, api_key: str | None) -> None:
         self.model_id = model_id
         self.dialect = DIALECTS[spec.dialect]
         self.upstream_model = spec.upstream_model or model_id
@@ -71,7 +70,7 @@ class RemoteRunner:
         self._client: httpx.AsyncClient | None = None
 
     @classmethod
-    def open(cls, model_id: str, spec: ModelSpec, metrics: Metrics) -> RemoteRunner:
+    def open(cls, model_id: str, spec: RemoteModelSpec, metrics: Metrics) -> RemoteRunner:
         """Build the model at load time (in a worker thread). Raises with the reason the model is
         unavailable: no key in the environment, or no endpoint answering at all."""
         key = None

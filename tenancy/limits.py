@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
-from core.config import LimitsConfig, Tenant
+from core.config import LimitsConfig, ServerSettings, Tenant
 from core.errors import ServiceUnavailable, TooManyRequests
 
 log = logging.getLogger("rerank_gateway.limits")
@@ -72,6 +72,8 @@ class OverLimit(TooManyRequests):
 class Limiter(abc.ABC):
     def __init__(self, config: LimitsConfig) -> None:
         self.config = config
+        # Requests inside hold(): a limiter a reload replaced is closed once this drops to zero.
+        self.held = 0
 
     @asynccontextmanager
     async def hold(self, tenant: str, spec: Tenant | None, units: int) -> AsyncIterator[Lease]:
@@ -80,11 +82,23 @@ class Limiter(abc.ABC):
         if not _has_limits(spec):
             yield Lease(tenant)
             return
-        lease = await self.acquire(tenant, spec, units)
+        self.held += 1
         try:
-            yield lease
+            lease = await self.acquire(tenant, spec, units)
+            try:
+                yield lease
+            finally:
+                await asyncio.shield(self.release(lease))
         finally:
-            await asyncio.shield(self.release(lease))
+            self.held -= 1
+
+    def takes(self, config: LimitsConfig) -> bool:
+        """Whether this limiter can run with `config` in place (a reload changed `limits:`); when not, the
+        reload builds a new one. Counts live on: windows of another length start afresh."""
+        return config.backend == self.config.backend and config.url == self.config.url
+
+    def reconfigure(self, config: LimitsConfig, *, lease_ttl_s: float) -> None:
+        self.config = config
 
     @abc.abstractmethod
     async def acquire(self, tenant: str, spec: Tenant, units: int) -> Lease:
@@ -222,6 +236,10 @@ class RedisLimiter(Limiter):
         self.degraded: str | None = None
         self._retry_at = 0.0
 
+    def reconfigure(self, config: LimitsConfig, *, lease_ttl_s: float) -> None:
+        super().reconfigure(config, lease_ttl_s=lease_ttl_s)
+        self.lease_ttl_s = lease_ttl_s
+
     def _key(self, tenant: str) -> str:
         # The hash tag keeps one tenant's keys in one slot, should the store be a Redis Cluster.
         return f"{self.prefix}:{{{tenant}}}"
@@ -290,6 +308,12 @@ class RedisLimiter(Limiter):
         if self.degraded is not None:
             log.warning("limits store recovered: %s answers again", self.where)
             self.degraded = None
+
+
+def lease_ttl_s(server: ServerSettings) -> float:
+    """How long a concurrency slot lives in Redis: past any request's timeout, so only a replica that died
+    holding it leaves it to expire."""
+    return server.request_timeout_s + 30
 
 
 def build_limiter(config: LimitsConfig, *, lease_ttl_s: float) -> Limiter:

@@ -59,15 +59,6 @@ def client() -> Iterator[TestClient]:
         yield c
 
 
-def remote_backend_available() -> bool:
-    """`backend: remote` (issue 11) is in the registry schema. Tests of the scale-out topology skip until it is."""
-    try:
-        parse_registry({"default_model": "m", "models": {"m": {"backend": "remote", "dialect": "gateway", "endpoints": ["http://w:1"]}}})
-    except ValueError:  # RegistryError
-        return False
-    return True
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

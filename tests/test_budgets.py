@@ -85,10 +85,10 @@ def test_the_ladder_measures_real_batches_and_stops_where_it_flattens():
     """Scheduler.measure_ladder runs one full batch of typical pairs per rung in the inference thread, and
     stops climbing once the rate flattens (on a CPU, timed by the wall clock; peaks are not measured)."""
     from backends.embedding import EmbeddingBackend
-    from core.config import ModelSpec
+    from core.config import model_spec
     from engine import Scheduler
 
-    spec = ModelSpec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
+    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
     backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
     backend.load()
     s = Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, minilm_registry, remote_backend_available
+from tests.conftest import REPO, minilm_registry
 from core.config import Registry, detect_gpu_type, load_registry, parse_registry
 from ops import cli
 from gateway.app import create_app
 
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
-# server.drain_timeout_s's default (issue 10, bounded drain on SIGTERM); a registry may set its own.
+# server.drain_timeout_s's default; a registry may set its own.
 DEFAULT_DRAIN_S = 30.0
 GATEWAY_PORT = 8080
 
@@ -203,8 +203,7 @@ def test_worker_pools_gpu_profiles_and_front_door_endpoints(rendered):
         if spec.get("api_key_env"):
             env = {e["name"] for e in _gateway_container(deployments["frontdoor"]).get("env", [])}
             assert spec["api_key_env"] in env
-    if remote_backend_available():
-        parse_registry(front, "frontdoor-registry")
+    parse_registry(front, "frontdoor-registry")
 
 
 def test_policies_autoscaling_and_disruption_budgets(rendered):
@@ -336,17 +335,12 @@ def test_compose_runs_the_images_front_door_two_workers_and_redis(monkeypatch):
             assert registry["limits"]["url"].startswith("redis://redis:")
             endpoints = {u for spec in registry["models"].values() for u in spec["endpoints"]}
             assert endpoints == {"http://worker-1:8080", "http://worker-2:8080"}
-            if remote_backend_available():
-                parse_registry(registry, str(source))
+            parse_registry(registry, str(source))
     assert compose["networks"]["backend"]["internal"] is True
     assert set(services["worker-1"]["networks"]) == {"backend"}
 
 
 # --- the Grafana dashboard -------------------------------------------------------------------------------
-
-# Series the remote backend adds (issue 11: rerank_upstream_* per model and endpoint); the rest must exist now.
-PENDING_UPSTREAM = {"rerank_upstream_requests", "rerank_upstream_seconds", "rerank_upstream_ejections", "rerank_upstream_in_flight", "rerank_upstream_up"}
-
 
 def _exposed_series(families) -> set[str]:
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -358,16 +352,12 @@ def test_dashboard_queries_the_gateways_own_series():
 
     dashboard = __import__("json").loads((REPO / "deploy" / "grafana" / "rerank-gateway.json").read_text())
     exposed = _exposed_series(Metrics().registry.collect())
-    pending = _exposed_series(
-        type("F", (), {"name": n, "type": "histogram" if n.endswith("_seconds") else "gauge" if n.endswith(("_up", "_in_flight")) else "counter"})
-        for n in PENDING_UPSTREAM
-    )
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     used: set[str] = set()
     for panel in panels:
         for target in panel["targets"]:
             for series in re.findall(r"\b(rerank_[a-z0-9_]+)", target["expr"]):
-                assert series in exposed or (series in pending and not _upstream_landed(exposed)), f"{panel['title']}: {series}"
+                assert series in exposed, f"{panel['title']}: {series}"
                 used.add(series)
     # What an operator needs: traffic and errors by model, tenant and route; queue, tokenize and inference
     # time; padding efficiency; OOM recoveries; memory; upstream endpoint health; shadow agreement.
@@ -377,7 +367,3 @@ def test_dashboard_queries_the_gateways_own_series():
         assert needed in used, needed
     by = " ".join(t["expr"] for p in panels for t in p["targets"])
     assert "sum by (tenant" in by and "sum by (route" in by and "sum by (model" in by
-
-
-def _upstream_landed(exposed: set[str]) -> bool:
-    return "rerank_upstream_up" in exposed

@@ -11,14 +11,14 @@ import torch
 
 from backends.flag import FlagBackend
 from bench.models import build_minilm_cross_encoder
-from core.config import ModelSpec, effective
+from core.config import effective, model_spec
 from engine import Scheduler
 
 BUDGET = 256
 
 
 def load(model_dir, padding_free: str) -> FlagBackend:
-    spec = ModelSpec(backend="flag", source=str(model_dir), max_length=128, dtype="float32", runtime="torch", padding_free=padding_free)
+    spec = model_spec(backend="flag", source=str(model_dir), max_length=128, dtype="float32", runtime="torch", padding_free=padding_free)
     backend = FlagBackend("ce", spec, effective(spec, "cpu"))
     backend.load()
     return backend

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from backends.embedding import EmbeddingBackend
-from core.config import ModelSpec, effective
+from core.config import effective, model_spec
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout
 from engine import Scheduler
 from engine.device import CPU_STREAM_NICE
@@ -35,7 +35,7 @@ def docs(n: int, words: int = 6) -> list[str]:
 
 @pytest.fixture(scope="module")
 def backend() -> EmbeddingBackend:
-    spec = ModelSpec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
+    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
     b = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
     b.load()
     return b

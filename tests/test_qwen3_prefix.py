@@ -13,7 +13,7 @@ import numpy as np
 from backends.base import Rows
 from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix_length
 from backends.token_arrays import flatten
-from core.config import ModelSpec, effective
+from core.config import effective, model_spec
 from tests import tiny_models as tm
 
 
@@ -23,7 +23,7 @@ def qwen3_dir(tmp_path_factory):
 
 
 def load(path, dtype: str):
-    spec = ModelSpec(backend="qwen3", source=str(path), max_length=160, dtype=dtype)
+    spec = model_spec(backend="qwen3", source=str(path), max_length=160, dtype=dtype)
     backend = backend_class("qwen3")("q", spec, effective(spec, "cpu"))
     backend.load()
     return backend

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,45 @@ def test_cli_plan_shows_detected_type_and_profiles():
     result = _cli("plan", "--registry", str(ROOT / "registry.yaml"))
     assert result.returncode == 0, result.stderr
     assert "cpu" in result.stdout and "minilm" in result.stdout
+
+
+def test_on_off_yes_no_written_bare_are_read_as_the_words_they_are(tmp_path):
+    """YAML 1.1 (PyYAML's default) reads on/off/yes/no as booleans, so `load: off` arrived as False and the
+    registry was refused. The registry's reader takes them as words; a boolean key says true or false."""
+    path = tmp_path / "registry.yaml"
+    path.write_text(
+        "default_model: m\n"
+        "models:\n"
+        "  m: {backend: flag, source: x, load: off, padding_free: off, device: cpu}\n"
+        "  n:\n"
+        "    backend: flag\n"
+        "    source: y\n"
+        "    padding_free: on\n"
+        "    trust_remote_code: TRUE\n"
+        "limits: {on_failure: open}\n"
+        "routes:\n"
+        "  r: {split: {m: 1, n: 1}, sticky: none}\n"
+    )
+    reg = load_registry(path)
+    assert (reg.models["m"].load, reg.models["m"].padding_free, reg.models["n"].padding_free) == ("off", "off", "on")
+    assert reg.models["n"].trust_remote_code is True and reg.routes["r"].sticky == "none"
+    path.write_text("default_model: m\nmodels:\n  m: {backend: flag, source: x, trust_remote_code: yes}\n")
+    with pytest.raises(RegistryError, match=r"models\.m\.trust_remote_code: write true or false"):
+        load_registry(path)
+
+
+@pytest.mark.parametrize(
+    "model, says",
+    [
+        ({"backend": "flag"}, "models.m.source: required by backend: flag"),
+        ({"backend": "flag", "source": "x", "dialect": "tei"}, "models.m.dialect: only for backend: remote"),
+        ({"backend": "remote", "dialect": "tei", "endpoints": ["http://x"], "max_length": 9}, "models.m.max_length: only for a local backend"),
+        ({"backend": "flag", "source": "x", "max_lenght": 9}, "models.m.max_lenght: not a registry key of backend flag"),
+        ({"backend": "onnx", "source": "x"}, "models.m.backend"),
+    ],
+)
+def test_a_model_entry_is_checked_as_its_backend_s_kind(model, says):
+    """ModelSpec is a tagged union on `backend`: the schema, not hand-written checks, refuses a local
+    model's keys on a remote one and the other way round, and names the key."""
+    with pytest.raises(RegistryError, match=re.escape(says)):
+        parse_registry({"default_model": "m", "models": {"m": model}})

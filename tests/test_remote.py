@@ -421,7 +421,9 @@ def test_only_a_front_door_may_name_the_tenant(upstreams):
     "model, says",
     [
         ({"backend": "remote", "endpoints": ["http://x"]}, "dialect: required"),
-        ({"backend": "remote", "dialect": "cohere"}, "endpoints: needs at least one"),
+        ({"backend": "remote", "dialect": "cohere"}, "endpoints: required by backend: remote"),
+        ({"backend": "remote", "dialect": "cohere", "endpoints": []}, "endpoints: needs at least one"),
+        ({"backend": "remote", "dialect": "cohere", "endpoints": ["https://x"], "source": "x"}, "source: only for a local backend"),
         ({"backend": "remote", "dialect": "cohere", "endpoints": ["ftp://x"]}, "endpoints[0]"),
         ({"backend": "remote", "dialect": "cohere", "endpoints": ["https://user:pw@x"]}, "without credentials"),
         ({"backend": "remote", "dialect": "cohere", "endpoints": ["https://x"], "api_key_env": "sk-live 123"}, "api_key_env"),

@@ -21,7 +21,7 @@ from backends.runtimes import RuntimeUnavailable, spearman
 from backends.runtimes.cache import MANIFEST, verify
 from bench.models import build_minilm_cross_encoder
 from bench.workload import big_request, vocabulary
-from core.config import ModelSpec, effective, parse_registry
+from core.config import effective, model_spec, parse_registry
 from tests import tiny_models as tm
 from tests.conftest import MINILM, app_client
 
@@ -54,7 +54,7 @@ def workload(ce_dir):
 
 
 def load(kind: str, source, **fields):
-    spec = ModelSpec(backend=kind, source=str(source), max_length=MAX_LENGTH, **fields)
+    spec = model_spec(backend=kind, source=str(source), max_length=MAX_LENGTH, **fields)
     backend = backend_class(kind)("m", spec, effective(spec, "cpu"))
     backend.load()
     return backend

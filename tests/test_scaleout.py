@@ -2,11 +2,7 @@
 two workers and a real redis-server. What Kubernetes does to pods, done to processes: a worker SIGKILLed
 under load, a rolling restart (SIGTERM one worker at a time, each drains and comes back on its address),
 and two gateway processes (the workers) holding one tenant's global rate limit through Redis. One topology
-serves the module; each test leaves both workers up and in the front door's pool.
-
-The worker tests wait on two features being merged: the remote backend (issue 11) and the bounded drain on
-SIGTERM (issue 10). They skip, saying which, until the registry schema has them; nothing here stands in
-for either."""
+serves the module; each test leaves both workers up and in the front door's pool."""
 
 from __future__ import annotations
 
@@ -24,10 +20,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import MINILM, free_port, remote_backend_available, serve_process
+from tests.conftest import MINILM, free_port, serve_process
 from tests.load import Load
 from tests.routes_fixtures import wait_for
-from core.config import ServerSettings
 from tenancy.auth import key_sha256
 from tests.tenant_fixtures import RedisServer
 
@@ -36,9 +31,6 @@ BODY = {"model": "minilm", "query": "what is a cat", "documents": ["a cat is an 
 
 
 
-needs_remote = pytest.mark.skipif(not remote_backend_available(), reason="waits on issue 11: backend: remote, dialect: gateway")
-HAS_DRAIN = "drain_timeout_s" in ServerSettings.__struct_fields__
-needs_drain = pytest.mark.skipif(not HAS_DRAIN, reason="waits on issue 10: bounded drain on SIGTERM")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +75,7 @@ def topology(tmp_path: Path, redis: RedisServer, drain_s: float = 10.0) -> Itera
     """Two workers on fixed ports (a restarted one comes back on its address, as a pod behind its Service
     does) and a front door whose registry lists both as one endpoint pool. The workers share their tenants'
     limits through Redis, as two replicas behind one Service do."""
-    drain = {"drain_timeout_s": drain_s} if HAS_DRAIN else {}
+    drain = {"drain_timeout_s": drain_s}
     tenants = {
         "frontdoor": {"api_key_sha256": key_sha256(WORKER_KEY)},
         "acme": {"api_key_sha256": key_sha256(TENANT_KEY), "requests_per_minute": RATE_LIMIT},
@@ -170,7 +162,6 @@ def _port(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
-@needs_remote
 def test_worker_killed_under_load_loses_no_client_request(cluster):
     t = cluster
     # The request id a client sends reaches the worker that answers (its JSON access line) and comes back.
@@ -198,8 +189,6 @@ def test_worker_killed_under_load_loses_no_client_request(cluster):
     _restart(t, 0)
 
 
-@needs_remote
-@needs_drain
 def test_rolling_restart_of_both_workers_loses_no_client_request(cluster):
     t = cluster
     with Load(t["front"], BODY, clients=3, headers={"Authorization": f"Bearer {TENANT_KEY}"}) as load:

@@ -10,12 +10,12 @@ import torch
 
 from backends import backend_class
 from bench.models import build_minilm_cross_encoder
-from core.config import ModelSpec, effective
+from core.config import effective, model_spec
 from tests import tiny_models as tm
 
 
 def load(kind: str, path, **fields):
-    spec = ModelSpec(backend=kind, source=str(path), max_length=96, dtype="float32", runtime="torch", **fields)
+    spec = model_spec(backend=kind, source=str(path), max_length=96, dtype="float32", runtime="torch", **fields)
     backend = backend_class(kind)("m", spec, effective(spec, "cpu"))
     backend.load()
     return backend

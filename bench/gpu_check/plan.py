@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# A T4 has 15 GiB of usable memory; a plain registry entry's even share of it (gateway.planning.usable_gb:
+# A T4 has 15 GiB of usable memory; a plain registry entry's even share of it (core.budgets.usable_gb:
 # the card less max(1 GB, 5%)) is what its automatic budget is sized from there.
 T4_MEMORY_GB = 15.0
 T4_SHARE_GB = 14.0

@@ -49,7 +49,7 @@ def _rate_lengths(budget: int, length: int) -> list[int] | None:
 
 def measure_model(rec: Recorder, plan: Plan, ctx: dict, model_id: str) -> None:
     from backends import backend_class
-    from core.config import ModelSpec, effective
+    from core.config import effective, model_spec
     from engine import Scheduler
 
     checkpoint, kind, dtype, quant = MODELS[model_id]
@@ -57,7 +57,7 @@ def measure_model(rec: Recorder, plan: Plan, ctx: dict, model_id: str) -> None:
     cuda = torch.cuda.is_available()
     lengths = plan.table_lengths[model_id]
     budget = plan.table_budget
-    spec = ModelSpec(
+    spec = model_spec(
         backend=kind, source=str(path), dtype=dtype if cuda else "auto", quantization=quant,  # type: ignore[arg-type]
         max_length=max(lengths), max_batch_tokens=budget, max_batch_size=4096, **plan.entry_extra,
     )
