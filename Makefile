@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 REGISTRY ?= registry.yaml
 
-.PHONY: install serve test bench check plan clean gpu-check gpu-wheels gpu-wheels-verify
+.PHONY: install serve test test-slow-cpu bench check plan clean gpu-check gpu-wheels gpu-wheels-verify
 
 # torch goes in first, pinned: 2.13.0 is the CPU build that lies on this machine's disk; letting the
 # project's dependencies pull torch would download a multi-GB CUDA build.
@@ -72,6 +72,12 @@ gpu-wheels-verify: gpu-wheels
 test: $(TEST_STAMP)
 	command -v redis-server >/dev/null 2>&1 || apt-get install -y -q redis-server || { apt-get update -q && apt-get install -y -q redis-server; }
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# `make test` as on the project's slow machine kind (AMD EPYC, no AMX / AVX512-BF16, fp32, ~3x slower), on an
+# Intel Xeon: bench/slow_cpu.sh hides the CPU's bf16 flags, caps MKL at AVX2 and gives each core a CPU quota
+# (SLOW_CPU_SHARE, default 0.45). Needs root. The suite must stay under 12 minutes there.
+test-slow-cpu: $(STAMP)
+	bench/slow_cpu.sh $(MAKE) test
 
 clean:
 	rm -rf $(VENV) $(INFINITY_VENV) .venv-gpuimage .pytest_cache

@@ -281,7 +281,7 @@ class HttpSystem:
 class Gateway(HttpSystem):
     label = "rerank-gateway over HTTP (backend flag)"
 
-    def __init__(self, model_dir: Path, work_dir: Path) -> None:
+    def __init__(self, model_dir: Path, work_dir: Path, runtime: str = "auto") -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         registry = work_dir / "registry.yaml"
@@ -291,7 +291,7 @@ class Gateway(HttpSystem):
                 {
                     "default_model": MODEL_ID,
                     "server": {"max_documents": 10000, "request_timeout_s": 600},
-                    "models": {MODEL_ID: {"backend": "flag", "source": str(model_dir), "max_length": 512, "load": "eager"}},
+                    "models": {MODEL_ID: {"backend": "flag", "source": str(model_dir), "max_length": 512, "load": "eager", "runtime": runtime}},
                 },
                 indent=2,
             )
@@ -368,7 +368,7 @@ def score_agreement(reference: list[float], other: list[float]) -> dict[str, flo
     }
 
 
-def run(sizes: Sizes, model_dir: Path, work_dir: Path, systems: list[str]) -> dict[str, Any]:
+def run(sizes: Sizes, model_dir: Path, work_dir: Path, systems: list[str], gateway_runtime: str = "auto") -> dict[str, Any]:
     from bench.models import build_minilm_cross_encoder
 
     build_minilm_cross_encoder(model_dir)
@@ -384,7 +384,7 @@ def run(sizes: Sizes, model_dir: Path, work_dir: Path, systems: list[str]) -> di
     try:
         for name in systems:
             if name in HTTP_SYSTEMS:
-                servers[name] = HTTP_SYSTEMS[name](model_dir, work_dir)
+                servers[name] = Gateway(model_dir, work_dir, gateway_runtime) if name == "gateway" else HTTP_SYSTEMS[name](model_dir, work_dir)
         for w in workers.values():
             w.wait_ready()
             w.call(op="warmup")
@@ -601,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of %(default)s")
     parser.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "rerank-bench-minilm-ce"),
                         help="where the benchmark model is built (reused when present; default %(default)s)")
+    parser.add_argument("--gateway-runtime", default="auto", choices=["auto", "torch", "openvino", "onnxruntime"],
+                        help="the gateway's `runtime:` (default auto, as a user's plain entry has it; the test smoke run uses torch)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and markdown (default %(default)s)")
     args = parser.parse_args(argv)
 
@@ -618,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = out / "logs"  # the gateway's and each worker's output, kept for a look after a failure
     logs.mkdir(exist_ok=True)
     started = time.perf_counter()
-    res = run(sizes, Path(args.model_dir), logs, systems)
+    res = run(sizes, Path(args.model_dir), logs, systems, args.gateway_runtime)
     res["bench_seconds"] = time.perf_counter() - started
     stem = "rerank_bench_quick" if args.quick else "rerank_bench"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -117,6 +117,14 @@ def _read_back(f: IO[str]) -> str:
     return f.read()[-4000:]
 
 
+@pytest.fixture(scope="session")
+def default_server() -> Iterator[str]:
+    """`rerank-gateway serve` on the default registry, unchanged, as `make serve` runs it: one process for
+    the session, shared by the tests of what a user meets first (the Cohere and Voyage SDKs, the fuzzer)."""
+    with serve_process(REPO / "registry.yaml") as (url, _):
+        yield url
+
+
 class LiveServer:
     """The app under a real uvicorn server on a loopback port, in a background thread of this process
     (so a test can reach the app's state, e.g. to inject a fault into a scheduler)."""

@@ -1,21 +1,16 @@
-"""The official Cohere SDK, unchanged, against `rerank-gateway serve` started as a subprocess."""
+"""The official Cohere SDK, unchanged, against `rerank-gateway serve` on the default registry, started as a
+subprocess (tests/conftest.py's default_server)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import cohere
 import pytest
 
-from tests.conftest import serve_process
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def server_url():
-    with serve_process(ROOT / "registry.yaml") as (url, _):
-        yield url
+def server_url(default_server):
+    return default_server
 
 
 DOCS = ["Carson City is the capital city of the American state of Nevada.",

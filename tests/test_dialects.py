@@ -1,30 +1,24 @@
-"""Voyage and TEI as served dialects: Voyage's own SDK, unchanged, against `rerank-gateway serve`; TEI's
-shape field by field (its router's types.rs / OpenAPI document); each dialect's error body for its bad
-inputs, auth and unknown models included."""
+"""Voyage and TEI as served dialects: Voyage's own SDK, unchanged, against `rerank-gateway serve` on the
+default registry (tests/conftest.py's default_server); TEI's shape field by field (its router's types.rs /
+OpenAPI document); each dialect's error body for its bad inputs, auth and unknown models included."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import voyageai
 import voyageai.error
-import yaml
 
 from tenancy.auth import key_sha256
 from core.config import parse_registry
-from tests.conftest import app_client, serve_process
+from tests.conftest import app_client
 from tests.routes_fixtures import DOCS, QUERY, minilm
 
 LONG = "word " * 400
 
 
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    path = tmp_path_factory.mktemp("voyage") / "registry.yaml"
-    path.write_text(yaml.safe_dump({"default_model": "minilm", "models": {"minilm": minilm()}, "usage": {"path": None}}))
-    with serve_process(path) as (url, _):
-        yield url
+def server_url(default_server):
+    return default_server
 
 
 def test_voyage_sdk_unchanged(server_url):

@@ -67,7 +67,7 @@ def test_request_id_end_to_end_in_json_logs_and_registry_file_watch(tmp_path):
         assert _rerank(url, KEY).status_code == 401
         # An invalid file is refused; the running configuration stays.
         path.write_text("default_model: nope\nmodels: {}\n")
-        time.sleep(1.0)
+        assert _wait(lambda: "reload refused" in log_path.read_text())
         assert _rerank(url, NEW_KEY).status_code == 200
 
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]  # every line is JSON
