@@ -78,10 +78,10 @@ class Loop:
         return torch.sigmoid(scores).tolist()
 
 
-def registry(model_dir: Path) -> dict[str, Any]:
+def registry(model_dir: Path, dtype: str = "float32") -> dict[str, Any]:
     # float32, as the loop runs: at hidden 32 bfloat16's conversions cost more than its matmuls save (6.9 vs
     # 4.7 ms a 15 x 130 batch on an AMX Xeon), and the point here is the host path, not the dtype.
-    entry = {"backend": "flag", "source": str(model_dir), "max_length": MAX_LENGTH, "load": "eager", "runtime": "torch", "dtype": "float32"}
+    entry = {"backend": "flag", "source": str(model_dir), "max_length": MAX_LENGTH, "load": "eager", "runtime": "torch", "dtype": dtype}
     return {
         "default_model": "plain",
         "server": {"max_documents": 10000, "request_timeout_s": 600},
@@ -89,9 +89,9 @@ def registry(model_dir: Path) -> dict[str, Any]:
     }
 
 
-def _gateway(model_dir: Path, work: Path, root: Path, name: str) -> http_load.GatewayProcess:
+def _gateway(model_dir: Path, work: Path, root: Path, name: str, dtype: str) -> http_load.GatewayProcess:
     module = "ops.cli" if (root / "ops" / "cli.py").exists() else "gateway.cli"  # before the house split
-    return http_load.GatewayProcess(registry(model_dir), work, name=name, module=module, root=root)
+    return http_load.GatewayProcess(registry(model_dir, dtype), work, name=name, module=module, root=root)
 
 
 def _measure(gw: http_load.GatewayProcess, big, small) -> dict[str, Any]:
@@ -103,16 +103,17 @@ def _measure(gw: http_load.GatewayProcess, big, small) -> dict[str, Any]:
     }
 
 
-def run(rounds: int, work: Path, baseline: Path | None = None) -> dict[str, Any]:
+def run(rounds: int, work: Path, baseline: Path | None = None, dtype: str = "float32") -> dict[str, Any]:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     model_dir = build_minilm_tiny_cross_encoder(work / "tiny-ce")
     words = vocabulary(model_dir)
     big = big_request(words, 1000)
     small = small_requests(words, 16 * 15, 20)
     out: dict[str, Any] = {"machine": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "rounds": [], "baseline": []}
-    gateways = {"gateway": _gateway(model_dir, work, http_load.ROOT, "gateway")}
+    out["dtype"] = dtype
+    gateways = {"gateway": _gateway(model_dir, work, http_load.ROOT, "gateway", dtype)}
     if baseline is not None:
-        gateways["baseline"] = _gateway(model_dir, work, baseline, "baseline")
+        gateways["baseline"] = _gateway(model_dir, work, baseline, "baseline", dtype)
         out["baseline_root"] = str(baseline)
     try:
         for gw in gateways.values():
@@ -151,7 +152,8 @@ def summary_line(row: dict[str, Any]) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     lines = [
-        f"Host path, tiny cross-encoder (2 x 32), {res['machine']}, {res['cores']} cores; plain budget {res['plain_budget']} tokens",
+        f"Host path, tiny cross-encoder (2 x 32), {res['machine']}, {res['cores']} cores; gateway dtype {res['dtype']}, "
+        f"plain budget {res['plain_budget']} tokens",
         "",
         "| round | loop pairs/s | big pairs/s | big / loop | c16 plain pairs/s | c16 / big | p50 ms | p99 ms | p99/p50 | c16 16k pairs/s | p50 ms | p99 ms | p99/p50 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -186,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path, help="working folder (model, logs); a temporary one by default")
     ap.add_argument("--baseline", type=Path, help="a checkout of another commit to measure side by side")
+    ap.add_argument("--dtype", default="float32", help="the gateway entries' dtype (auto: what a plain entry gets)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(args.rounds, args.work or Path(tmp), args.baseline)
+        res = run(args.rounds, args.work or Path(tmp), args.baseline, args.dtype)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     print(markdown(res))
