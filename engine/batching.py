@@ -150,19 +150,24 @@ def take_batch(
     first = _argmin2(window.rtag, window.seq, window.tid == tenant)
     shared = _shared(window)
     rows = _build(window, first, budget, max_batch_size, cost, shared, min(run_budget or budget, budget))
-    # Virtual time moves past what this batch served of the lead tenant, and inside it of the anchor
-    # request, not only to where they started: a request arriving now starts at that virtual time, so
-    # the pairs still queued with smaller tags go first. Moving only to the anchor's first tag starved
-    # the leftovers of a request split across batches under a closed loop of small requests (each
-    # newcomer tied with the one before and went first: p99 = the whole run).
+    # Virtual time moves as far as this batch served the lead tenant (and inside it, the anchor request) in
+    # tag order: up to the largest tag it took below every tag of theirs still in the window, or, when it
+    # took them all, the largest tag it served. A request arriving now starts there:
+    # - Moving only to the anchor's own tag starved the leftovers of a request split across batches under a
+    #   closed loop of small requests (each newcomer tied with the one before and went first: p99 = the
+    #   whole run, test_no_starvation).
+    # - Moving to the largest tag served let a length run (which takes pairs by length, some pulled up to
+    #   WINDOW_BATCHES batches ahead) carry virtual time past everything of the tenant in the window: another
+    #   tenant arriving then waited for all of it (loaded queue time 35 ms against 6 ms, test_fairness).
     # The tenant level moves only when the lead is served: when a small request of the same tenant went
     # first, a tenant arriving now must still start ahead of the lead, not tie with it.
+    taken = np.zeros(len(window), dtype=bool)
+    taken[rows] = True
     served_tag = None
-    if (rows == lead).any():
-        served_tag = float(window.tag[rows][window.tid[rows] == tenant].max())
-    own = window.wid[rows] == window.wid[first]
-    tenant_name = window.work_of(first).tenant
-    queue.served(tenant_name, served_tag, float(window.rtag[rows][own].max()))
+    if taken[lead]:
+        served_tag = _head(window.tag, window.tid == tenant, taken)
+    rtag = _head(window.rtag, window.wid == window.wid[first], taken)
+    queue.served(window.work_of(first).tenant, served_tag, rtag)
     return rows
 
 
@@ -176,6 +181,18 @@ def plan_of(window: Window, rows: np.ndarray, cost: int) -> Plan:
         work, part = window.parts[int(window.part[chunk[0]])]
         groups.append(Group(work, part, window.item[chunk]))
     return Plan(groups, window.length[order], cost)
+
+
+def _head(tags: np.ndarray, mine: np.ndarray, taken: np.ndarray) -> float:
+    """How far the batch (`taken`) served `mine` in tag order: the largest tag it took below every tag of
+    `mine` still left, or the largest it took when none is left. (The anchor, the smallest of `mine`, is
+    always taken.)"""
+    served = tags[mine & taken]
+    left = mine & ~taken
+    if not left.any():
+        return float(served.max())
+    below = served[served < tags[left].min()]
+    return float(below.max()) if len(below) else float(served.min())
 
 
 def _argmin2(primary: np.ndarray, secondary: np.ndarray, mask: np.ndarray | None) -> int:

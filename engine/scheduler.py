@@ -325,6 +325,8 @@ class Scheduler:
 
     def _add(self, work: Work, prepared: Prepared, doc_base: int) -> None:
         """Queue a slice of a request (lock held); the slice that brings its last documents seals it."""
+        if not work.slices:
+            work.enqueued_at = time.perf_counter()  # queue time counts from here, not from tokenizing
         part = work.add(prepared, doc_base)
         if work.sealed and work.total_tokens * SMALL_SHARE <= self.token_budget:
             self._search_at = time.monotonic()
