@@ -14,6 +14,8 @@ Rounds interleave the systems, so drift in the machine's load hits them alike; r
 
     python -m bench.host_path                   # ~2 min on 2 cores; markdown on stdout
     python -m bench.host_path --rounds 1 --json out.json
+    python -m bench.host_path --baseline /tmp/old   # also a checkout of another commit, side by side
+                                                    # (git worktree add /tmp/old d565279)
 """
 
 from __future__ import annotations
@@ -61,10 +63,10 @@ class Loop:
         return torch.sigmoid(scores).tolist()
 
 
-def registry(model_dir: Path) -> dict[str, Any]:
+def registry(model_dir: Path, dtype: str = "float32") -> dict[str, Any]:
     # float32, as the loop runs: at hidden 32 bfloat16's conversions cost more than its matmuls save (6.9 vs
     # 4.7 ms a 15 x 130 batch on an AMX Xeon), and the point here is the host path, not the dtype.
-    entry = {"backend": "flag", "source": str(model_dir), "max_length": MAX_LENGTH, "load": "eager", "runtime": "torch", "dtype": "float32"}
+    entry = {"backend": "flag", "source": str(model_dir), "max_length": MAX_LENGTH, "load": "eager", "runtime": "torch", "dtype": dtype}
     return {
         "default_model": "plain",
         "server": {"max_documents": 10000, "request_timeout_s": 600},
@@ -72,34 +74,54 @@ def registry(model_dir: Path) -> dict[str, Any]:
     }
 
 
-def run(rounds: int, work: Path) -> dict[str, Any]:
+def _gateway(model_dir: Path, work: Path, root: Path, name: str, dtype: str) -> http_load.GatewayProcess:
+    module = "ops.cli" if (root / "ops" / "cli.py").exists() else "gateway.cli"  # before the house split
+    return http_load.GatewayProcess(registry(model_dir, dtype), work, name=name, module=module, root=root)
+
+
+def _measure(gw: http_load.GatewayProcess, big, small) -> dict[str, Any]:
+    b = http_load.big(gw.base, "plain", big)
+    b.pop("scores")
+    return {
+        "big": b, "c16_plain": http_load.closed_loop(gw.base, "plain", small, 16),
+        "c16_b16k": http_load.closed_loop(gw.base, "b16k", small, 16),
+    }
+
+
+def run(rounds: int, work: Path, baseline: Path | None = None, dtype: str = "float32") -> dict[str, Any]:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     model_dir = build_minilm_tiny_cross_encoder(work / "tiny-ce")
     words = vocabulary(model_dir)
     big = big_request(words, 1000)
     small = small_requests(words, 16 * 15, 20)
-    out: dict[str, Any] = {"machine": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "rounds": []}
-    with http_load.GatewayProcess(registry(model_dir), work) as gw:
-        gw.wait_ready()
-        models = {m["id"]: m for m in gw.models()}
+    out: dict[str, Any] = {"machine": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "rounds": [], "baseline": []}
+    out["dtype"] = dtype
+    gateways = {"gateway": _gateway(model_dir, work, http_load.ROOT, "gateway", dtype)}
+    if baseline is not None:
+        gateways["baseline"] = _gateway(model_dir, work, baseline, "baseline", dtype)
+        out["baseline_root"] = str(baseline)
+    try:
+        for gw in gateways.values():
+            gw.wait_ready()
+            http_load.closed_loop(gw.base, "plain", small[:32], 16)  # warm the HTTP path
+            http_load.big(gw.base, "plain", big)
+        models = {m["id"]: m for m in gateways["gateway"].models()}
         out["plain_budget"] = models["plain"]["max_batch_tokens"]
         torch.set_num_threads(1)
         loop = Loop(model_dir, out["plain_budget"])
         loop.score(big.query, big.documents[:50])
-        http_load.closed_loop(gw.base, "plain", small[:32], 16)  # warm the HTTP path
-        http_load.big(gw.base, "plain", big)
         for k in range(rounds):
-            row: dict[str, Any] = {}
             t = time.perf_counter()
             loop.score(big.query, big.documents)
-            row["loop_pairs_per_s"] = len(big.documents) / (time.perf_counter() - t)
-            b = http_load.big(gw.base, "plain", big)
-            b.pop("scores")
-            row["big"] = b
-            row["c16_plain"] = http_load.closed_loop(gw.base, "plain", small, 16)
-            row["c16_b16k"] = http_load.closed_loop(gw.base, "b16k", small, 16)
-            out["rounds"].append(row)
-            print(f"round {k + 1}/{rounds}: {summary_line(row)}", file=sys.stderr, flush=True)
+            loop_rate = len(big.documents) / (time.perf_counter() - t)
+            # Mirrored order round to round, so a drift in the machine's load hits both alike.
+            for name in (list(gateways) if k % 2 == 0 else list(gateways)[::-1]):
+                row = {"loop_pairs_per_s": loop_rate, **_measure(gateways[name], big, small)}
+                out["rounds" if name == "gateway" else "baseline"].append(row)
+                print(f"round {k + 1}/{rounds} {name}: {summary_line(row)}", file=sys.stderr, flush=True)
+    finally:
+        for gw in gateways.values():
+            gw.close()
     return out
 
 
@@ -115,7 +137,8 @@ def summary_line(row: dict[str, Any]) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     lines = [
-        f"Host path, tiny cross-encoder (2 x 32), {res['machine']}, {res['cores']} cores; plain budget {res['plain_budget']} tokens",
+        f"Host path, tiny cross-encoder (2 x 32), {res['machine']}, {res['cores']} cores; gateway dtype {res['dtype']}, "
+        f"plain budget {res['plain_budget']} tokens",
         "",
         "| round | loop pairs/s | big pairs/s | big / loop | c16 plain pairs/s | c16 / big | p50 ms | p99 ms | p99/p50 | c16 16k pairs/s | p50 ms | p99 ms | p99/p50 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -129,6 +152,18 @@ def markdown(res: dict[str, Any]) -> str:
         )
     ratios = [r["big"]["pairs_per_s"] / r["loop_pairs_per_s"] for r in res["rounds"]]
     lines += ["", f"big / loop: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})"]
+    if res["baseline"]:
+        lines += ["", f"Baseline {res['baseline_root']}, side by side (same rounds):", ""]
+        for key, label in (("big", "big pairs/s"), ("c16_plain", "c16 plain pairs/s"), ("c16_b16k", "c16 16k pairs/s")):
+            new = [r[key]["pairs_per_s"] for r in res["rounds"]]
+            old = [r[key]["pairs_per_s"] for r in res["baseline"]]
+            paired = [a / b for a, b in zip(new, old)]
+            lines.append(f"- {label}: {statistics.median(new):.0f} vs {statistics.median(old):.0f}, paired ratio median "
+                         f"{statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f})")
+        for key in ("c16_plain", "c16_b16k"):
+            old = res["baseline"]
+            lines.append(f"- baseline {key} p99/p50: " + ", ".join(f"{r[key]['p99_s'] / r[key]['p50_s']:.1f}" for r in old)
+                         + "; big / loop: " + ", ".join(f"{r['big']['pairs_per_s'] / r['loop_pairs_per_s']:.2f}" for r in old))
     return "\n".join(lines)
 
 
@@ -137,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path, help="working folder (model, logs); a temporary one by default")
+    ap.add_argument("--baseline", type=Path, help="a checkout of another commit to measure side by side")
+    ap.add_argument("--dtype", default="float32", help="the gateway entries' dtype (auto: what a plain entry gets)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(args.rounds, args.work or Path(tmp))
+        res = run(args.rounds, args.work or Path(tmp), args.baseline, args.dtype)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     print(markdown(res))

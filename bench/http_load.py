@@ -44,21 +44,22 @@ class GatewayProcess:
 
     def __init__(
         self, registry: dict[str, Any], work_dir: Path, name: str = "gateway", env: dict[str, str] | None = None,
-        module: str = "ops.cli",
+        module: str = "ops.cli", root: Path = ROOT,
     ) -> None:
+        """`root`: the checkout to run (another commit's, for a side-by-side benchmark)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         work_dir.mkdir(parents=True, exist_ok=True)
         path = work_dir / f"{name}-registry.yaml"
         path.write_text(json.dumps(registry, indent=2))
         child = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        child["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [child.get("PYTHONPATH")])])
+        child["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [child.get("PYTHONPATH")])])
         child.update(env or {})
         self.log_path = work_dir / f"{name}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "serve", "--registry", str(path), "--port", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=child, cwd=ROOT,
+            stdout=self.log, stderr=subprocess.STDOUT, env=child, cwd=root,
         )
 
     def wait_ready(self, timeout_s: float = 600) -> None:

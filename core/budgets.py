@@ -77,6 +77,19 @@ def usable_gb(memory_gb: float) -> float:
     return memory_gb - max(1.0, 0.05 * memory_gb)
 
 
+# Pairs a batch may hold when the registry does not say: 256, or on a GPU enough for the token budget's worth
+# of short pairs (a packed batch costs its tokens, not its rows: a 131,072-token H200 budget of ~114-token
+# pairs needs 1,150 rows, which 256 would cut to 29,000 tokens).
+DEFAULT_BATCH_PAIRS = 256
+GPU_PAIR_TOKENS = 32
+
+
+def batch_pairs(max_batch_tokens: int, device: str) -> int:
+    if device == "cpu":
+        return DEFAULT_BATCH_PAIRS
+    return max(DEFAULT_BATCH_PAIRS, max_batch_tokens // GPU_PAIR_TOKENS)
+
+
 def gpu_probe_tokens(max_length: int) -> int:
     return max(GPU_PROBE_TOKENS, max_length)
 

@@ -82,7 +82,8 @@ class LocalModelSpec(_Model, kw_only=True):
     # here and in the machine's profile, a budget is chosen for it (core.budgets).
     memory_budget_gb: float | None = None
     max_batch_tokens: int | None = None
-    max_batch_size: int = 256
+    # Pairs per batch; unset: core.budgets.batch_pairs (256, more on a GPU with a bigger token budget).
+    max_batch_size: int | None = None
     # "cpu" pins a model to the CPU even when a GPU is present.
     device: Literal["auto", "cpu"] = "auto"
     # Inference threads on a CPU, each single-threaded (one on a GPU). Two give the most throughput on a
@@ -479,6 +480,8 @@ class Effective(msgspec.Struct, frozen=True, kw_only=True):
     # True on a GPU when no profile or model field sets the budget: the pool sizes it from the warm-up,
     # and max_batch_tokens is only the probe's size until then.
     auto_budget: bool = False
+    # Whether the registry set max_batch_size (else it follows the token budget, core.budgets.batch_pairs).
+    max_batch_size_set: bool = False
 
 
 def detect_gpu_type(reg: Registry, device_name: str | None) -> str:
@@ -517,7 +520,8 @@ def effective(spec: LocalModelSpec, gpu_type: str, *, cpu_cores: int | None = No
         quantization=profile.quantization or spec.quantization,
         max_length=max_length,
         max_batch_tokens=tokens,
-        max_batch_size=profile.max_batch_size or spec.max_batch_size,
+        max_batch_size=profile.max_batch_size or spec.max_batch_size or budgets.batch_pairs(tokens, device),
+        max_batch_size_set=bool(profile.max_batch_size or spec.max_batch_size),
         memory_budget_gb=profile.memory_budget_gb if profile.memory_budget_gb is not None else spec.memory_budget_gb,
         budget_reason=why,
         auto_budget=auto,

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from core.budgets import KNEE_TOLERANCE, LADDER_MAX, knee, ladder_rungs
+from core.budgets import KNEE_TOLERANCE, LADDER_MAX, batch_pairs, knee, ladder_rungs
 from core.config import LocalModelSpec, Registry, effective
 from core.host import cpu_cores, cpu_model_name
 
@@ -170,7 +170,8 @@ def tune(
             log(f"skip {budget}: below the workload's widest pair ({width} tokens)")
             continue
         scheduler = Scheduler(
-            backend, max_batch_tokens=budget, max_batch_size=eff.max_batch_size, max_queue_pairs=10**9,
+            backend, max_batch_tokens=budget, max_batch_size=eff.max_batch_size if eff.max_batch_size_set else batch_pairs(budget, eff.device),
+            max_queue_pairs=10**9,
             max_queue_tokens=10**12, cpu_streams=spec.cpu_streams,
         )
         try:

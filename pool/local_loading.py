@@ -15,7 +15,7 @@ from typing import Any
 
 from backends import backend_class
 from backends.base import Backend
-from core.budgets import KNEE_TOLERANCE, gpu_budget, knee, ladder_rungs, usable_gb
+from core.budgets import KNEE_TOLERANCE, batch_pairs, gpu_budget, knee, ladder_rungs, usable_gb
 from core.config import Effective, LocalModelSpec, ServerSettings
 from engine import Scheduler
 from observability.metrics import Metrics
@@ -112,8 +112,9 @@ def _size_budget(
         raise BudgetError(f"no budget of the ladder ran ({memory_why})")
     tokens = knee([(r["max_batch_tokens"], r["tokens_per_s"]) for r in ladder])
     fastest = max(ladder, key=lambda r: r["tokens_per_s"])
-    # Pairs per batch follow the budget: typical pairs must be able to fill it.
-    scheduler = _scheduler(backend, spec, eff, server, metrics, tokens, max_batch_size=max(eff.max_batch_size, tokens // 32))
+    # Pairs per batch follow the chosen budget, unless the registry set them.
+    pairs = eff.max_batch_size if eff.max_batch_size_set else batch_pairs(tokens, eff.device)
+    scheduler = _scheduler(backend, spec, eff, server, metrics, tokens, max_batch_size=pairs)
     try:
         warmup = scheduler.warmup(eff.max_length)
     except BaseException:

@@ -186,3 +186,21 @@ def test_memory_measurement_smoke_on_tiny_models():
         assert r.weights_gb > 0 and r.peak_activation_gb > 0 and r.padded_tokens == r.budget
     # More tokens in the batch, more live bytes at the peak.
     assert rows[1].peak_activation_gb > rows[0].peak_activation_gb
+
+
+def test_pairs_per_batch_follow_a_gpu_budget_unless_the_registry_sets_them():
+    """A packed GPU batch costs its tokens, not its rows: 256 rows would cut a 131,072-token budget of
+    ~114-token pairs to 29,000 tokens. On a CPU and where the registry says, the number stands."""
+    reg = parse_registry({
+        "default_model": "m",
+        "models": {
+            "m": {"backend": "flag", "source": "x", "max_length": 512, "profiles": {"H200": {"max_batch_tokens": 131072}}},
+            "set": {"backend": "flag", "source": "x", "max_length": 512, "max_batch_size": 64,
+                    "profiles": {"H200": {"max_batch_tokens": 131072}}},
+        },
+        "gpu_types": {"H200": {"match": "H200", "memory_gb": 141}},
+    })
+    gpu, cpu, fixed = effective(reg.models["m"], "H200"), effective(reg.models["m"], "cpu"), effective(reg.models["set"], "H200")
+    assert gpu.max_batch_size == 131072 // budgets.GPU_PAIR_TOKENS and not gpu.max_batch_size_set
+    assert cpu.max_batch_size == budgets.DEFAULT_BATCH_PAIRS
+    assert fixed.max_batch_size == 64 and fixed.max_batch_size_set

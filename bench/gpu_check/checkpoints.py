@@ -1,6 +1,6 @@
 """The checkpoints the check serves, built at run time with random weights (nothing is downloaded).
 
-On a GPU: the real-size architectures (bench.gpu_models' builders, bench.memory's configs) and the "bge
+On a GPU: the real-size architectures (bench.memory's configs, built below) and the "bge
 shape" that the HTTP figures use: a 24 x 1024 BERT encoder (the FLOPs of bge-reranker-large's XLM-R large)
 with all-MiniLM-L6-v2's real WordPiece tokenizer, so that bench.workload's documents are real text of
 ~114 tokens a pair, as in the first GPU run. In the smoke run: the tests' tiny models of each architecture.
@@ -83,14 +83,12 @@ def _build(name: str, path: Path, smoke: bool) -> Path:
         return tiny[name](path)
     import torch
 
-    from bench import gpu_models
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     real = {
         "bge_shape": lambda p: build_bge_shape(p, device),
-        "xlmr_large": gpu_models.build_xlmr_large,
-        "gte_base": gpu_models.build_gte_multilingual_base,
-        "qwen3_4b": gpu_models.build_qwen3_4b,
+        "xlmr_large": build_xlmr_large,
+        "gte_base": build_gte_multilingual_base,
+        "qwen3_4b": build_qwen3_4b,
     }
     return real[name](path)
 
@@ -134,3 +132,60 @@ if __name__ == "__main__":
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     ensure(args.name, args.work, args.smoke)
+
+
+# --- real-size architectures with random weights (bench.memory's configs) ---------------------------------
+
+
+def build_xlmr_large(path: Path) -> Path:
+    """bge-reranker-large's XLM-R large, fp16."""
+    import torch
+    from transformers import XLMRobertaForSequenceClassification
+
+    from bench.memory import xlmr_large_config
+    from tests import tiny_models
+
+    return _save(XLMRobertaForSequenceClassification, xlmr_large_config(), torch.float16, tiny_models.xlmr_tokenizer(), path)
+
+
+def build_gte_multilingual_base(path: Path) -> Path:
+    """gte-multilingual-reranker-base's GTE, fp16."""
+    import torch
+    from transformers import GteForSequenceClassification
+
+    from bench.memory import gte_multilingual_base_config
+    from tests import tiny_models
+
+    return _save(GteForSequenceClassification, gte_multilingual_base_config(), torch.float16, tiny_models.xlmr_tokenizer(), path)
+
+
+def build_qwen3_4b(path: Path) -> Path:
+    """Qwen3-Reranker-4B's Qwen3-4B, saved in bf16; the backend quantizes it to nf4 while loading, as it does
+    the real checkpoint."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from bench.memory import qwen3_4b_config
+    from tests import tiny_models
+
+    tokenizer = tiny_models.qwen_tokenizer()
+    config = qwen3_4b_config(tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return _save(Qwen3ForCausalLM, config, torch.bfloat16, tokenizer, path)
+
+
+def _save(cls, config, dtype, tokenizer, path: Path) -> Path:
+    import gc
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return path

@@ -1,6 +1,6 @@
 """b. Memory and speed of the three real-size architectures (random weights), each loaded through its real
 backend class and run by the engine's own warm-up (Scheduler.warmup: one batch of mixed lengths at the full
-token budget, the worst padding the batcher allows), as bench/gpu_models.py does, with honest figures:
+token budget, the worst padding the batcher allows), as the first GPU run measured it, with honest figures:
 tokens/s, TFLOP/s and "of peak" count REAL tokens (the mixed batch is ~half padding) and "of peak" is
 against the matmul measured in section a of the same run. Where the engine offers `measure_rate` (a full
 batch of typical ~128-token pairs at the budget, device-timed), that row is taken too.
