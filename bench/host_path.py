@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from bench import http_load
+from bench.sorted_loop import length_runs, padded
 from bench.workload import big_request, small_requests, vocabulary
 from core.host import cpu_model_name
 from tests.tiny_models import build_minilm_tiny_cross_encoder
@@ -55,26 +56,10 @@ class Loop:
     def score(self, query: str, documents: list[str]) -> list[float]:
         enc = self.tokenizer([query] * len(documents), documents, truncation="only_second", max_length=MAX_LENGTH)
         ids, types = enc["input_ids"], enc["token_type_ids"]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         scores = torch.empty(len(ids))
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and len(ids[order[end]]) * (end - start + 1) <= self.budget:
-                end += 1
-            rows = order[start:end]
-            width = len(ids[rows[-1]])
-            input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-            token_types = torch.zeros_like(input_ids)
-            mask = torch.zeros_like(input_ids)
-            for r, i in enumerate(rows):
-                n = len(ids[i])
-                input_ids[r, :n] = torch.tensor(ids[i])
-                token_types[r, :n] = torch.tensor(types[i])
-                mask[r, :n] = 1
-            logits = self.model(input_ids=input_ids, token_type_ids=token_types, attention_mask=mask).logits.view(-1)
+        for rows in length_runs([len(x) for x in ids], self.budget):
+            logits = self.model(**padded(ids, types, rows)).logits.view(-1)
             scores[torch.tensor(rows)] = logits.float()
-            start = end
         return torch.sigmoid(scores).tolist()
 
 

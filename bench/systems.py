@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from bench.models import CPU_BATCH_TOKENS
+from bench.sorted_loop import length_runs, padded
 from bench.workload import Request, big_request, small_requests, vocabulary
 
 MAX_LENGTH = 512
@@ -95,28 +96,11 @@ class CeilingSystem:
     def score(self, req: Request) -> list[float]:
         enc = self.tokenizer([req.query] * len(req.documents), req.documents, truncation="only_second", max_length=MAX_LENGTH)
         ids, types = enc["input_ids"], enc["token_type_ids"]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        batches: list[list[int]] = []
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and len(ids[order[end]]) * (end - start + 1) <= CPU_BATCH_TOKENS:
-                end += 1
-            batches.append(order[start:end])
-            start = end
+        batches = length_runs([len(x) for x in ids], CPU_BATCH_TOKENS)
 
         @torch.inference_mode()
         def forward(rows: list[int]) -> torch.Tensor:
-            width = len(ids[rows[-1]])
-            input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-            token_types = torch.zeros_like(input_ids)
-            mask = torch.zeros_like(input_ids)
-            for r, i in enumerate(rows):
-                n = len(ids[i])
-                input_ids[r, :n] = torch.tensor(ids[i])
-                token_types[r, :n] = torch.tensor(types[i])
-                mask[r, :n] = 1
-            return self.model(input_ids=input_ids, token_type_ids=token_types, attention_mask=mask).logits.view(-1).float()
+            return self.model(**padded(ids, types, rows)).logits.view(-1).float()
 
         scores = torch.empty(len(ids))
         for rows, logits in zip(batches, self.pool.map(forward, batches)):

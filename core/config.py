@@ -87,8 +87,9 @@ class LocalModelSpec(_Model, kw_only=True):
     # "cpu" pins a model to the CPU even when a GPU is present.
     device: Literal["auto", "cpu"] = "auto"
     # Inference threads on a CPU, each single-threaded (one on a GPU). Two give the most throughput on a
-    # 2-core machine (README benchmark); one keeps tail latency lower for small models whose forward is
-    # mostly Python, where a second stream competes with the event loop for the GIL.
+    # 2-core machine (docs/benchmarks/2026-11-24-rerank-bench-amd-epyc.md, "What was tuned"); one keeps tail
+    # latency lower for small models whose forward is mostly Python, where a second stream competes with the
+    # event loop for the GIL.
     cpu_streams: int = 2
     # Footprints on a GPU at the profiles' precision, used by `rerank-gateway plan` before anything is
     # loaded: weights (GiB) and peak activation per token of a full batch (KiB).
@@ -162,7 +163,7 @@ class ServerSettings(_Strict):
     max_queue_tokens: int = 8_000_000
     # Strict input: JSON nesting deeper than this is refused (400) before the body is decoded.
     max_json_depth: int = 32
-    # Connection hygiene, enforced by server/http_server.py (README "Behind a proxy"). A connection must send
+    # Connection hygiene, enforced by server/http_server.py (docs/connections.md). A connection must send
     # its request head within header_timeout_s of opening (or of its next request's first byte) and its
     # body within body_timeout_s of the head; beyond max_connections new ones get a 503 and are closed.
     max_connections: int = 4096

@@ -27,6 +27,14 @@ class Upstream(msgspec.Struct, kw_only=True):
     endpoints: list[UpstreamEndpoint]
 
 
+class LadderRung(msgspec.Struct, kw_only=True):
+    """One budget of the ladder a profile-less GPU model's budget was chosen from (pool.local_loading)."""
+
+    max_batch_tokens: int
+    tokens_per_s: int
+    peak_bytes: int
+
+
 class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     object: Literal["model"]
@@ -42,6 +50,8 @@ class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     max_batch_tokens: int | None = None
     # Where max_batch_tokens came from: the profile, or how it was chosen for a profile-less model.
     budget_reason: str | None = None
+    # On a GPU with no profile: each budget measured at load; max_batch_tokens is the knee of it.
+    budget_ladder: list[LadderRung] | None = None
     # What runs the forward pass on a CPU: torch, openvino or onnxruntime (`runtime: auto` picks by measuring).
     runtime: str | None = None
     state: Literal["ready", "loading", "unavailable", "not_loaded", "off"]

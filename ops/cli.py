@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Before torch is imported (OpenMP reads it once): idle intra-op threads sleep instead of spinning. A CPU
 # stream's spinning helpers took the cores the event loop and the tokenizer needed, so a search beside bulk
-# batches waited longer for both. Measured in README "Fair scheduling". An explicit setting wins.
+# batches waited longer for both. Measured in docs/tenancy.md, "Fair scheduling". An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from core.config import RegistryError, detect_gpu_type, load_registry
@@ -145,7 +145,9 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as `main` reads it; an error exits 2 with argparse's message (tests/test_readme.py
+    holds every `rerank-gateway` command of the README to it)."""
     parser = argparse.ArgumentParser(prog="rerank-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP gateway")
@@ -193,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "keys" and not args.admin and not args.tenant:
         parser.error("keys new: name a tenant, or pass --admin")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     return args.func(args)
 
 

@@ -1,8 +1,8 @@
 """Runs the ASGI app on uvicorn's h11 protocol with the connection hygiene uvicorn lacks, and a bounded drain.
 
-Measured with bench/asgi_server_probe.py (README "Behind a proxy"): plain uvicorn never closes a connection
-that sends nothing, trickles its headers or trickles its body, and accepts a 100 KiB header and 500
-headers. So each connection here gets, from the registry's `server:` section:
+Measured with bench/asgi_server_probe.py (docs/benchmarks/2026-11-24-asgi-servers-xeon.md): plain uvicorn
+never closes a connection that sends nothing, trickles its headers or trickles its body, and accepts a
+100 KiB header and 500 headers. So each connection here gets, from the registry's `server:` section:
 - a header deadline (`header_timeout_s`, from the connection's first byte wait or the next request's first
   byte to the end of its headers) and a body deadline (`body_timeout_s`, from the end of the headers to the
   end of the body): a byte-a-second client is closed when its deadline passes, however often it sends;

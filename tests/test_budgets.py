@@ -32,6 +32,17 @@ def test_a_profile_less_model_gets_the_measured_cpu_budget_and_says_why():
         assert scheduler.max_batch_tokens == want
 
 
+def test_models_shows_the_ladder_a_budget_was_chosen_from():
+    """On a GPU a profile-less model's runner keeps the ladder its budget was chosen from (pool.local_loading)
+    and /v1/models shows it. Here the ladder is measured on the loaded model's own scheduler, as the load does."""
+    with app_client(minilm_registry()) as client:
+        runner = client.app.state.pipeline.pool.entries["minilm"].runner
+        assert "budget_ladder" not in client.get("/v1/models").json()["data"][0]  # a CPU budget has no ladder
+        runner.budget_ladder = runner.scheduler.measure_ladder([128, 256], 64)
+        model = client.get("/v1/models").json()["data"][0]
+        assert model["budget_ladder"] == runner.budget_ladder and len(model["budget_ladder"]) == 2
+
+
 def test_an_explicit_budget_wins_and_is_named():
     profiled = minilm_registry(profiles={"cpu": {"max_batch_tokens": 512}})
     eff = effective(profiled.models["minilm"], "cpu")

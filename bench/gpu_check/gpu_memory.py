@@ -55,9 +55,10 @@ def snapshot(pid: int | None) -> dict[str, Any]:
     return out
 
 
-def describe(snap: dict[str, Any] | None) -> str:
-    """"4.21 GiB" for the process; "4.50 GiB (device)" when only the device's total is known; "-" without a GPU."""
-    if not snap:
+def describe(snap: Any) -> str:
+    """"4.21 GiB" for the process; "4.50 GiB (device)" when only the device's total is known; "-" without a GPU
+    (or in a report whose JSON holds anything else there: the report reads it defensively)."""
+    if not isinstance(snap, dict):
         return "-"
     if snap.get("process_mib") is not None:
         return f"{snap['process_mib'] / 1024:.2f} GiB"

@@ -23,6 +23,7 @@ from bench.gpu_check.checkpoints import ensure
 from bench.gpu_check.flops import flop_model, of_peak, tflops
 from bench.gpu_check.plan import Plan
 from bench.gpu_check.record import Recorder
+from bench.sorted_loop import length_runs, padded
 
 MAX_LENGTH = 512
 
@@ -58,30 +59,11 @@ class SortedLoop:
     def score(self, query: str, docs: list[str]) -> tuple[np.ndarray, float]:
         enc = self.tokenizer([query] * len(docs), docs, truncation="only_second", max_length=MAX_LENGTH)
         ids, types = enc["input_ids"], enc.get("token_type_ids")
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         pad = self.tokenizer.pad_token_id or 0
         cuda = self.device == "cuda"
         outputs, events = [], []
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and len(ids[order[end]]) * (end - start + 1) <= self.budget:
-                end += 1
-            rows = order[start:end]
-            width = len(ids[rows[-1]])
-            input_ids = np.full((len(rows), width), pad, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            token_types = np.zeros((len(rows), width), dtype=np.int64)
-            for r, i in enumerate(rows):
-                n = len(ids[i])
-                input_ids[r, :n] = ids[i]
-                mask[r, :n] = 1
-                if types is not None:
-                    token_types[r, :n] = types[i]
-            batch = {"input_ids": input_ids, "attention_mask": mask}
-            if types is not None:
-                batch["token_type_ids"] = token_types
-            batch = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch.items()}
+        for rows in length_runs([len(x) for x in ids], self.budget):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in padded(ids, types, rows, pad).items()}
             if cuda:
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
@@ -90,7 +72,6 @@ class SortedLoop:
                 e1.record()
                 events.append((e0, e1))
             outputs.append((rows, logits))
-            start = end
         _sync()
         device_s = sum(a.elapsed_time(b) for a, b in events) / 1000 if cuda else float("nan")
         scores = np.empty(len(ids), dtype=np.float32)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.gpu_check.gpu_memory import describe
+
 MAX_CHARS = 10_000
 
 
@@ -23,16 +25,6 @@ def _ms(s: Any) -> str:
 
 def _pct(x: Any) -> str:
     return "-" if x is None else f"{x:.0%}"
-
-
-def _mem(snap: Any) -> str:
-    if not isinstance(snap, dict):
-        return "-"
-    if snap.get("process_mib") is not None:
-        return f"{snap['process_mib'] / 1024:.2f} GiB"
-    if snap.get("device_used_mib") is not None:
-        return f"{snap['device_used_mib'] / 1024:.2f} GiB (device)"
-    return "-"
 
 
 def _ratio(a: Any, b: Any) -> float | None:
@@ -86,8 +78,8 @@ def figures(doc: dict) -> list[str]:
         ("16 x 20 clients / the big request, pairs/s", ">= 0.8x", _n(_ratio(c16.get("pairs_per_s"), big1 and big1["pairs_per_s"]), ".2f")),
         ("16 x 20 clients p99 / p50", "<= 3", _n(c16.get("p99_over_p50"), ".1f") + f" ({_ms(c16.get('p50_s'))} / {_ms(c16.get('p99_s'))})"),
         (f"3-doc p99 beside {large:,} docs / alone", "<= 3x", _n(beside.get("p99_ratio"), ".1f")),
-        ("plain-entry bge process after the workloads", "<= 3 GB", _mem(c.get("memory_after_workloads"))),
-        ("plain-entry Qwen3-4B nf4 process after 2 requests", "<= 6 GB", _mem(qreqs[-1].get("memory_after") if qreqs else None)),
+        ("plain-entry bge process after the workloads", "<= 3 GB", describe(c.get("memory_after_workloads"))),
+        ("plain-entry Qwen3-4B nf4 process after 2 requests", "<= 6 GB", describe(qreqs[-1].get("memory_after") if qreqs else None)),
         ("Qwen3 through the gateway / the official code, pairs/s", ">= 2x", _n(_ratio(q_gw and q_gw["pairs_per_s"], q_off), ".2f")),
     ]
     out = ["## Issue 18 figures", "", "| figure | target | this run |", "|---|---|---|"]
@@ -139,7 +131,7 @@ def http_bge(r: dict, plan: dict) -> list[str]:
     if b.get("alone"):
         x = b["alone"]
         out.append(f"| 3 docs alone ({x['requests']} req) | | | | | {_ms(x['p50_s'])} | {_ms(x['p99_s'])} |")
-    out.append(f"\nProcess GPU memory: after load {_mem(r.get('memory_after_load'))}, after the workloads {_mem(r.get('memory_after_workloads'))}.")
+    out.append(f"\nProcess GPU memory: after load {describe(r.get('memory_after_load'))}, after the workloads {describe(r.get('memory_after_workloads'))}.")
     return out
 
 
@@ -150,16 +142,16 @@ def qwen3(g: dict, o: dict) -> list[str]:
     out += _budget(g.get("models"))
     out += ["", "| path | pairs/s | process memory | detail |", "|---|---:|---:|---|"]
     if g:
-        out.append(f"| gateway, after load | | {_mem(g.get('memory_after_load'))} | ready in {_n(g.get('ready_s'))} s |")
+        out.append(f"| gateway, after load | | {describe(g.get('memory_after_load'))} | ready in {_n(g.get('ready_s'))} s |")
         for k, run in enumerate(g.get("requests") or [], 1):
             out.append(
-                f"| gateway, request {k} ({run['pairs']} docs) | {_n(run['pairs_per_s'], ',.1f')} | {_mem(run.get('memory_after'))} | "
+                f"| gateway, request {k} ({run['pairs']} docs) | {_n(run['pairs_per_s'], ',.1f')} | {describe(run.get('memory_after'))} | "
                 f"finite scores {run.get('finite_scores')} |"
             )
     s = o.get("score") or {}
     if s:
         out.append(
-            f"| official code, batch {s.get('batch')} | {_n(s.get('pairs_per_s'), ',.1f')} | {_mem(s.get('process'))} | "
+            f"| official code, batch {s.get('batch')} | {_n(s.get('pairs_per_s'), ',.1f')} | {describe(s.get('process'))} | "
             f"allocated max {_n(s.get('max_allocated_gib'), '.2f')} GiB, reserved max {_n(s.get('max_reserved_gib'), '.2f')} GiB, "
             f"widths {s.get('widths')} |"
         )
@@ -222,7 +214,7 @@ def t4(r: dict, plan: dict) -> list[str]:
     )
     if c:
         out.append(f"- 16 clients x {plan['small_docs']} docs: {_n(c.get('pairs_per_s'))} pairs/s, p50 {_ms(c.get('p50_s'))}, p99 {_ms(c.get('p99_s'))}")
-    out.append(f"- process memory: after load {_mem(r.get('memory_after_load'))}, after {_mem(r.get('memory_after_workloads'))}")
+    out.append(f"- process memory: after load {describe(r.get('memory_after_load'))}, after {describe(r.get('memory_after_workloads'))}")
     return out
 
 

@@ -4,14 +4,14 @@ Every check runs in full and every failure counts, except a schema-valid request
 OpenAPI document cannot state, and only when the request really breaks that rule and the answer names it
 exactly (a server that said so for any other reason would still fail the run):
 - an object document without one of its rank fields (`rank_fields`, default `text`): a 400 naming the
-  first such document and field (README "Errors");
+  first such document and field (docs/api.md, "Strict input");
 - with truncation off, a text too long for the model: how many tokens a text has is the tokenizer's
   business, not the schema's. A 4xx that says so, for a request that turned truncation off;
 - a request whose documents split into more chunks than server.max_chunks_per_request (also a matter of
   tokens), for a request that asked for chunks;
 - an integer written with a fraction (`"top_n": 5.0`): JSON Schema's `integer` is any number whose
   fraction is zero, while the gateway decodes strictly, as Cohere's and TEI's own servers do, and refuses a
-  float where an integer goes (README "Errors"). A 400 naming a field the request sent as a float.
+  float where an integer goes (docs/api.md, "Strict input"). A 400 naming a field the request sent as a float.
 """
 
 from __future__ import annotations
