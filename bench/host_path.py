@@ -9,6 +9,10 @@ tokenizer: inference nearly free) is the same regime, so this benchmark stands i
 - `big`: the gateway over HTTP, one request of 1,000 documents (bench.workload).
 - `c16`: 16 closed-loop clients x 20-document requests, with the plain entry (budget chosen by the
   gateway) and with `max_batch_tokens: 16384`: pairs/s, p50, p99, max.
+- `one_doc`: 100 one-document requests from one client: what a request costs the server whatever its size.
+
+For each gateway workload, what the server spent on it: CPU time of the whole process per pair and per
+request, and its batches from /metrics (pairs per batch, padding, forward wall time per batch).
 
 Rounds interleave the systems, so drift in the machine's load hits them alike; read the ratios.
 
@@ -28,13 +32,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from bench import http_load
 from bench.sorted_loop import length_runs, padded
-from bench.workload import big_request, small_requests, vocabulary
+from bench.workload import Request, big_request, small_requests, vocabulary
 from core.host import cpu_model_name
 from tests.tiny_models import build_minilm_tiny_cross_encoder
 
@@ -79,12 +83,29 @@ def _gateway(model_dir: Path, work: Path, root: Path, name: str, dtype: str) -> 
     return http_load.GatewayProcess(registry(model_dir, dtype), work, name=name, module=module, root=root)
 
 
-def _measure(gw: http_load.GatewayProcess, big, small) -> dict[str, Any]:
-    b = http_load.big(gw.base, "plain", big)
+def _costed(gw: http_load.GatewayProcess, model: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`run()`'s result with what the server spent on it: CPU time per pair (every thread of the process)
+    and its batches (pairs per batch, padding, forward seconds), from /metrics before and after."""
+    before, cpu = gw.batch_counters(model), gw.cpu_seconds()
+    out = run()
+    spent, after = gw.cpu_seconds() - cpu, gw.batch_counters(model)
+    d = {k: after[k] - before[k] for k in after}
+    out["server"] = {
+        "cpu_ms_per_pair": spent * 1000 / max(1.0, d["pairs"]), "cpu_ms_per_request": spent * 1000 / max(1, out.get("requests", 1)),
+        "batches": d["batches"], "pairs_per_batch": d["pairs"] / max(1.0, d["batches"]),
+        "padding": d["real_tokens"] / max(1.0, d["padded_tokens"]), "forward_ms_per_batch": d["forward_s"] * 1000 / max(1.0, d["batches"]),
+    }
+    return out
+
+
+def _measure(gw: http_load.GatewayProcess, big, small, single) -> dict[str, Any]:
+    b = _costed(gw, "plain", lambda: http_load.big(gw.base, "plain", big))
     b.pop("scores")
     return {
-        "big": b, "c16_plain": http_load.closed_loop(gw.base, "plain", small, 16),
-        "c16_b16k": http_load.closed_loop(gw.base, "b16k", small, 16),
+        "big": b, "c16_plain": _costed(gw, "plain", lambda: http_load.closed_loop(gw.base, "plain", small, 16)),
+        "c16_b16k": _costed(gw, "b16k", lambda: http_load.closed_loop(gw.base, "b16k", small, 16)),
+        # What one request costs the server whatever its size: one document each, one client.
+        "one_doc": _costed(gw, "plain", lambda: http_load.sequential(gw.base, "plain", single)),
     }
 
 
@@ -94,6 +115,7 @@ def run(rounds: int, work: Path, baseline: Path | None = None, dtype: str = "flo
     words = vocabulary(model_dir)
     big = big_request(words, 1000)
     small = small_requests(words, 16 * 15, 20)
+    single = [Request(r.query, r.documents[:1]) for r in small[:100]]
     out: dict[str, Any] = {"machine": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "rounds": [], "baseline": []}
     out["dtype"] = dtype
     gateways = {"gateway": _gateway(model_dir, work, http_load.ROOT, "gateway", dtype)}
@@ -116,7 +138,7 @@ def run(rounds: int, work: Path, baseline: Path | None = None, dtype: str = "flo
             loop_rate = len(big.documents) / (time.perf_counter() - t)
             # Mirrored order round to round, so a drift in the machine's load hits both alike.
             for name in (list(gateways) if k % 2 == 0 else list(gateways)[::-1]):
-                row = {"loop_pairs_per_s": loop_rate, **_measure(gateways[name], big, small)}
+                row = {"loop_pairs_per_s": loop_rate, **_measure(gateways[name], big, small, single)}
                 out["rounds" if name == "gateway" else "baseline"].append(row)
                 print(f"round {k + 1}/{rounds} {name}: {summary_line(row)}", file=sys.stderr, flush=True)
     finally:
@@ -150,6 +172,21 @@ def markdown(res: dict[str, Any]) -> str:
             f"{p['pairs_per_s']:.0f} | {p['pairs_per_s'] / b['pairs_per_s']:.2f} | {p['p50_s'] * 1000:.0f} | {p['p99_s'] * 1000:.0f} | "
             f"{p['p99_s'] / p['p50_s']:.2f} | {s['pairs_per_s']:.0f} | {s['p50_s'] * 1000:.0f} | {s['p99_s'] * 1000:.0f} | {s['p99_s'] / s['p50_s']:.2f} |"
         )
+    lines += [
+        "",
+        "Where the server's CPU goes (all threads of the process; medians over the rounds):",
+        "",
+        "| workload | server CPU ms / pair | ms / request | pairs / batch | padding | forward ms / batch (wall) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for side in ("rounds", "baseline"):
+        for key in ("big", "c16_plain", "c16_b16k", "one_doc"):
+            costs = [r[key]["server"] for r in res[side] if "server" in r[key]]
+            if costs:
+                med = {k: statistics.median(c[k] for c in costs) for k in costs[0]}
+                label = key if side == "rounds" else f"{key} (baseline)"
+                lines.append(f"| {label} | {med['cpu_ms_per_pair']:.3f} | {med['cpu_ms_per_request']:.2f} | {med['pairs_per_batch']:.1f} | "
+                             f"{med['padding']:.2f} | {med['forward_ms_per_batch']:.1f} |")
     ratios = [r["big"]["pairs_per_s"] / r["loop_pairs_per_s"] for r in res["rounds"]]
     lines += ["", f"big / loop: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})"]
     if res["baseline"]:

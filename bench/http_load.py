@@ -81,6 +81,23 @@ class GatewayProcess:
     def metrics_text(self) -> str:
         return httpx.get(f"{self.base}/metrics", timeout=30).text
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, every thread) the server process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def batch_counters(self, model: str) -> dict[str, float]:
+        """The model's batch counters from /metrics: batches, pairs, real and padded tokens, forward seconds."""
+        names = {
+            "batches": "rerank_batch_pairs_count", "pairs": "rerank_batch_pairs_sum", "real_tokens": "rerank_real_tokens_total",
+            "padded_tokens": "rerank_padded_tokens_total", "forward_s": "rerank_inference_seconds_sum",
+        }
+        values = {}
+        for line in self.metrics_text().splitlines():
+            name, _, value = line.rpartition(" ")
+            values[name] = value
+        return {key: float(values.get(f'{metric}{{model="{model}"}}', 0.0)) for key, metric in names.items()}
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
