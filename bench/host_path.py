@@ -12,7 +12,9 @@ tokenizer: inference nearly free) is the same regime, so this benchmark stands i
 - `one_doc`: 100 one-document requests from one client: what a request costs the server whatever its size.
 
 For each gateway workload, what the server spent on it: CPU time of the whole process per pair and per
-request, and its batches from /metrics (pairs per batch, padding, forward wall time per batch).
+request, split by what its threads do (event loop and small requests' tokenizing / inference streams / bulk
+tokenizing, told apart by their priorities), and its batches from /metrics (pairs per batch, padding,
+forward wall time per batch).
 
 Rounds interleave the systems, so drift in the machine's load hits them alike; read the ratios.
 
@@ -88,10 +90,13 @@ def _costed(gw: http_load.GatewayProcess, model: str, run: Callable[[], dict[str
     and its batches (pairs per batch, padding, forward seconds), from /metrics before and after."""
     before, cpu = gw.batch_counters(model), gw.cpu_seconds()
     out = run()
-    spent, after = gw.cpu_seconds() - cpu, gw.batch_counters(model)
+    now, after = gw.cpu_seconds(), gw.batch_counters(model)
+    spent = {k: now[k] - cpu[k] for k in now}
     d = {k: after[k] - before[k] for k in after}
+    requests = max(1, out.get("requests", 1))
     out["server"] = {
-        "cpu_ms_per_pair": spent * 1000 / max(1.0, d["pairs"]), "cpu_ms_per_request": spent * 1000 / max(1, out.get("requests", 1)),
+        "cpu_ms_per_pair": spent["all"] * 1000 / max(1.0, d["pairs"]), "cpu_ms_per_request": spent["all"] * 1000 / requests,
+        "cpu_ms_per_request_by_threads": {k: v * 1000 / requests for k, v in spent.items() if k != "all"},
         "batches": d["batches"], "pairs_per_batch": d["pairs"] / max(1.0, d["batches"]),
         "padding": d["real_tokens"] / max(1.0, d["padded_tokens"]), "forward_ms_per_batch": d["forward_s"] * 1000 / max(1.0, d["batches"]),
     }
@@ -176,16 +181,18 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "Where the server's CPU goes (all threads of the process; medians over the rounds):",
         "",
-        "| workload | server CPU ms / pair | ms / request | pairs / batch | padding | forward ms / batch (wall) |",
-        "|---|---|---|---|---|---|",
+        "| workload | server CPU ms / pair | ms / request | of which event loop + small lane / streams / bulk lane | pairs / batch | padding | forward ms / batch (wall) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for side in ("rounds", "baseline"):
         for key in ("big", "c16_plain", "c16_b16k", "one_doc"):
             costs = [r[key]["server"] for r in res[side] if "server" in r[key]]
             if costs:
-                med = {k: statistics.median(c[k] for c in costs) for k in costs[0]}
+                med = {k: statistics.median(c[k] for c in costs) for k in costs[0] if k != "cpu_ms_per_request_by_threads"}
+                split = " / ".join(f"{statistics.median(c['cpu_ms_per_request_by_threads'][k] for c in costs):.1f}"
+                                   for k in costs[0]["cpu_ms_per_request_by_threads"])
                 label = key if side == "rounds" else f"{key} (baseline)"
-                lines.append(f"| {label} | {med['cpu_ms_per_pair']:.3f} | {med['cpu_ms_per_request']:.2f} | {med['pairs_per_batch']:.1f} | "
+                lines.append(f"| {label} | {med['cpu_ms_per_pair']:.3f} | {med['cpu_ms_per_request']:.2f} | {split} | {med['pairs_per_batch']:.1f} | "
                              f"{med['padding']:.2f} | {med['forward_ms_per_batch']:.1f} |")
     ratios = [r["big"]["pairs_per_s"] / r["loop_pairs_per_s"] for r in res["rounds"]]
     lines += ["", f"big / loop: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})"]

@@ -81,10 +81,24 @@ class GatewayProcess:
     def metrics_text(self) -> str:
         return httpx.get(f"{self.base}/metrics", timeout=30).text
 
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system, every thread) the server process has used so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) the server process has used so far (Linux /proc): in all, and by the
+        engine's thread priorities, which say what a thread does on a CPU: the inference streams run at nice
+        10, the bulk tokenizer lane at 19, the event loop and the small requests' lane at 0."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {"all": 0.0, "event loop, small tokenizing": 0.0, "inference streams": 0.0, "bulk tokenizing": 0.0}
+        names = {0: "event loop, small tokenizing", 10: "inference streams", 19: "bulk tokenizing"}
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue  # the thread ended meanwhile
+            seconds = (int(fields[11]) + int(fields[12])) / tick
+            out["all"] += seconds
+            name = names.get(int(fields[16]))
+            if name is not None:
+                out[name] += seconds
+        return out
 
     def batch_counters(self, model: str) -> dict[str, float]:
         """The model's batch counters from /metrics: batches, pairs, real and padded tokens, forward seconds."""
