@@ -192,6 +192,9 @@ def test_bi_encoder_int8_keeps_the_ranking() -> None:
     docs = tm.sentences(40, min_words=2, max_words=40)
     ref = relevance(load("embedding", MINILM, runtime="torch", dtype="float32"), "river city music", docs)
     backend = load("embedding", MINILM, quantization="int8")
+    # runtime auto with int8 takes OpenVINO's weight-only int8 whatever is faster here: on a CPU without AMX
+    # ONNX Runtime's dynamic int8 was faster, passed the load-time ranking check and ranked these at 0.96.
+    assert backend.runtime.name == "openvino" and backend.runtime_report["from"] == "int8 order"
     assert backend.runtime.precision == "int8"
     scores = relevance(backend, "river city music", docs)
     assert spearman(scores, ref) >= 0.99
