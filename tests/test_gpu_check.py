@@ -50,11 +50,11 @@ def test_smoke_table_counts_real_tokens_against_the_measured_ceiling(tmp_path: P
 
 def test_a_section_killed_at_its_limit_keeps_the_others_and_its_gateway_goes(tmp_path: Path) -> None:
     # Built beforehand, so the section reaches its gateway quickly on any machine; then 5,000 sequential
-    # small requests keep it busy well past its 30 s limit.
+    # small requests keep it busy well past its 20 s limit.
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, "-m", "bench.gpu_check.checkpoints", "bge_shape", "--work", str(tmp_path / "work"), "--smoke"],
                    cwd=ROOT, env=env, check=True, timeout=120)
-    proc, doc, md = _run(tmp_path, "--sections", "http_bge,ceilings", "--limit", "http_bge=30", "--set", "alone_requests=5000")
+    proc, doc, md = _run(tmp_path, "--sections", "http_bge,ceilings", "--limit", "http_bge=20", "--set", "alone_requests=5000")
     s = doc["sections"]
     assert s["http_bge"]["status"] == "timeout" and s["http_bge"]["seconds"] < 60
     # What it recorded before the kill is kept, and the section after it ran.
