@@ -11,7 +11,7 @@
 - A device gate: every batch on a CUDA device holds it shared; a warm-up holds it exclusively, so the
   allocator's peak counters (device-wide, shared by every model of the process) see this model alone.
 On a CPU all of this reduces to wall-clock timing and no-ops, and one thing of its own: inference threads
-run at a lower CPU priority (CPU_STREAM_NICE; OpenMP helpers they start inherit it), so the event loop and
+run at a lower CPU priority (core.host.CPU_STREAM_NICE; OpenMP helpers they start inherit it), so the event loop and
 the tokenizer lane of small requests, which need little CPU but need it at once, are not queued behind
 batches: the cores stay fully used, a search's parsing and tokenizing go first, and /ready answers under
 saturation.
@@ -20,14 +20,13 @@ saturation.
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
-import sys
 import threading
 import time
 from typing import Iterator
 
 import torch
+
+from core.host import CPU_STREAM_NICE, lower_cpu_priority
 
 
 class DeviceTimer:
@@ -61,27 +60,6 @@ class DeviceTimer:
         if self._start is not None and self._end is not None:
             return self._start.elapsed_time(self._end) / 1000.0
         return max(self._t1 - self._t0, 0.0)
-
-
-log = logging.getLogger("rerank_gateway.engine")
-
-# Nice value of CPU inference threads (0 = the process's own). Bulk tokenization runs below them.
-# With the fairness test's tiny BERT, a 3-document search beside bulk batches of its tenant: p99 19-28 ms
-# at 10 against 23-28 ms at 0 (README "Fair scheduling").
-CPU_STREAM_NICE = 10
-# Nice value of the bulk tokenizer lane's threads (engine.lanes): the lowest priority there is.
-BULK_TOKENIZE_NICE = 19
-
-
-def lower_cpu_priority(nice: int) -> None:
-    """Lower the calling thread's CPU priority (Linux: nice is per thread). Never fails its thread."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
-    except OSError as exc:
-        log.debug("could not lower a thread's priority to nice %d: %s", nice, exc)
 
 
 class StreamContext:

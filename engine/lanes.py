@@ -16,8 +16,7 @@ import os
 from typing import Callable, TypeVar
 
 from core.errors import TooManyRequests
-from core.host import cpu_cores
-from engine.device import BULK_TOKENIZE_NICE, lower_cpu_priority
+from core.host import BULK_TOKENIZE_NICE, cpu_cores, lower_cpu_priority
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ from backends.embedding import EmbeddingBackend
 from core.config import effective, model_spec
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout
 from engine import Scheduler
-from engine.device import CPU_STREAM_NICE
+from core.host import CPU_STREAM_NICE
 from engine.scheduler import SEARCH_RECENT_S, SEARCH_RUN_SHARE
 from engine.inference import STEPS
 from tests.conftest import MINILM

@@ -96,6 +96,53 @@ def test_runtime_matches_torch_fp32_on_the_benchmark_workload(runtime, dtype, ce
         assert spearman(scores, ce_reference) >= min(0.999, spearman(ce_torch_bf16, ce_reference) - 0.002)
 
 
+def _thread_cpu() -> dict[int, tuple[int, int]]:
+    """Each thread of this process: (nice, CPU ticks so far)."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        out[int(task.name)] = (int(fields[16]), int(fields[11]) + int(fields[12]))
+    return out
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_exported_runtimes_infer_at_the_streams_priority(runtime, ce_dir, workload) -> None:
+    # OpenVINO starts its (process-wide) worker threads when it first converts or compiles, ONNX Runtime its
+    # intra-op pool with the session, and they run much of each inference. Started on the loading thread they
+    # ran at its priority (nice 0): level with the event loop and above the bulk tokenizer lane, which
+    # starved a big request's tokenizing. Every thread that works during inference from an engine stream (one stream on
+    # this machine's cores, so each runtime has a pool of more than the calling thread) runs at the stream's priority or below.
+    import threading
+
+    from core.host import CPU_STREAM_NICE, lower_cpu_priority
+
+    backend = load("flag", ce_dir, runtime=runtime, dtype="float32", cpu_streams=1)
+    assert backend.runtime.name == runtime
+    prepared = backend.prepare(workload.query, workload.documents[:16], max_length=MAX_LENGTH, max_chunks=1, instruction=None)
+    batch = backend.collate(prepared.rows())
+
+    def stream() -> None:
+        lower_cpu_priority(CPU_STREAM_NICE)
+        with torch.inference_mode():
+            for _ in range(10):
+                backend.forward(batch)
+
+    before = _thread_cpu()
+    thread = threading.Thread(target=stream)
+    thread.start()
+    thread.join()
+    after = _thread_cpu()
+    spent = {tid: (nice, ticks - before.get(tid, (0, 0))[1]) for tid, (nice, ticks) in after.items()}
+    total = sum(t for _, t in spent.values())
+    assert total > 0
+    busy = {tid: (nice, t) for tid, (nice, t) in spent.items() if t >= max(2, total // 10)}
+    assert busy, spent
+    assert all(nice >= CPU_STREAM_NICE for nice, _ in busy.values()), f"threads busy in inference (nice, ticks): {busy}"
+
+
 @needs_ov_int8
 def test_int8_keeps_the_ranking(ce_dir, workload, ce_reference) -> None:
     backend = load("flag", ce_dir, quantization="int8")  # runtime auto: OpenVINO's weight-only int8

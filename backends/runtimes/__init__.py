@@ -34,7 +34,7 @@ import torch
 from backends.runtimes.base import Runtime, TorchRuntime
 from backends.runtimes.cache import EXPORT_FORMAT, cached_export, invalidate, model_revision, read_choice, write_choice
 from backends.source import resolve_source
-from core.host import cpu_model_name, cpu_stream_split
+from core.host import CPU_STREAM_NICE, at_cpu_priority, cpu_model_name, cpu_stream_split
 
 log = logging.getLogger("rerank_gateway.runtimes")
 
@@ -128,7 +128,18 @@ def may_export(backend: Any) -> bool:
 
 def start_runtime(backend: Any) -> Runtime:
     """The runtime a loaded backend's forward runs on, per its registry entry. Raises RuntimeUnavailable
-    (the model is then unavailable, with the reason) when the asked-for runtime cannot run here."""
+    (the model is then unavailable, with the reason) when the asked-for runtime cannot run here.
+
+    Built on a thread at the inference streams' priority: the runtimes start worker threads that run much of
+    each inference (OpenVINO's TBB workers, process-wide, when it first converts or compiles; ONNX Runtime's
+    intra-op pool with the session), and threads inherit the priority of the thread that starts them. Built
+    on the loading thread they ran at nice 0, level with the event loop and above the bulk tokenizer lane
+    (OpenVINO, a 1,000-document request of bench.host_path: 310 ms of its CPU at nice 0, 90 ms on the
+    streams)."""
+    return at_cpu_priority(CPU_STREAM_NICE, lambda: _start_runtime(backend))
+
+
+def _start_runtime(backend: Any) -> Runtime:
     candidates = _candidates(backend)
     module = backend.scoring_module()
     if candidates == ["torch"]:
