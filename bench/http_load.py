@@ -38,6 +38,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def thread_cpu_ticks(pid: int | str = "self") -> dict[int, tuple[int, int]]:
+    """Each thread of a process (Linux /proc): its nice value and the CPU time it has used so far (user +
+    system, in clock ticks). A thread that ends meanwhile is left out."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        out[int(task.name)] = (int(fields[16]), int(fields[11]) + int(fields[12]))
+    return out
+
+
 class GatewayProcess:
     """`python -m ops.cli serve` on a registry (a dict, written as JSON, which is YAML). `module`: another
     entry point taking the same arguments (bench.gpu_check.serve: the same CLI under a GPU memory cap)."""
@@ -88,14 +101,10 @@ class GatewayProcess:
         tick = os.sysconf("SC_CLK_TCK")
         out = {"all": 0.0, "event loop, small tokenizing": 0.0, "inference streams": 0.0, "bulk tokenizing": 0.0}
         names = {0: "event loop, small tokenizing", 10: "inference streams", 19: "bulk tokenizing"}
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except FileNotFoundError:
-                continue  # the thread ended meanwhile
-            seconds = (int(fields[11]) + int(fields[12])) / tick
+        for nice, ticks in thread_cpu_ticks(self.proc.pid).values():
+            seconds = ticks / tick
             out["all"] += seconds
-            name = names.get(int(fields[16]))
+            name = names.get(nice)
             if name is not None:
                 out[name] += seconds
         return out
@@ -158,7 +167,7 @@ def big(base: str, model: str, req: Request) -> dict[str, Any]:
 
 class _KeepAlive:
     """One keep-alive HTTP/1.1 connection that posts pre-encoded JSON bodies and reads whole answers: the
-    closed loops' client. On the server's own cores httpx cost ~1.8 ms of CPU a request (bench.host_path's
+    closed loops' client. On the server's own cores httpx cost 1.5-1.8 ms of CPU a request (bench.host_path's
     16 x 20 documents, ~8% of a 2-core machine, a tenth of what the server spends on such a request); this
     costs a fraction of that, so the loop measures the server rather than its client."""
 

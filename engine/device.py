@@ -11,10 +11,10 @@
 - A device gate: every batch on a CUDA device holds it shared; a warm-up holds it exclusively, so the
   allocator's peak counters (device-wide, shared by every model of the process) see this model alone.
 On a CPU all of this reduces to wall-clock timing and no-ops, and one thing of its own: inference threads
-run at a lower CPU priority (core.host.CPU_STREAM_NICE; OpenMP helpers they start inherit it), so the event loop and
-the tokenizer lane of small requests, which need little CPU but need it at once, are not queued behind
-batches: the cores stay fully used, a search's parsing and tokenizing go first, and /ready answers under
-saturation.
+run at a lower CPU priority (core.host.CPU_STREAM_NICE; OpenMP helpers they start inherit it), so the event
+loop and the tokenizer lane of small requests, which need little CPU but need it at once, are not queued
+behind batches: the cores stay fully used, a search's parsing and tokenizing go first, and /ready answers
+under saturation.
 """
 
 from __future__ import annotations

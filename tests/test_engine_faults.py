@@ -20,8 +20,8 @@ import torch
 from backends.embedding import EmbeddingBackend
 from core.config import effective, model_spec
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout
-from engine import Scheduler
 from core.host import CPU_STREAM_NICE
+from engine import Scheduler
 from engine.scheduler import SEARCH_RECENT_S, SEARCH_RUN_SHARE
 from engine.inference import STEPS
 from tests.conftest import MINILM

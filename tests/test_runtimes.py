@@ -19,6 +19,7 @@ import torch
 from backends import backend_class
 from backends.runtimes import RuntimeUnavailable, spearman
 from backends.runtimes.cache import MANIFEST, verify
+from bench.http_load import thread_cpu_ticks
 from bench.models import build_minilm_cross_encoder
 from bench.workload import big_request, vocabulary
 from core.config import effective, model_spec, parse_registry
@@ -96,18 +97,6 @@ def test_runtime_matches_torch_fp32_on_the_benchmark_workload(runtime, dtype, ce
         assert spearman(scores, ce_reference) >= min(0.999, spearman(ce_torch_bf16, ce_reference) - 0.002)
 
 
-def _thread_cpu() -> dict[int, tuple[int, int]]:
-    """Each thread of this process: (nice, CPU ticks so far)."""
-    out = {}
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        out[int(task.name)] = (int(fields[16]), int(fields[11]) + int(fields[12]))
-    return out
-
-
 @pytest.mark.parametrize("runtime", EXPORTED)
 def test_exported_runtimes_infer_at_the_streams_priority(runtime, ce_dir, workload) -> None:
     # OpenVINO starts its (process-wide) worker threads when it first converts or compiles, ONNX Runtime its
@@ -130,11 +119,11 @@ def test_exported_runtimes_infer_at_the_streams_priority(runtime, ce_dir, worklo
             for _ in range(8):
                 backend.forward(batch)
 
-    before = _thread_cpu()
+    before = thread_cpu_ticks()
     thread = threading.Thread(target=stream)
     thread.start()
     thread.join()
-    after = _thread_cpu()
+    after = thread_cpu_ticks()
     spent = {tid: (nice, ticks - before.get(tid, (0, 0))[1]) for tid, (nice, ticks) in after.items()}
     total = sum(t for _, t in spent.values())
     assert total > 0
