@@ -21,6 +21,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -482,6 +483,9 @@ class Scheduler:
             try:
                 job.future.set_result(job.fn())
             except Exception as exc:  # noqa: BLE001 - handed to the caller
+                # The caller holds the exception (through the future) past its `except`: cleared frames keep
+                # a failed warm-up's tensors (an OOM rung's) from outliving it until the next collection.
+                traceback.clear_frames(exc.__traceback__)
                 job.future.set_exception(exc)
             return
         self.runner.run(job)

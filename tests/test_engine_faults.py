@@ -485,6 +485,37 @@ def test_a_budget_whose_warmup_runs_out_of_memory_is_refused_naming_the_numbers(
         s.close()
 
 
+def test_a_ladder_rung_that_runs_out_of_memory_frees_its_tensors_before_the_cache_is_emptied(backend, monkeypatch):
+    """measure_ladder stops below a rung that runs out of memory and empties the allocator's cache. The
+    failed rung ran in the inference thread; its exception reaches the caller through a future, and its
+    traceback's frames hold the rung's tensors. Those must be gone by the time the cache is emptied (without
+    waiting for the garbage collector), or empty_cache cannot give their blocks back."""
+    import gc
+
+    import engine.scheduler as scheduler_module
+
+    s = scheduler(backend, max_batch_tokens=512, max_batch_size=64)
+    allocations: list[weakref.ref] = []
+    alive_at_free: list[bool] = []
+
+    def oom_at_the_second_rung(pairs: int, padded: int) -> None:
+        if padded > 200:
+            held = torch.empty(4 * 1024 * 1024)  # what the failed forward had allocated
+            allocations.append(weakref.ref(held))
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    monkeypatch.setattr(scheduler_module, "free_cached", lambda device: alive_at_free.append(any(r() is not None for r in allocations)))
+    s.fault_hook = oom_at_the_second_rung
+    gc.disable()  # the point: freed by reference counting, not by a collection that happens to run
+    try:
+        ladder = s.measure_ladder([128, 256, 512], 64)
+    finally:
+        gc.enable()
+        s.close()
+    assert [r["max_batch_tokens"] for r in ladder] == [128], "the rung that ran out of memory and those above it are dropped"
+    assert allocations and alive_at_free[-1] is False, "the failed rung's tensors were still alive when the cache was emptied"
+
+
 def test_the_device_gate_lets_batches_share_and_a_peak_measurement_run_alone():
     """The gate's logic (on a CPU it is a no-op; a torch.device("cuda") needs no GPU to name one)."""
     from engine.device import _DeviceGate
