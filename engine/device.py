@@ -7,7 +7,10 @@
   kernels are launched, so wall time there measures launch, not compute.
 - The device sync is an event's synchronize() inside the guarded batch step (CUDA reports a kernel's error
   at the next sync, not in the call that launched it), and never under the scheduler's lock, which the
-  event loop waits on.
+  event loop waits on. The events are blocking: with one CUDA context and many cores, CUDA's default is to
+  spin while it waits, and each inference thread would then hold a core the tokenizers need for the whole
+  batch (the host is the bottleneck there: docs/gpu.md). Waking costs microseconds against batches of
+  milliseconds.
 - A device gate: every batch on a CUDA device holds it shared; a warm-up holds it exclusively, so the
   allocator's peak counters (device-wide, shared by every model of the process) see this model alone.
 On a CPU all of this reduces to wall-clock timing and no-ops, and one thing of its own: inference threads
@@ -41,13 +44,13 @@ class DeviceTimer:
 
     def start(self) -> None:
         if self._cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
+            self._start = torch.cuda.Event(enable_timing=True, blocking=True)
             self._start.record()
         self._t0 = time.perf_counter()
 
     def stop(self) -> None:
         if self._cuda:
-            self._end = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True, blocking=True)
             self._end.record()
         self._t1 = time.perf_counter()
 
