@@ -268,6 +268,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device`. On a GPU through pinned memory, without blocking: a copy from pageable
+    memory first waits for all the work queued on the stream, which is the batch the other inference thread
+    has just launched there, and the two threads of a stream would no longer overlap."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def cuda_has_native_bf16(device: torch.device | None = None) -> bool:
     """bf16 tensor cores (compute capability 8.0+, Ampere on). torch.cuda.is_bf16_supported() also says
     yes where bf16 is only emulated, unless asked not to."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from backends.base import Backend, Batch, Prepared, Rows, concat_prepared, cuda_has_native_bf16, cut_text
+from backends.base import Backend, Batch, Prepared, Rows, concat_prepared, cuda_has_native_bf16, cut_text, to_device
 from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix_length
 from backends.token_arrays import assemble, flatten, gather_index, offsets_of, padded_mask
 from backends.request_encoder import RequestEncoder
@@ -197,14 +197,14 @@ class Qwen3Backend(Backend):
             ids = torch.full((len(members), width), self.pad_id, dtype=torch.long)
             ids.numpy()[padded_mask(tail_lengths, width, left=False)] = tails
             groups.append(PrefixGroup(
-                prefix=prefix, rows=torch.from_numpy(at).to(self.device), input_ids=ids.to(self.device),
-                lengths=torch.from_numpy(tail_lengths.astype(np.int64)).to(self.device),
+                prefix=prefix, rows=to_device(torch.from_numpy(at.astype(np.int64)), self.device), input_ids=to_device(ids, self.device),
+                lengths=to_device(torch.from_numpy(tail_lengths.astype(np.int64)), self.device),
             ))
         if not groups:
             return super().collate(rows)
         plain.sort()
         inputs = self.padded_inputs(_subset(rows, plain, offsets)) if plain else {}
-        plain_rows = torch.tensor(plain, device=self.device) if plain else None
+        plain_rows = to_device(torch.tensor(plain, dtype=torch.long), self.device) if plain else None
         return PrefixBatch(inputs=inputs, contexts=rows.contexts, size=len(rows), groups=groups, plain_rows=plain_rows)
 
     def forward(self, batch: Batch) -> torch.Tensor:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backends.base import Rows
+from backends.base import Rows, to_device
 from backends.token_arrays import offsets_of
 
 log = logging.getLogger("rerank_gateway.varlen")
@@ -104,7 +104,6 @@ def pack(rows: Rows, position_offset: int, device: torch.device) -> dict[str, to
     blocking."""
     lengths = rows.lengths.astype(np.int64)
     offsets = offsets_of(lengths)
-    pinned = device.type == "cuda"
     total = int(offsets[-1])
     positions = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], lengths) + position_offset
     host = {
@@ -114,7 +113,7 @@ def pack(rows: Rows, position_offset: int, device: torch.device) -> dict[str, to
     }
     if rows.types is not None:
         host["token_type_ids"] = torch.from_numpy(rows.types.astype(np.int64))[None]
-    out = {k: (v.pin_memory() if pinned else v).to(device, non_blocking=True) for k, v in host.items()}
+    out = {k: to_device(v, device) for k, v in host.items()}
     # max_length stays on the host: the kernels take it as a Python int.
     out["max_length"] = torch.tensor(int(lengths.max()))
     return out

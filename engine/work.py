@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from backends.base import Prepared
+from backends.base import Prepared, to_device
 
 WorkState = Literal["queued", "done", "failed", "cancelled"]
 
@@ -130,10 +130,10 @@ class Work:
         device, from the scored parts: one index copy per part."""
         raw = torch.empty(self.n_items, device=device, dtype=torch.float32)
         for part, items, scores in self.scored:
-            at = torch.from_numpy(part.item_base + items).to(device, non_blocking=True)
+            at = to_device(torch.from_numpy(part.item_base + items), device)
             raw.index_copy_(0, at, scores.float())
         doc_index = np.concatenate([s.prepared.doc_index.astype(np.int64) + s.doc_base for s in self.slices])
-        return raw, torch.from_numpy(doc_index).to(device, non_blocking=True), self.expected_docs
+        return raw, to_device(torch.from_numpy(doc_index), device), self.expected_docs
 
 
 def _resolve(future: asyncio.Future, result: Completed | None, error: BaseException | None) -> None:
