@@ -60,12 +60,18 @@ SMOKE_LIMIT_S = 240
 
 
 def _gpu_present() -> bool:
-    if not shutil.which("nvidia-smi"):
-        return False
-    try:
-        return "GPU" in subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (subprocess.SubprocessError, OSError):
-        return False
+    """nvidia-smi -L, else torch in a child process (an image may lack the tool; the child keeps this
+    process, which only supervises the sections, from holding a CUDA context on the card)."""
+    probes = [[sys.executable, "-c", "import torch; print('GPU' if torch.cuda.is_available() else '')"]]
+    if shutil.which("nvidia-smi"):
+        probes.insert(0, ["nvidia-smi", "-L"])
+    for probe in probes:
+        try:
+            if "GPU" in subprocess.run(probe, capture_output=True, text=True, timeout=60).stdout:
+                return True
+        except (subprocess.SubprocessError, OSError):
+            continue
+    return False
 
 
 def _versions() -> dict[str, str | None]:
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if not args.smoke and not _gpu_present():
-        print("no NVIDIA GPU here (nvidia-smi -L): run with --smoke for the CPU proof run", file=sys.stderr)
+        print("no NVIDIA GPU here (nvidia-smi -L, torch.cuda): run with --smoke for the CPU proof run", file=sys.stderr)
         return 2
     work = (args.work or Path("/tmp/gpu-check-smoke" if args.smoke else "/tmp/gpu-check")).resolve()
     work.mkdir(parents=True, exist_ok=True)
