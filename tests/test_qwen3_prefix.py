@@ -84,6 +84,24 @@ def test_prefix_path_in_bf16_is_within_bf16_batching_noise(qwen3_dir) -> None:
     assert (torch.sigmoid(shared) - torch.sigmoid(whole)).abs().max() <= max(1e-3, noise)
 
 
+def test_a_prefix_batch_holds_one_layer_of_keys_and_values_at_a_time(tmp_path) -> None:
+    """Each layer joins the batch's keys and values to the prefix's for its attention and keeps none of them:
+    a kept cache would hold every layer's [pairs, heads, prefix + width, dim] to the end of the forward (36
+    layers on Qwen3-4B, more than the batch's activations). So on a deep model a prefix batch peaks below
+    the same batch run whole, which keeps no cache (CPU allocator, torch's profiler)."""
+    from ops.tune import peak_live_bytes
+
+    backend = load(tm.build_qwen3_reranker(tmp_path / "deep", layers=24), "float32")
+    _, rows = mixed_batch(backend)
+    first = take(rows, range(20))  # request a: twenty pairs behind one prefix
+    whole_scores = score(backend, first, share=False)
+    score(backend, first, share=True)  # the prefix's keys and values are computed once and cached
+    shared_peak, shared_scores = peak_live_bytes(lambda: score(backend, first, share=True))
+    whole_peak, _ = peak_live_bytes(lambda: score(backend, first, share=False))
+    assert torch.allclose(shared_scores, whole_scores, atol=1e-4)
+    assert shared_peak < whole_peak, (shared_peak, whole_peak)
+
+
 def test_common_prefix_leaves_every_pair_its_last_token() -> None:
     def common(seqs):
         return common_prefix_length(*flatten(seqs))

@@ -256,7 +256,7 @@ def build_gte_reranker_original(path: Path, native: Path) -> Path:
 # --- Qwen3 causal LM (Qwen3-Reranker's architecture) -----------------------------------------------------
 
 
-def build_qwen3_reranker(path: Path) -> Path:
+def build_qwen3_reranker(path: Path, layers: int = 2) -> Path:
     """A Qwen3ForCausalLM with tied embeddings. Every linear dimension is a multiple of 64, the
     bitsandbytes 4-bit block size, so the nf4 path quantizes all of them."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -266,7 +266,7 @@ def build_qwen3_reranker(path: Path) -> Path:
         return path
     tokenizer = qwen_tokenizer()
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
         tie_word_embeddings=True, rms_norm_eps=1e-6, initializer_range=QWEN_INIT_RANGE,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
