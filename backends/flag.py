@@ -47,10 +47,11 @@ class FlagBackend(Backend):
         self.start()
 
     def start(self) -> None:
-        """After the weights are loaded: padding-free batches where asked for and possible, else the
-        runtime the registry picks (exported runtimes take padded batches)."""
+        """After the weights are loaded: padding-free batches where asked for and possible (`auto`: where a
+        varlen kernel runs; packed attention pair by pair would be slower than padding), else the runtime
+        the registry picks (exported runtimes take padded batches)."""
         wanted = self.spec.padding_free
-        if wanted == "on" or (wanted == "auto" and self.device.type == "cuda"):
+        if wanted == "on" or (wanted == "auto" and varlen.kernel_runs(self.device, self.dtype)):
             if varlen.supports(self.model) and self.spec.runtime in ("auto", "torch") and self.eff.quantization != "int8":
                 varlen.enable(self.model)
                 self.is_padded = False

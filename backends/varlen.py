@@ -3,10 +3,11 @@
 A padded batch costs longest x count tokens in every linear layer; a packed one costs the real tokens. The
 pairs of a batch are concatenated into one row, each keeps its own positions, and attention runs per pair
 through cumulative sequence offsets (cu_seqlens), as flash-attention's varlen kernels take them:
-- on a GPU, torch.nn.attention.varlen.varlen_attn (PyTorch's flash-attention varlen kernel), or
+- on a GPU the flash-attention kernels run on (Ampere or newer, float16 / bfloat16),
+  torch.nn.attention.varlen.varlen_attn (PyTorch's flash-attention varlen kernel), or
   flash_attn.flash_attn_varlen_func when that package is installed;
-- elsewhere (the CPU, where the tests check it) scaled_dot_product_attention pair by pair: the same math,
-  not a fast path.
+- elsewhere (the CPU, where the tests check it, a T4 or V100, float32) scaled_dot_product_attention pair by
+  pair: the same math, not a fast path, so `padding_free: auto` packs only where the kernel runs.
 The transformers models pass unknown keyword arguments down to their attention function, so the offsets
 reach it through the model's own forward; the classifier head then reads each pair's first token.
 
@@ -54,13 +55,31 @@ def _gpu_kernel():
         return None, False
 
 
+# flash-attention's kernels (PyTorch's and the flash_attn package's) take 16-bit inputs on compute
+# capability 8.0 (Ampere) and newer; a T4 (7.5) or V100 (7.0), or float32 anywhere, gets no kernel.
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MIN_CAPABILITY = (8, 0)
+
+
+def flash_capable(capability: tuple[int, int], dtype: torch.dtype) -> bool:
+    return tuple(capability) >= FLASH_MIN_CAPABILITY and dtype in FLASH_DTYPES
+
+
+@functools.cache
+def kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether packed attention on this device and dtype runs a varlen kernel rather than pair by pair."""
+    if device.type != "cuda" or _gpu_kernel()[0] is None:
+        return False
+    return flash_capable(torch.cuda.get_device_capability(device), dtype)
+
+
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs: Any):
     """transformers attention function over one packed row: query/key/value [1, heads, tokens, dim];
     returns [1, tokens, heads, dim] as the library's attention functions do."""
     cu = kwargs["cu_seq_lens_q"]
     max_len = int(kwargs["max_length_q"])
-    kernel, takes_scale = _gpu_kernel() if query.is_cuda else (None, False)
-    if kernel is not None:
+    if kernel_runs(query.device, query.dtype):
+        kernel, takes_scale = _gpu_kernel()
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
         default = query.shape[-1] ** -0.5
         if scaling is None or abs(scaling - default) <= 1e-6 * default:

@@ -72,8 +72,9 @@ class LocalModelSpec(_Model, kw_only=True):
     dtype: Dtype = "auto"
     quantization: Quantization = "none"
     runtime: Runtime = "auto"
-    # Padding-free batches (backends.varlen) for the encoder cross-encoders: "auto" packs on a GPU, where
-    # varlen attention kernels exist; "on" packs anywhere (on a CPU: correct, not faster); "off" pads.
+    # Padding-free batches (backends.varlen) for the encoder cross-encoders: "auto" packs where a varlen
+    # attention kernel runs (Ampere or newer GPUs, float16/bfloat16); "on" packs anywhere (elsewhere:
+    # correct, attention pair by pair, not faster); "off" pads.
     padding_free: Literal["auto", "on", "off"] = "auto"
     trust_remote_code: bool = False
     # Qwen3-style rerankers: the instruction used when a request gives none.

@@ -58,3 +58,22 @@ def test_padding_free_refuses_what_it_cannot_pack(tmp_path_factory) -> None:
         load("flag", path, padding_free="on", quantization="int8")
     # On a CPU, auto pads (the packed path is correct there, not faster).
     assert load("flag", path).is_padded
+
+
+@pytest.mark.parametrize(
+    "capability, dtype, runs",
+    [
+        ((9, 0), torch.bfloat16, True),  # H100 / H200
+        ((8, 0), torch.float16, True),  # A100
+        ((8, 6), torch.bfloat16, True),  # A10, L4-class
+        ((7, 5), torch.float16, False),  # T4: no flash-attention kernel
+        ((7, 0), torch.float16, False),  # V100
+        ((9, 0), torch.float32, False),  # float32 anywhere
+    ],
+)
+def test_auto_packs_only_where_a_varlen_kernel_runs(capability, dtype, runs) -> None:
+    from backends import varlen
+
+    assert varlen.flash_capable(capability, dtype) is runs
+    # No CUDA here: the decision for this process's devices is "pair by pair", whatever the dtype.
+    assert not varlen.kernel_runs(torch.device("cpu"), dtype)
