@@ -106,7 +106,8 @@ class BatchRunner:
                 self._answer(work)
         self._step("metrics", plan)
         real = plan.real_tokens
-        padded = sum(len(p.plan) * int(p.plan.lengths.max()) for p in parts)
+        # The tokens the forward computed: a packed batch computes its real ones, nothing padded.
+        padded = sum(len(p.plan) * int(p.plan.lengths.max()) for p in parts) if self.backend.is_padded else real
         self.observed(real, seconds)
         if self.metrics:
             self.metrics.observe_batch(self.name, len(plan), real, padded, seconds)
@@ -122,8 +123,7 @@ class BatchRunner:
         batch: Batch = self.backend.collate(rows)
         self._step("forward", batch)
         if self.fault_hook is not None:
-            width = batch.inputs["input_ids"].shape[1]
-            self.fault_hook(len(rows), width * len(rows))
+            self.fault_hook(len(rows), batch.inputs["input_ids"].numel())  # a packed batch is one row
         return self.backend.forward(batch)
 
     def forward_splitting(self, plan: Plan) -> list[Part]:

@@ -77,3 +77,27 @@ def test_auto_packs_only_where_a_varlen_kernel_runs(capability, dtype, runs) -> 
     assert varlen.flash_capable(capability, dtype) is runs
     # No CUDA here: the decision for this process's devices is "pair by pair", whatever the dtype.
     assert not varlen.kernel_runs(torch.device("cpu"), dtype)
+
+
+def test_a_packed_model_reports_no_padding_in_its_metrics(tmp_path_factory) -> None:
+    """/metrics counts the tokens a batch's forward computed: a packed batch computes only its real ones.
+    The padded twin, on the same documents, shows the padding the packed one saves."""
+    from core.config import parse_registry
+    from tests.conftest import app_client
+    from tests.routes_fixtures import metric
+
+    path = tm.build_xlmr_reranker(tmp_path_factory.getbasetemp() / "varlen_xlm-roberta")
+    base = {"backend": "flag", "source": str(path), "max_length": 96, "dtype": "float32", "runtime": "torch"}
+    models = {"packed": dict(base, padding_free="on"), "padded": dict(base, padding_free="off")}
+    registry = parse_registry({"default_model": "packed", "models": models}, "test-registry")
+    docs = tm.sentences(24, min_words=1, max_words=60)
+    with app_client(registry) as client:
+        for model in models:
+            resp = client.post("/v1/rerank", json={"model": model, "query": "kalo mira river", "documents": docs})
+            assert resp.status_code == 200, resp.text
+        real = {m: metric(client, "rerank_real_tokens_total", model=m) for m in models}
+        padded = {m: metric(client, "rerank_padded_tokens_total", model=m) for m in models}
+        efficiency = {m: metric(client, "rerank_padding_efficiency", model=m) for m in models}
+    assert real["packed"] == real["padded"] > 0
+    assert padded["packed"] == real["packed"] and efficiency["packed"] == 1.0
+    assert padded["padded"] > real["padded"] and efficiency["padded"] < 0.9
