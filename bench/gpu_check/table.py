@@ -1,7 +1,8 @@
 """b. Memory and speed of the three real-size architectures (random weights), each loaded through its real
 backend class and run by the engine's own warm-up (Scheduler.warmup: one batch of mixed lengths at the full
 token budget, the worst padding the batcher allows), as the first GPU run measured it, with honest figures:
-tokens/s, TFLOP/s and "of peak" count REAL tokens (the mixed batch is ~half padding) and "of peak" is
+tokens/s, TFLOP/s and "of peak" count REAL tokens (a padded mixed batch is ~half padding; a packed
+one computes only its real tokens, and its peak is the warm-up's full-budget batch of real ones) and "of peak" is
 against the matmul measured in section a of the same run. Where the engine offers `measure_rate` (a full
 batch of typical ~128-token pairs at the budget, device-timed), that row is taken too.
 """
@@ -77,7 +78,15 @@ def measure_model(rec: Recorder, plan: Plan, ctx: dict, model_id: str) -> None:
                 best = min(runs, key=lambda r: r["seconds"])
                 batch = _lengths_of(kind, int(best["pairs"]), int(best["length"]))
                 real = int(best.get("real_tokens") or sum(batch))
-                padded = int(best.get("padded_tokens") or best["pairs"] * best["length"])
+                if backend.is_padded:
+                    padded = int(best.get("padded_tokens") or best["pairs"] * best["length"])
+                    largest, largest_real = padded, real  # the mixed batch is the widest rectangle run
+                else:
+                    # A packed batch computes its real tokens; its warm-up also runs pairs x length real ones
+                    # (engine.warmup.warmup_shapes), and the peak is that batch's.
+                    padded = real
+                    largest = largest_real = max(real, int(best["pairs"]) * int(best["length"]))
+                activation = max(r["activation_bytes"] for r in runs)
                 flops = fm.total(batch)
                 row = {
                     "model": model_id, "backend": kind, "checkpoint_build_s": built,
@@ -85,8 +94,9 @@ def measure_model(rec: Recorder, plan: Plan, ctx: dict, model_id: str) -> None:
                     "budget": budget, "pairs": int(best["pairs"]), "length": int(best["length"]),
                     "real_tokens": real, "padded_tokens": padded, "weights_gib": backend.weights_bytes() / GIB,
                     "peak_gib": max(r["peak_bytes"] for r in runs) / GIB,
-                    "activation_kib_per_padded_token": max(r["activation_bytes"] for r in runs) / padded / 1024,
-                    "activation_kib_per_real_token": max(r["activation_bytes"] for r in runs) / real / 1024,
+                    "packed": not backend.is_padded,
+                    "activation_kib_per_padded_token": activation / largest / 1024,
+                    "activation_kib_per_real_token": activation / largest_real / 1024,
                     "seconds": best["seconds"], "real_tokens_per_s": real / best["seconds"],
                     "tflops": tflops(flops, best["seconds"]), "ceiling": ceiling_key,
                 }
