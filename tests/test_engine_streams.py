@@ -19,8 +19,10 @@ from core.config import effective, model_spec
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory) -> FlagBackend:
     model_dir = build_minilm_cross_encoder(tmp_path_factory.mktemp("minilm-ce"))
-    # float32 so batch composition cannot move a score by more than rounding.
-    spec = model_spec(backend="flag", source=str(model_dir), max_length=128, dtype="float32")
+    # float32 so batch composition cannot move a score by more than rounding. torch: the streams are the
+    # engine's, whatever runs the model; an exported runtime's streams are tests/test_runtimes.py's (and
+    # `auto` would export and time two runtimes first, ~10 s).
+    spec = model_spec(backend="flag", source=str(model_dir), max_length=128, dtype="float32", runtime="torch")
     b = FlagBackend("ce", spec, effective(spec, "cpu"))
     b.load()
     return b
