@@ -12,7 +12,8 @@ time limit, results flushed after every step (bench.gpu_check.runner):
   qwen3_official  f. the official Qwen3-Reranker code on the same checkpoint, nf4, batch 32 x 512
   peers           d. FlagReranker fp16 and CrossEncoder fp16 at batch 32 / 128, a sorted fp16 loop
   table_encoders  b. memory/speed of XLM-R large and GTE (engine warm-up; real tokens; of measured peak)
-  t4_gte          e. GTE under a 15 GiB per-process cap: 10,000 docs (20 of 8,192 tokens), 16 clients
+  t4_gte          e. GTE padded (no varlen kernel on a T4) under a 15 GiB per-process cap: 10,000 docs (20 of
+                     8,192 tokens), 16 clients
   parity          g. padding_free off vs on: scores (max |diff|, Spearman) and speed
   table_qwen3     b. the same table for Qwen3-4B nf4
 

@@ -148,6 +148,9 @@ def t4_gte(rec: Recorder, plan: Plan, ctx: dict) -> None:
         # The capped process still reads the H200's 141 GB as its card's size; a T4's even share is given
         # as the model's memory budget so the automatic budget is sized as on a real T4.
         "memory_budget_gb": T4_SHARE_GB,
+        # A T4 (compute capability 7.5) has no flash-attention varlen kernel, so `auto` pads there
+        # (backends.varlen.kernel_runs): padded here too, whatever card runs the check.
+        "padding_free": "off",
     }
     env = {"GPU_CHECK_MEMORY_GB": str(T4_MEMORY_GB)}
     with serving(rec, plan, "t4", {"gte": model}, env=env) as gw:
