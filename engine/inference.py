@@ -70,7 +70,7 @@ class BatchRunner:
         # Pooling and top-k run on a stream of their own: their device-to-host copy must wait for this
         # request's scores only, not for the next batch the other thread has already launched behind them.
         self.pool_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # Test-only fault injection: fault_hook(pairs, padded_tokens) before each forward (may raise);
+        # Test-only fault injection: fault_hook(pairs, tokens the forward computes) before each forward (may raise);
         # step_hook(step, info) at the start of every step.
         self.fault_hook: Callable[[int, int], None] | None = None
         self.step_hook: Callable[[str, Any], None] | None = None
