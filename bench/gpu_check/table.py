@@ -82,10 +82,10 @@ def measure_model(rec: Recorder, plan: Plan, ctx: dict, model_id: str) -> None:
                     padded = int(best.get("padded_tokens") or best["pairs"] * best["length"])
                     largest, largest_real = padded, real  # the mixed batch is the widest rectangle run
                 else:
-                    # A packed batch computes its real tokens; its warm-up also runs pairs x length real ones
-                    # (engine.warmup.warmup_shapes), and the peak is that batch's.
+                    # A packed batch computes its real tokens. The warm-up's other shapes (its "shapes":
+                    # [pairs, longest] each) are full batches of real tokens, and the peak is the largest's.
                     padded = real
-                    largest = largest_real = max(real, int(best["pairs"]) * int(best["length"]))
+                    largest = largest_real = max([real, *(int(n) * int(w) for n, w in best["shapes"][1:])])
                 activation = max(r["activation_bytes"] for r in runs)
                 flops = fm.total(batch)
                 row = {
