@@ -31,6 +31,7 @@ import torch
 from backends.base import Backend, Prepared, configure_cpu_streams
 from core.budgets import LADDER_MAX_BATCH_S, climbing
 from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
+from core.heap import HEAP
 from core.host import CPU_STREAMS
 from engine.admission import Held, Reservations, estimate_cost
 from engine.batching import SMALL_SHARE, BatchCost, Plan, plan_of, take_batch
@@ -480,15 +481,21 @@ class Scheduler:
 
     def _run_job(self, job: Plan | _Control) -> None:
         if isinstance(job, _Control):
-            try:
-                job.future.set_result(job.fn())
-            except Exception as exc:  # noqa: BLE001 - handed to the caller
-                # The caller holds the exception (through the future) past its `except`: cleared frames keep
-                # a failed warm-up's tensors (an OOM rung's) from outliving it until the next collection.
-                traceback.clear_frames(exc.__traceback__)
-                job.future.set_exception(exc)
-            return
-        self.runner.run(job)
+            self._run_control(job)
+        else:
+            self.runner.run(job)
+        # A failed job raises past this; the next one marks the engine busy again.
+        HEAP.worked()
+
+    @staticmethod
+    def _run_control(job: _Control) -> None:
+        try:
+            job.future.set_result(job.fn())
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            # The caller holds the exception (through the future) past its `except`: cleared frames keep
+            # a failed warm-up's tensors (an OOM rung's) from outliving it until the next collection.
+            traceback.clear_frames(exc.__traceback__)
+            job.future.set_exception(exc)
 
     def _fail_job(self, job: Plan | _Control, message: str) -> None:
         if isinstance(job, _Control):
