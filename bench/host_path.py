@@ -85,8 +85,7 @@ def registry(model_dir: Path, dtype: str = "float32", runtime: str = "torch") ->
 
 
 def _gateway(model_dir: Path, work: Path, root: Path, name: str, dtype: str, runtime: str) -> http_load.GatewayProcess:
-    module = "ops.cli" if (root / "ops" / "cli.py").exists() else "gateway.cli"  # before the house split
-    return http_load.GatewayProcess(registry(model_dir, dtype, runtime), work, name=name, module=module, root=root)
+    return http_load.GatewayProcess(registry(model_dir, dtype, runtime), work, name=name, module=http_load.serve_module(root), root=root)
 
 
 def _costed(gw: http_load.GatewayProcess, model: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -24,6 +24,11 @@ from bench.workload import Request
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def serve_module(root: Path) -> str:
+    """The module whose `serve` runs the gateway in checkout `root` (gateway.cli before the house split)."""
+    return "ops.cli" if (root / "ops" / "cli.py").exists() else "gateway.cli"
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")

@@ -3,8 +3,10 @@ torch, ONNX (int8) and OpenVINO backends, on the benchmark's model and 1,000-doc
 
     python -m bench.runtime_bench                    # ~10 min on 2 cores
     python -m bench.runtime_bench --docs 200 --rounds 1 --systems gw-auto,st-openvino-sorted   # a subset
+    python -m bench.runtime_bench --baseline /tmp/old   # each gw-* system also from another commit's checkout
 
 Systems, each in its own process, all on bench/models.py's MiniLM-L6 cross-encoder:
+  base:gw-<...>                    with --baseline: the same gateway system run from that checkout's code
   st-<backend>-<sorted|unsorted>  CrossEncoder.predict in-process (bench/st_worker.py) in a venv of its own
                                   (optimum-onnx / optimum-intel pin transformers < 4.58; made on first run)
   gw-<runtime>                    `rerank-gateway serve` over HTTP, the model's registry entry as a new user
@@ -29,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.http_load import serve_module
 from core.host import cpu_model_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,9 +63,9 @@ def ensure_st_venv() -> Path:
     return python
 
 
-def env() -> dict[str, str]:
+def env(root: Path = ROOT) -> dict[str, str]:
     e = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [e.get("PYTHONPATH")])])
+    e["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [e.get("PYTHONPATH")])])
     return e
 
 
@@ -104,17 +107,17 @@ class StWorker:
 
 
 class GatewayProcess:
-    def __init__(self, name: str, model_dir: Path, work: Path, fields: dict) -> None:
+    def __init__(self, name: str, model_dir: Path, work: Path, fields: dict, root: Path = ROOT) -> None:
         self.name = name
         self.port = free_port()
-        registry = work / f"{name}.yaml"
+        registry = work / f"{name.replace(':', '-')}.yaml"
         entry = {"backend": "flag", "source": str(model_dir), "max_length": 512, "load": "eager", **fields}
         registry.write_text(json.dumps({"default_model": MODEL_ID, "server": {"request_timeout_s": 600},
                                         "models": {MODEL_ID: entry}}))
-        self.log = open(work / f"{name}.log", "w")
+        self.log = open(work / f"{name.replace(':', '-')}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "serve", "--registry", str(registry), "--port", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env(), cwd=ROOT,
+            [sys.executable, "-m", serve_module(root), "serve", "--registry", str(registry), "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env(root), cwd=root,
         )
         self.label = ""
 
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join([*GATEWAYS, *ST_SYSTEMS]))
     parser.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "rerank-bench-minilm-ce"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--baseline", type=Path, help="a checkout of another commit: its gw-* systems run in the same rounds as base:gw-*")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from bench.models import build_minilm_cross_encoder
@@ -208,11 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     work = out / "runtime_logs"
     work.mkdir(parents=True, exist_ok=True)
     names = [s for s in args.systems.split(",") if s]
+    if args.baseline is not None:
+        names += [f"base:{n}" for n in names if n in GATEWAYS]
     systems: dict[str, object] = {}
     try:
         # One at a time: `runtime: auto` measures its candidates at start, which the others' exports would disturb.
         for name in names:
-            s = systems[name] = GatewayProcess(name, model_dir, work, GATEWAYS[name]) if name in GATEWAYS else StWorker(name, model_dir, work)
+            gateway, root = name.removeprefix("base:"), (args.baseline.resolve() if name.startswith("base:") else ROOT)
+            s = systems[name] = GatewayProcess(name, model_dir, work, GATEWAYS[gateway], root) if gateway in GATEWAYS else StWorker(name, model_dir, work)
             s.wait_ready()
         reference = reference_scores(model_dir, req.query, req.documents)
         # Warm-up: one small call each.
@@ -265,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         "systems": {n: {"label": labels[n], "pairs_per_s": statistics.median(rates[n].values()),
                         "pairs_per_s_rounds": rates[n], **agree[n]} for n in names},
         "targets": {k: {"measured": v, "wanted": w, "met": v >= w} for k, (v, w) in targets.items()},
+        # Each gateway's pairs/s over the same system from the baseline checkout, paired per round.
+        "over_baseline": {n: ratio(n, f"base:{n}") for n in names if f"base:{n}" in rates},
+        "baseline": str(args.baseline.resolve()) if args.baseline is not None else None,
     }
     (out / "runtime_bench.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = ["| system | pairs/s | max abs diff vs torch fp32 | Spearman vs torch fp32 |", "| --- | ---: | ---: | ---: |"]
@@ -273,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "| target | measured | wanted | met |", "| --- | ---: | ---: | --- |"]
     for k, t in res["targets"].items():
         lines.append(f"| {k} | {t['measured']:.2f} | >= {t['wanted']:g} | {'yes' if t['met'] else 'NO'} |")
+    if res["over_baseline"]:
+        lines += ["", f"| system | pairs/s over the same system from {res['baseline']} |", "| --- | ---: |"]
+        lines += [f"| {n} | {v:.2f} |" for n, v in res["over_baseline"].items()]
     lines.append(f"\n{res['date']} · {res['cpu']}, {res['cores']} cores · {args.docs} documents, {args.rounds} interleaved rounds · "
                  f"load average {load_before:.1f} -> {load_after:.1f}")
     (out / "runtime_bench.md").write_text("\n".join(lines) + "\n")
