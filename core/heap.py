@@ -1,11 +1,19 @@
 """The process's C heap: memory freed by inference is handed back to the OS once the engine goes quiet.
 
 glibc keeps what a program frees inside its heaps for reuse, and gives back only what sits at the top of
-a heap. Inference frees and allocates tensors of another size at every batch shape, so what it keeps grows
-with the shapes it has seen, while nothing is in use: on a 2-core AMD EPYC, a gateway serving the bench's
-MiniLM cross-encoder (runtime torch) held 1,078 MB after 512 requests of 20 documents, with no growth in
-Python's objects, and 957 MB once this had trimmed (the same gateway without it: 1,094 MB, kept). To a
-container's memory limit and to an operator reading RSS, kept memory is used memory.
+a heap. Once a large block has been freed, glibc raises its mmap threshold to that block's size, so the
+next activations of that size come from the heaps too and stay there when freed: what it keeps grows with
+the largest batches seen, while nothing is in use. On a 2-core AMD EPYC, a gateway serving the bench's
+MiniLM cross-encoder (runtime torch) went from 497 MB at ready to 1,114 MB after 512 requests of 20
+documents, with no growth in Python's objects; 2.5 s after the last batch this had trimmed it to 567 MB.
+To a container's memory limit and to an operator reading RSS, kept memory is used memory.
+
+A fixed mmap threshold (MALLOC_MMAP_THRESHOLD_=131072) keeps RSS flat between batches instead, and lowers
+the peak as well (the same MiniLM gateway, peak RSS 1,183 MB against 1,972 through big requests, 16 clients
+x 20 documents and 16,384-token batches), but every large tensor is then mapped and faulted in afresh:
+pairs/s at 0.75-0.95x of glibc's default on that model, and 0.54-0.80x on the host-path bench's tiny model
+with 16,384-token batches. Speed is what a user sizes a server by, so the threshold is left to glibc and the
+heap is trimmed when quiet; an operator who needs the lower peak can set that variable.
 
 Trimming walks the heaps and the memory it gives back is faulted in again when it is next used, so it
 runs once the engine has been quiet for QUIET_S after some work: never between batches under load, once
