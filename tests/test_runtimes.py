@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -359,3 +361,38 @@ def test_a_runtime_that_crashes_in_native_code_rules_itself_out_not_the_gateway(
     (broken / "model.xml").write_text("<net>not an IR</net>")
     reason = survives(broken, "float32", {"input_ids": torch.ones(1, 4, dtype=torch.long)})
     assert reason is not None and "failed in a child process" in reason
+
+
+@needs_ov
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the preloaded library")
+def test_a_survival_verdict_does_not_vouch_for_a_library_preloaded_after_it(tmp_path, monkeypatch):
+    """The child's verdict is kept beside the IR, per CPU and per LD_PRELOAD: jemalloc preloaded after a
+    first start aborted OpenVINO's CPU plugin, and a verdict kept from before it let the crash end the
+    gateway at load. Here the preloaded library aborts every process that loads it."""
+    from backends.runtimes.openvino import convert_ir, survives
+
+    sample = {"input_ids": torch.ones(1, 4, dtype=torch.long)}
+    ir = tmp_path / "ir"
+    ir.mkdir()
+    convert_ir(_SumOfEmbeddings(), sample, ir)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert survives(ir, "float32", sample) is None
+    assert survives(ir, "float32", sample) is None  # kept: no second child
+    source = tmp_path / "abort.c"
+    source.write_text("#include <stdlib.h>\n__attribute__((constructor)) static void die(void) { abort(); }\n")
+    library = tmp_path / "libabort.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    monkeypatch.setenv("LD_PRELOAD", str(library))
+    reason = survives(ir, "float32", sample)
+    assert reason is not None and "SIGABRT" in reason
+    monkeypatch.delenv("LD_PRELOAD")
+    assert survives(ir, "float32", sample) is None
+
+
+class _SumOfEmbeddings(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(8, 4)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids).sum(dim=(1, 2))

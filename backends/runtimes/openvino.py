@@ -19,6 +19,7 @@ The CPU plugin runs `streams` requests in parallel, each on its share of the cor
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -80,7 +81,11 @@ def survives(folder: Path, compute: str, sample: dict[str, torch.Tensor]) -> str
     OpenVINO's CPU plugin can die in native code: a GTE model compiled in bf16 on an Intel Xeon with AMX
     (OpenVINO 2026.4) raised SIGFPE, which ended the whole gateway at load. In a child process the same
     crash only rules the runtime out for that model (`auto` picks another one)."""
-    marker = folder / f"survives-{compute}-{hashlib.sha256(cpu_model_name().encode()).hexdigest()[:12]}"
+    # The verdict holds for this CPU and for the native code loaded beside OpenVINO: a library preloaded
+    # later (jemalloc, as operators do against heap growth) aborted its CPU plugin on an AMD EPYC, and a
+    # verdict kept from before it would have let that crash end the gateway at every start.
+    native = f"{cpu_model_name()}\0{os.environ.get('LD_PRELOAD', '')}"
+    marker = folder / f"survives-{compute}-{hashlib.sha256(native.encode()).hexdigest()[:12]}"
     if marker.exists():
         return None
     with tempfile.TemporaryDirectory() as tmp:
