@@ -1,5 +1,5 @@
 """One batch, end to end, inside the failure boundary: collate, forward (with the OOM policy), the device
-sync, scatter, pooling and top-k, metrics. Any error fails the requests of that batch with a clear 5xx
+sync, scatter, metrics, pooling and top-k. Any error fails the requests of that batch with a clear 5xx
 (engine.streams catches it); the stream carries on with the next batch.
 
 Steps are named; `step_hook(step, info)` (tests) runs at the start of each one and may raise, which is how
@@ -25,7 +25,7 @@ from engine.work import Completed, Work
 
 log = logging.getLogger("rerank_gateway.engine")
 
-STEPS = ("collate", "forward", "sync", "scatter", "pool", "metrics")
+STEPS = ("collate", "forward", "sync", "scatter", "metrics", "pool")
 
 
 @dataclass(slots=True)
@@ -100,10 +100,8 @@ class BatchRunner:
         finished, failed = self._scatter(parts, seconds / len(plan))
         for message, works in failed.items():
             self.fail(works, message)
-        self._step("pool", plan)
-        with torch.inference_mode(), _on(self.pool_stream):
-            for work in finished:
-                self._answer(work)
+        # Counted before anyone is answered, so a client that reads /metrics after its response finds its
+        # batches there (counted after, a loaded 2-core machine let tests read the count one batch short).
         self._step("metrics", plan)
         real = plan.real_tokens
         # The tokens the forward computed: a packed batch computes its real ones, nothing padded.
@@ -111,6 +109,10 @@ class BatchRunner:
         self.observed(real, seconds)
         if self.metrics:
             self.metrics.observe_batch(self.name, len(plan), real, padded, seconds)
+        self._step("pool", plan)
+        with torch.inference_mode(), _on(self.pool_stream):
+            for work in finished:
+                self._answer(work)
 
     # -- forward with the OOM policy ----------------------------------------------------------------------
     def forward(self, plan: Plan) -> torch.Tensor:

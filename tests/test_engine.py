@@ -195,6 +195,17 @@ def test_metrics_and_timing_headers():
         assert 0 < efficiency <= 1
 
 
+def test_a_response_finds_its_batches_already_in_metrics():
+    # The metrics step held for a moment: were batches counted after the answers left, a client reading
+    # /metrics at once would find its own batch missing (as tests on a loaded machine did).
+    with LiveServer(minilm_registry(max_batch_size=4)) as srv:
+        held = []
+        srv.scheduler("minilm").step_hook = lambda step, info: (step == "metrics") and (held.append(step), time.sleep(0.3))
+        assert rerank(srv.url, docs(10)).status_code == 200
+        assert held and metric(srv.url, "rerank_batch_pairs_sum") == 10
+        assert metric(srv.url, "rerank_batch_pairs_count") == 3
+
+
 def test_precision_per_device():
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     assert resolve_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
