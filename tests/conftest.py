@@ -19,11 +19,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Exports and `runtime: auto`'s measurements go to a cache of the run's own (servers started by the tests
 # inherit it): a run neither reuses what an earlier one left in ~/.cache/rerank-gateway, so it costs what it
 # costs on a fresh machine (CI's), nor leaves gigabytes of exports there. RERANK_GATEWAY_CACHE, when set, wins.
-if "RERANK_GATEWAY_CACHE" not in os.environ:
+# Each pytest-xdist worker gets a cache of its own too: a worker inherits the controller's environment, and
+# two workers exporting the same model into one folder at once is not what a test means to exercise.
+if "RERANK_GATEWAY_CACHE" not in os.environ or os.environ.get("RERANK_GATEWAY_CACHE") == os.environ.get("_RERANK_GATEWAY_TEST_CACHE"):
     import atexit
     import shutil
 
-    os.environ["RERANK_GATEWAY_CACHE"] = tempfile.mkdtemp(prefix="rerank-gateway-test-cache-")
+    os.environ["RERANK_GATEWAY_CACHE"] = os.environ["_RERANK_GATEWAY_TEST_CACHE"] = tempfile.mkdtemp(prefix="rerank-gateway-test-cache-")
     atexit.register(shutil.rmtree, os.environ["RERANK_GATEWAY_CACHE"], ignore_errors=True)
 
 import httpx  # noqa: E402

@@ -11,6 +11,10 @@ import pytest
 from core.heap import HEAP, IdleTrim, rss_bytes
 from tests.conftest import app_client, minilm_registry
 
+# Serial (`make test` runs these after the parallel part, alone): the idle trim waits for quiet periods
+# and RSS is read as the process's own figure while another worker allocates beside it.
+pytestmark = pytest.mark.serial
+
 libc = ctypes.CDLL(None)
 if not hasattr(libc, "malloc_trim"):
     pytest.skip("this C library has no malloc_trim (not glibc)", allow_module_level=True)

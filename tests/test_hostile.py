@@ -22,6 +22,10 @@ import yaml
 
 from tests.conftest import MINILM, serve_process
 
+# Serial (`make test` runs these after the parallel part, alone): deadlines of a second or two are
+# asserted in wall time, and 2,000 stalled connections would load the tests beside them.
+pytestmark = pytest.mark.serial
+
 ADMIN_KEY = "hostile-admin-key-0123456789"
 KEYS = {"alpha": "hostile-alpha-key-0123456789", "beta": "hostile-beta-key-0123456789"}
 

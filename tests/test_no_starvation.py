@@ -25,6 +25,9 @@ import yaml
 from tests.conftest import serve_process
 from tests.tiny_models import build_minilm_tiny_cross_encoder
 
+# Serial (`make test` runs these after the parallel part, alone): latency against the median, in wall time.
+pytestmark = pytest.mark.serial
+
 CLIENTS = 16
 REQUESTS_PER_CLIENT = 12
 DOCS = 20

@@ -350,6 +350,7 @@ def test_fallback_when_the_model_fails(client: TestClient) -> None:
     assert rerank(client, "a-then-b").headers["x-rerank-model"] == "a"
 
 
+@pytest.mark.serial  # latency beside a held shadow against latency alone, in wall time
 def test_shadow_never_delays_the_primary(client: TestClient) -> None:
     baseline = []
     for _ in range(5):

@@ -16,6 +16,10 @@ from ops.cli import main as cli_main
 from core.config import RegistryError, parse_registry
 from tests.tenant_fixtures import ADMIN_KEY, KEYS, bearer, key_sha256, registry, rerank_body, tiny_bert_dir
 
+# Serial (`make test` runs these after the parallel part, alone): a test's requests must fit in one 2 s
+# rate window, in wall time.
+pytestmark = pytest.mark.serial
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
