@@ -41,8 +41,61 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
 
 
 def cpu_cores() -> int:
-    """The cores this process may run on (its affinity), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use: those it may run on (its affinity, not the machine's count), capped
+    by its cgroup's CPU quota rounded down (at least one). A Kubernetes pod limited to 2 CPUs on a 32-core
+    node has all 32 in its affinity; sizing threads by them would run 32 intra-op threads in a quota of 2,
+    and the kernel throttles the pod for most of each period."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota_cores()
+    return max(1, min(cores, int(quota))) if quota is not None else cores
+
+
+def cpu_quota_cores(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroups in cores (a container's CPU limit: cgroup v2's cpu.max, v1's
+    cpu.cfs_quota_us over cpu.cfs_period_us), the smallest along the path up to the root; None where none
+    is set or the files cannot be read. Inside a container the cgroup path names the host's hierarchy, which
+    is not mounted there: the mount's own root is the container's cgroup, and is read too."""
+    try:
+        with open(proc_cgroup, encoding="ascii", errors="ignore") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    quotas: list[float] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2
+            for folder in _cgroup_folders(root, path):
+                fields = _read(os.path.join(folder, "cpu.max")).split()
+                if len(fields) == 2 and fields[0] != "max":
+                    quotas.append(int(fields[0]) / int(fields[1]))
+        elif "cpu" in controllers.split(","):  # v1: mounted as cpu,cpuacct (or cpu)
+            mount = next((m for m in (os.path.join(root, controllers), os.path.join(root, "cpu")) if os.path.isdir(m)), None)
+            for folder in _cgroup_folders(mount, path) if mount else ():
+                quota, period = _read(os.path.join(folder, "cpu.cfs_quota_us")), _read(os.path.join(folder, "cpu.cfs_period_us"))
+                if quota.lstrip("-").isdigit() and int(quota) > 0 and period.isdigit() and int(period) > 0:
+                    quotas.append(int(quota) / int(period))
+    return min(quotas) if quotas else None
+
+
+def _cgroup_folders(mount: str, path: str) -> list[str]:
+    """mount/path and each folder above it, up to the mount itself."""
+    folders, parts = [], [p for p in path.split("/") if p]
+    for k in range(len(parts), -1, -1):
+        folder = os.path.join(mount, *parts[:k])
+        if os.path.isdir(folder):
+            folders.append(folder)
+    return folders
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except (OSError, ValueError):
+        return ""
 
 
 def cpu_model_name() -> str:
