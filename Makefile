@@ -82,7 +82,9 @@ gpu-wheels-verify: gpu-wheels
 # starts once), then the tests marked `serial` (wall-time latency and deadlines) alone. One pytest uses about one
 # core (CPU time / wall 1.07, 2-core Intel Xeon); there the suite took 461 s in one process and 228 + 99 s in
 # these two parts. A part that PYTEST_ARGS leaves empty (pytest's exit code 5) is not a failure.
-TEST_WORKERS ?= 2
+# Workers: the cores the gateway would use here (core.host.cpu_cores: affinity capped by a CPU quota); with
+# one, no workers (0: the suite in one process, as under bench/slow_cpu.sh's quota of 0.9 CPU).
+TEST_WORKERS ?= $(shell $(PY) -c "from core.host import cpu_cores; print(cpu_cores() if cpu_cores() > 1 else 0)")
 PYTEST := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 test: $(TEST_STAMP)
 	command -v redis-server >/dev/null 2>&1 || apt-get install -y -q redis-server || { apt-get update -q && apt-get install -y -q redis-server; }

@@ -12,8 +12,11 @@
 #   - a CPU quota (cgroup v1 cpu.cfs_quota_us) of SLOW_CPU_SHARE x cores, in 10 ms periods so the
 #     throttling is fine-grained. The quota is the group's total, not a cap per core: the process sees 2
 #     cores, one thread alone may take 0.9 of a core, and two busy threads share 0.9 between them. So work
-#     spread over both cores gains nothing here that it would on two slow cores (pytest-xdist's 2 workers
-#     made the suite 6% slower here, 16% faster on the plain Xeon).
+#     spread over both cores gains nothing here that it would on two slow cores: `make test` on two
+#     pytest-xdist workers took 552 s for its parallel part alone here (461 s the whole suite in one
+#     process on the plain Xeon). The quota also reads as one core to the gateway and to `make test`
+#     (core.host.cpu_cores caps the affinity by it), so under this script the suite runs in one process
+#     and each model gets one inference stream, where the slow kind's two real cores get two.
 # Needs root (mount namespace, cgroup). Usage: bench/slow_cpu.sh make test
 set -euo pipefail
 SHARE="${SLOW_CPU_SHARE:-0.45}"
