@@ -205,8 +205,14 @@ class Backend(abc.ABC):
         until its copy has run)."""
         return Batch(inputs=self.padded_inputs(rows), contexts=rows.contexts)
 
+    def padded_width(self, longest: int) -> int:
+        """How wide a padded batch whose longest pair has `longest` tokens is: rounded up to the runtime's
+        width_multiple, never past max_length (the model's positions) unless the pair itself is."""
+        step = self.runtime.width_multiple if self.runtime is not None else 1
+        return max(longest, min(-(-longest // step) * step, self.spec.max_length))
+
     def padded_inputs(self, rows: Rows) -> dict[str, torch.Tensor]:
-        n, width = len(rows), int(rows.lengths.max())
+        n, width = len(rows), self.padded_width(int(rows.lengths.max()))
         pinned = self.device.type == "cuda"
         where = padded_mask(rows.lengths, width, left=self.padding_side == "left")
         ids = torch.full((n, width), self.pad_id, dtype=torch.long, pin_memory=pinned)

@@ -20,6 +20,7 @@ keep arriving, the scheduler passes a smaller `run_budget` for length runs (a bu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -91,15 +92,18 @@ class BatchCost:
     """What a set of window rows (or a planned batch) costs against the token budget, as the backend's
     forward runs them."""
 
-    def __init__(self, is_padded: bool) -> None:
+    def __init__(self, is_padded: bool, width: Callable[[int], int] = int) -> None:
         self.is_padded = is_padded
+        # A padded batch's width for its longest pair (Backend.padded_width: an exported runtime's batches
+        # are rounded up to a multiple of tokens), so that a batch built under the budget runs under it.
+        self.width = width
 
     def of_plan(self, plan: Plan) -> int:
         if not self.is_padded:
             return plan.real_tokens
         shared = [g.part.prepared.shared for g in plan.groups]
         if not any(shared):
-            return int(plan.lengths.max()) * len(plan)
+            return self.width(int(plan.lengths.max())) * len(plan)
         cost, plain = 0, []
         for g, p in zip(plan.groups, shared):
             lengths = g.part.prepared.lengths[g.items]
@@ -109,7 +113,7 @@ class BatchCost:
                 plain.append(lengths)
         if plain:
             rest = np.concatenate(plain)
-            cost += int(rest.max()) * len(rest)
+            cost += self.width(int(rest.max())) * len(rest)
         return cost
 
     def __call__(self, window: Window, rows: np.ndarray, shared: np.ndarray | None) -> int:
@@ -119,7 +123,7 @@ class BatchCost:
         if not self.is_padded:
             return int(lengths.sum())
         if shared is None:
-            return int(lengths.max()) * len(rows)
+            return self.width(int(lengths.max())) * len(rows)
         prefix = shared[window.part[rows]]
         plain = prefix == 0
         cost = int(lengths[plain].max()) * int(plain.sum()) if plain.any() else 0
@@ -214,7 +218,7 @@ def _build(
 ) -> np.ndarray:
     wid, tid = window.wid, window.tid
     own = np.flatnonzero(wid == wid[first])
-    width = int(window.length[own].max())
+    width = cost.width(int(window.length[own].max()))
 
     def fits(rows: np.ndarray, wide: int, limit: int) -> bool:
         # The padded size bounds every cost from above: the backend's cost is computed only when needed.
@@ -266,7 +270,7 @@ def _build(
     def run_fits(a: int, b: int, added: int) -> bool:
         if packed:
             return total + added <= budget
-        if lengths[b] * (b - a + 1) <= budget:
+        if cost.width(lengths[b]) * (b - a + 1) <= budget:
             return True
         return shared is not None and cost(window, ordered[a : b + 1], shared) <= budget
 

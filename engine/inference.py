@@ -105,7 +105,7 @@ class BatchRunner:
         self._step("metrics", plan)
         real = plan.real_tokens
         # The tokens the forward computed: a packed batch computes its real ones, nothing padded.
-        padded = sum(len(p.plan) * int(p.plan.lengths.max()) for p in parts) if self.backend.is_padded else real
+        padded = sum(len(p.plan) * self.backend.padded_width(int(p.plan.lengths.max())) for p in parts) if self.backend.is_padded else real
         self.observed(real, seconds)
         if self.metrics:
             self.metrics.observe_batch(self.name, len(plan), real, padded, seconds)

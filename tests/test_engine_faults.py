@@ -201,7 +201,8 @@ def test_warmup_runs_mixed_lengths_at_the_full_token_budget(backend):
     s.step_hook = lambda step, info: seen.append(("", info.inputs["attention_mask"].clone())) if step == "forward" else None
     try:
         out = s.warmup(64)
-        assert [m.shape for _, m in seen] == [(1, 48), (2, 24)]
+        # (An exported runtime's batches are rounded up in width: OpenVINO's to 16 tokens.)
+        assert [m.shape for _, m in seen] == [(1, 48), (2, backend.padded_width(24))]
         assert (seen[1][1] == 0).any()
     finally:
         s.close()

@@ -396,3 +396,42 @@ class _SumOfEmbeddings(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids).sum(dim=(1, 2))
+
+
+@needs_ov
+def test_openvino_batches_are_16_tokens_wide_and_built_under_the_budget(ce_dir, workload):
+    """OpenVINO's CPU plugin prepares each new input shape, so its batches are rounded up to 16 tokens wide
+    (backends.runtimes.openvino); the padding is masked (same scores) and the batch builder counts it, so a
+    batch still fits its token budget."""
+    import asyncio
+
+    from engine import Scheduler
+
+    backend = load("flag", ce_dir, runtime="openvino", dtype="float32")
+    prepared = backend.prepare(workload.query, workload.documents[:8], max_length=100, max_chunks=1, instruction=None)
+    rows = prepared.rows()
+    batch = backend.collate(rows)
+    longest = int(rows.lengths.max())
+    assert batch.inputs["input_ids"].shape == (8, -(-longest // 16) * 16) and longest % 16, "a width that needs rounding"
+    narrow = {k: v[:, :longest] for k, v in batch.inputs.items()}
+    with torch.inference_mode():
+        assert torch.allclose(backend.runtime(batch.inputs), backend.runtime(narrow), atol=1e-5)
+    # 50-token pairs: 5 fit a 256-token budget at their own width (250) but not at 64 (320).
+    shapes: list[tuple[int, int]] = []
+    s = Scheduler(backend, max_batch_tokens=256, max_batch_size=64, max_queue_pairs=10_000, max_queue_tokens=10**7, streams=1)
+    s.step_hook = lambda step, info: shapes.append(tuple(info.inputs["input_ids"].shape)) if step == "forward" else None
+    words = workload.query.split()
+
+    async def ask():
+        docs = [" ".join(words[k % len(words)] for k in range(i, i + 200)) for i in range(40)]
+        lengths = backend.prepare(workload.query, docs, max_length=50, max_chunks=1, instruction=None).lengths
+        assert set(lengths.tolist()) == {50}
+        prepared = await s.prepare(workload.query, docs, max_length=50, max_chunks=1, instruction=None)
+        return await s.submit(prepared, top_n=3)
+
+    try:
+        answer = asyncio.run(asyncio.wait_for(ask(), 60))
+    finally:
+        s.close()
+    assert len(answer.indices) == 3
+    assert shapes and all(n * w <= 256 for n, w in shapes) and {w for _, w in shapes} == {64}, shapes

@@ -15,6 +15,8 @@ class Runtime:
     precision: str = "float32"
     # Bytes the runtime's copy of the weights takes, when it is not the torch model's.
     weights_bytes: int | None = None
+    # Padded batches are this many tokens wide, rounded up (1: the longest pair's length).
+    width_multiple: int = 1
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
