@@ -83,7 +83,7 @@ gpu-wheels-verify: gpu-wheels
 # core (CPU time / wall 1.07, 2-core Intel Xeon); there the suite took 461 s in one process and 228 + 99 s in
 # these two parts. A part that PYTEST_ARGS leaves empty (pytest's exit code 5) is not a failure.
 # Workers: the cores the gateway would use here (core.host.cpu_cores: affinity capped by a CPU quota); with
-# one, no workers (0: the suite in one process, as under bench/slow_cpu.sh's quota of 0.9 CPU).
+# one (a container limited to one CPU), no workers: 0 runs the suite in one process.
 TEST_WORKERS ?= $(shell $(PY) -c "from core.host import cpu_cores; print(cpu_cores() if cpu_cores() > 1 else 0)")
 PYTEST := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 test: $(TEST_STAMP)
@@ -93,7 +93,9 @@ test: $(TEST_STAMP)
 
 # `make test` as on the project's slow machine kind (AMD EPYC, no AMX / AVX512-BF16, fp32, ~3x slower), on an
 # Intel Xeon: bench/slow_cpu.sh hides the CPU's bf16 flags, caps MKL at AVX2 and gives each core a CPU quota
-# (SLOW_CPU_SHARE, default 0.45). Needs root. The suite must stay under 12 minutes there.
+# (SLOW_CPU_SHARE, default 0.45). Needs root. The suite must stay under 12 minutes there. On two workers it
+# took 603 + 186 s (2026-12-06): the quota is shared, so a second worker gains nothing there, while a suite
+# in one process gets 0.9 of a core for its one busy thread, twice what a core of the slow kind gives.
 test-slow-cpu: $(STAMP)
 	bench/slow_cpu.sh $(MAKE) test
 
