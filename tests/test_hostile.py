@@ -22,9 +22,8 @@ import yaml
 
 from tests.conftest import MINILM, serve_process
 
-# Serial (`make test` runs these after the parallel part, alone): deadlines of a second or two are
-# asserted in wall time, and 2,000 stalled connections would load the tests beside them.
-pytestmark = pytest.mark.serial
+# Tests marked serial run after the parallel part of `make test`, alone: they assert deadlines of a second
+# or two in wall time (and 2,000 stalled connections would load the tests beside them).
 
 ADMIN_KEY = "hostile-admin-key-0123456789"
 KEYS = {"alpha": "hostile-alpha-key-0123456789", "beta": "hostile-beta-key-0123456789"}
@@ -182,6 +181,7 @@ def test_huge_and_many_headers_are_a_431(server):
     _alive(server)
 
 
+@pytest.mark.serial
 def test_content_length_lies(server):
     port = _port(server)
     # Claims more than it sends, then stalls: closed with a 408 at the body deadline.
@@ -220,6 +220,7 @@ def _closed_by_server(s: socket.socket, within_s: float) -> bool:
         return False
 
 
+@pytest.mark.serial
 def test_2000_stalled_connections_do_not_starve_a_normal_request(server):
     port = _port(server)
     opened = time.monotonic()
@@ -259,6 +260,7 @@ def test_2000_stalled_connections_do_not_starve_a_normal_request(server):
     _alive(server)
 
 
+@pytest.mark.serial
 def test_trickled_headers_are_closed_at_the_header_deadline(server):
     with socket.create_connection(("127.0.0.1", _port(server)), timeout=10) as s:
         started = time.monotonic()
@@ -278,6 +280,7 @@ def test_trickled_headers_are_closed_at_the_header_deadline(server):
         assert closed_after is not None and closed_after < HEADER_TIMEOUT_S + 1
 
 
+@pytest.mark.serial
 def test_idle_keep_alive_connections_are_closed(server):
     with socket.create_connection(("127.0.0.1", _port(server)), timeout=10) as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -381,6 +384,7 @@ IN_FLIGHT_S = 3.0
 DRAIN_MARGIN = 5.0
 
 
+@pytest.mark.serial
 def test_sigterm_answers_the_request_in_flight_and_exits_0_within_the_drain(tmp_path, server):
     per_doc = _seconds_per_document(server, words=2)  # the module's server: the same model and settings
     n_docs = max(200, min(10_000, round(IN_FLIGHT_S / per_doc)))
@@ -422,6 +426,7 @@ def test_sigterm_answers_the_request_in_flight_and_exits_0_within_the_drain(tmp_
             s.close()
 
 
+@pytest.mark.serial
 def test_drain_deadline_fails_queued_work_with_503_and_a_second_signal_exits_at_once(tmp_path):
     drain = 1.0
     with _drain_server(tmp_path, drain) as (url, proc):
