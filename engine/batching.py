@@ -126,7 +126,7 @@ class BatchCost:
             return self.width(int(lengths.max())) * len(rows)
         prefix = shared[window.part[rows]]
         plain = prefix == 0
-        cost = int(lengths[plain].max()) * int(plain.sum()) if plain.any() else 0
+        cost = self.width(int(lengths[plain].max())) * int(plain.sum()) if plain.any() else 0
         if not plain.all():
             parts, inverse = np.unique(window.part[rows][~plain], return_inverse=True)
             tails = lengths[~plain] - prefix[~plain]
