@@ -84,7 +84,7 @@ gpu-wheels-verify: gpu-wheels
 # these two parts. A part that PYTEST_ARGS leaves empty (pytest's exit code 5) is not a failure.
 # Workers: the cores the gateway would use here (core.host.cpu_cores: affinity capped by a CPU quota); with
 # one (a container limited to one CPU), no workers: 0 runs the suite in one process.
-TEST_WORKERS ?= $(shell $(PY) -c "from core.host import cpu_cores; print(cpu_cores() if cpu_cores() > 1 else 0)")
+TEST_WORKERS ?= $(shell $(PY) -c "from core.host import cpu_cores; cores = cpu_cores(); print(cores if cores > 1 else 0)")
 PYTEST := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 test: $(TEST_STAMP)
 	command -v redis-server >/dev/null 2>&1 || apt-get install -y -q redis-server || { apt-get update -q && apt-get install -y -q redis-server; }
