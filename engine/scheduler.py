@@ -388,7 +388,8 @@ class Scheduler:
         Returns pairs, length, seconds, peak_bytes, activation_bytes (0 on a CPU, memory_measured False),
         workspace_bytes, padded_tokens, real_tokens, shapes. Raises BudgetDoesNotHold on OOM."""
         shapes = warmup_shapes(
-            length, budget=self.max_batch_tokens, max_batch_size=self.max_batch_size, packed=not self.backend.is_padded
+            length, budget=self.max_batch_tokens, max_batch_size=self.max_batch_size, packed=not self.backend.is_padded,
+            width_of=self._cost.width if self.backend.is_padded else int,
         )
 
         def measure() -> dict[str, Any]:

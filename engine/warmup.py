@@ -14,7 +14,7 @@ the peak is this model's own and includes the thread's cuBLAS workspace.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,15 +34,23 @@ def mixed_lengths(n: int, width: int) -> list[int]:
     return [width - (width - low) * k // (n - 1) for k in range(n)]
 
 
-def warmup_shapes(length: int, *, budget: int, max_batch_size: int, packed: bool = False) -> list[list[int]]:
+def warmup_shapes(
+    length: int, *, budget: int, max_batch_size: int, packed: bool = False, width_of: Callable[[int], int] = int
+) -> list[list[int]]:
     """`packed`: the backend packs batches without padding (Backend.is_padded False), so the batch builder
     fills the budget with real tokens (engine.batching); the mixed batch has only about half, and a batch
-    of real tokens at the full budget is run as well."""
+    of real tokens at the full budget is run as well. `width_of`: how wide the backend pads a batch whose
+    longest pair has that many tokens (Backend.padded_width; an exported runtime rounds it up), so the
+    shapes cost what the batch builder lets a batch cost, not more."""
     width = max(2, min(length, budget))
-    n = max(1, min(max_batch_size, budget // width))
+    n = max(1, min(max_batch_size, budget // width_of(width)))
     shapes = [mixed_lengths(n, width)]
     if n == 1 and max_batch_size >= 2 and width >= 4:
-        shapes.append(mixed_lengths(2, width // 2))
+        # The widest two-row batch under the budget (half the width, less where the runtime rounds it up).
+        half = width // 2
+        while half > 2 and 2 * width_of(half) > budget:
+            half -= 1
+        shapes.append(mixed_lengths(2, half))
     if packed and n > 1:
         shapes.append([width] * n)
     return shapes

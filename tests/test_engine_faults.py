@@ -24,6 +24,7 @@ from core.host import CPU_STREAM_NICE
 from engine import Scheduler
 from engine.scheduler import SEARCH_RECENT_S, SEARCH_RUN_SHARE
 from engine.inference import STEPS
+from engine.warmup import warmup_shapes
 from tests.conftest import MINILM
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -201,11 +202,31 @@ def test_warmup_runs_mixed_lengths_at_the_full_token_budget(backend):
     s.step_hook = lambda step, info: seen.append(("", info.inputs["attention_mask"].clone())) if step == "forward" else None
     try:
         out = s.warmup(64)
-        # (An exported runtime's batches are rounded up in width: OpenVINO's to 16 tokens.)
-        assert [m.shape for _, m in seen] == [(1, 48), (2, backend.padded_width(24))]
+        # Half the width, or less where the runtime rounds widths up (OpenVINO: to 16 tokens): under the budget.
+        assert seen[0][1].shape == (1, 48) and seen[1][1].shape[0] == 2
+        assert 2 * seen[1][1].shape[1] <= 48 and seen[1][1].shape[1] == backend.padded_width(int(seen[1][1].sum(1).max()))
         assert (seen[1][1] == 0).any()
     finally:
         s.close()
+
+
+def test_warmup_shapes_cost_no_more_than_the_budget_at_the_runtimes_width():
+    """An exported runtime pads a batch to a multiple of 16 tokens (Backend.padded_width): the warm-up's
+    shapes are sized at that width, as the batch builder sizes batches, so the warm-up never runs more
+    tokens than the budget it is proving."""
+    by_16 = lambda longest: -(-longest // 16) * 16  # noqa: E731
+    # 100-token pairs pad to 112: 9 rows fit 1,024 tokens (10 at the unrounded width would run 1,120).
+    main = warmup_shapes(100, budget=1024, max_batch_size=64, width_of=by_16)[0]
+    assert len(main) == 9 and max(main) == 100 and 9 * by_16(100) <= 1024
+    assert len(warmup_shapes(100, budget=1024, max_batch_size=64)[0]) == 10
+    # One pair at full width, then the masked two-row batch: 2 x 24 would pad to 2 x 32 = 64 > 48.
+    shapes = warmup_shapes(64, budget=48, max_batch_size=64, width_of=by_16)
+    assert shapes == [[48], [16, 2]]
+    assert warmup_shapes(64, budget=48, max_batch_size=64) == [[48], [24, 2]]
+    for budget in range(32, 200):  # from two rows of one 16-token step
+        for length in (17, 64, 100, 512):
+            for rows in warmup_shapes(length, budget=budget, max_batch_size=64, width_of=by_16)[1:]:
+                assert len(rows) * by_16(max(rows)) <= budget
 
 
 def test_queued_token_ids_are_compact_and_score_the_same(backend):
