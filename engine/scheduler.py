@@ -389,7 +389,7 @@ class Scheduler:
         workspace_bytes, padded_tokens, real_tokens, shapes. Raises BudgetDoesNotHold on OOM."""
         shapes = warmup_shapes(
             length, budget=self.max_batch_tokens, max_batch_size=self.max_batch_size, packed=not self.backend.is_padded,
-            width_of=self._cost.width if self.backend.is_padded else int,
+            width_of=self.backend.padded_width if self.backend.is_padded else int,
         )
 
         def measure() -> dict[str, Any]:
