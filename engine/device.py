@@ -33,16 +33,20 @@ from core.host import CPU_STREAM_NICE, lower_cpu_priority
 
 
 class DeviceTimer:
-    """Compute time of the work between start() and stop(); read it after synchronize()."""
+    """Compute time of the work between start() and stop(); read it after synchronize(). Only the first
+    start() counts: a batch split after an OOM is timed from its first launch to its last."""
 
     __slots__ = ("_cuda", "_start", "_end", "_t0", "_t1")
 
     def __init__(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda"
         self._start = self._end = None
-        self._t0 = self._t1 = 0.0
+        self._t0: float | None = None
+        self._t1 = 0.0
 
     def start(self) -> None:
+        if self._t0 is not None:
+            return
         if self._cuda:
             self._start = torch.cuda.Event(enable_timing=True, blocking=True)
             self._start.record()
@@ -62,7 +66,7 @@ class DeviceTimer:
     def seconds(self) -> float:
         if self._start is not None and self._end is not None:
             return self._start.elapsed_time(self._end) / 1000.0
-        return max(self._t1 - self._t0, 0.0)
+        return max(self._t1 - self._t0, 0.0) if self._t0 is not None else 0.0
 
 
 class StreamContext:

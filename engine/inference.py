@@ -84,8 +84,7 @@ class BatchRunner:
         timer = DeviceTimer(self.device)
         with DEVICE_GATE.shared(self.device), torch.inference_mode():
             with self.launch:
-                timer.start()
-                parts = self.forward_splitting(plan)
+                parts = self.forward_splitting(plan, timer)
                 pinned = self.device.type == "cuda"
                 for part in parts:
                     if part.scores is not None:
@@ -115,20 +114,25 @@ class BatchRunner:
                 self._answer(work)
 
     # -- forward with the OOM policy ----------------------------------------------------------------------
-    def forward(self, plan: Plan) -> torch.Tensor:
+    def forward(self, plan: Plan, timer: DeviceTimer | None = None) -> torch.Tensor:
         self._step("collate", plan)
-        return self.forward_rows(plan.rows(), collated=True)
+        return self.forward_rows(plan.rows(), collated=True, timer=timer)
 
-    def forward_rows(self, rows: Rows, collated: bool = False) -> torch.Tensor:
+    def forward_rows(self, rows: Rows, collated: bool = False, timer: DeviceTimer | None = None) -> torch.Tensor:
+        """`timer` starts once the batch is collated: the device time of a batch is its kernels', not the
+        host's collation (on a GPU the other host thread's batch runs meanwhile, and a start event recorded
+        before collating would count the stream's idle wait for this host as device time)."""
         if not collated:
             self._step("collate", rows)
         batch: Batch = self.backend.collate(rows)
+        if timer is not None:
+            timer.start()
         self._step("forward", batch)
         if self.fault_hook is not None:
             self.fault_hook(len(rows), batch.inputs["input_ids"].numel())  # a packed batch is one row
         return self.backend.forward(batch)
 
-    def forward_splitting(self, plan: Plan) -> list[Part]:
+    def forward_splitting(self, plan: Plan, timer: DeviceTimer | None = None) -> list[Part]:
         """Forward the batch; on OOM halve it and retry each half, down to a single pair.
 
         The retry runs after the `except` block is left: while it is open, the exception's traceback holds
@@ -141,7 +145,7 @@ class BatchRunner:
             piece = pending.pop(0)
             out_of_memory = False
             try:
-                done.append(Part(piece, scores=self.forward(piece)))
+                done.append(Part(piece, scores=self.forward(piece, timer)))
             except torch.OutOfMemoryError:
                 out_of_memory = True  # no `as exc`: nothing may keep the traceback alive
             if not out_of_memory:

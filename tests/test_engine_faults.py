@@ -126,6 +126,24 @@ def test_oom_retry_runs_after_the_failed_batch_is_freed(backend):
         s.close()
 
 
+
+def test_device_time_counts_the_forward_not_the_collation(backend):
+    """A batch's device time (the request's inference time, /metrics, the rate that bounds batches by time
+    on a GPU) starts once the batch is collated: 0.3 s spent before collating is not counted, 0.3 s in the
+    forward is."""
+    s = scheduler(backend)
+    where = {"step": ""}
+    s.step_hook = lambda step, info: time.sleep(0.3) if step == where["step"] else None
+    try:
+        where["step"] = "collate"
+        slow_host = asyncio.run(asyncio.wait_for(ask(s, docs(4)), 60))
+        where["step"] = "forward"
+        slow_forward = asyncio.run(asyncio.wait_for(ask(s, docs(4)), 60))
+        assert slow_host.inference_s < 0.15, slow_host
+        assert slow_forward.inference_s >= 0.3, slow_forward
+    finally:
+        s.close()
+
 def test_every_way_out_takes_the_requests_pairs_off_the_queue(backend):
     """Timeout (with the answer arriving after the loop cancelled its future: the stream must not die),
     task cancellation, client disconnect, and a failed batch of a multi-batch request."""
