@@ -103,11 +103,13 @@ class BatchRunner:
         # batches there (counted after, a loaded 2-core machine let tests read the count one batch short).
         self._step("metrics", plan)
         real = plan.real_tokens
-        # The tokens the forward computed: a packed batch computes its real ones, nothing padded.
-        padded = sum(len(p.plan) * self.backend.padded_width(int(p.plan.lengths.max())) for p in parts) if self.backend.is_padded else real
-        self.observed(real, seconds)
+        # The tokens the forward computed, as the budget counts them (engine.batching.BatchCost): padded
+        # rows, a packed batch's real tokens, a shared prefix once. The measured rate is in these units too,
+        # so a batch bounded by time at that rate (engine.scheduler.bulk_run_budget) runs that long.
+        computed = sum(self.cost(p.plan) for p in parts)
+        self.observed(computed, seconds)
         if self.metrics:
-            self.metrics.observe_batch(self.name, len(plan), real, padded, seconds)
+            self.metrics.observe_batch(self.name, len(plan), real, computed, seconds)
         self._step("pool", plan)
         with torch.inference_mode(), _on(self.pool_stream):
             for work in finished:

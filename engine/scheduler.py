@@ -58,8 +58,8 @@ WINDOW_BATCHES = 8
 # against 1.6x with full batches, while the loop completed 356 and 708 searches against 191.
 SEARCH_RECENT_S = 1.0
 SEARCH_RUN_SHARE = 4
-# On a GPU a bulk request's batch is also bounded by time while searches arrive, at the measured rate (real
-# tokens per second of device time): a search waits for the batch in flight and the one launched behind it,
+# On a GPU a bulk request's batch is also bounded by time while searches arrive, at the measured rate (tokens
+# the forward computes, as the budget counts them, per second of device time): a search waits for the batch in flight and the one launched behind it,
 # so those take at most SEARCH_BATCH_S each. (On a CPU the token budget is already small: its measured rule
 # above stands.)
 SEARCH_BATCH_S = 0.010
@@ -537,8 +537,8 @@ class Scheduler:
         self._token_cap = max(width, min(self._token_cap, cost // 2))
         self._cap_until = time.monotonic() + OOM_COOLDOWN_S
 
-    def _observed(self, real_tokens: int, seconds: float) -> None:
-        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (real_tokens / max(seconds, 1e-6))
+    def _observed(self, tokens: int, seconds: float) -> None:
+        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (tokens / max(seconds, 1e-6))
 
     def _health(self, reason: str | None) -> None:
         self.unavailable_reason = reason

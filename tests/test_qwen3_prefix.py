@@ -4,6 +4,8 @@ chunked documents and pairs with nothing to share; the cache is reused across ba
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -14,6 +16,8 @@ from backends.base import Rows
 from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix_length
 from backends.token_arrays import flatten
 from core.config import effective, model_spec
+from engine import Scheduler
+from observability.metrics import Metrics
 from tests import tiny_models as tm
 
 
@@ -135,3 +139,27 @@ def test_prefix_cache_is_bounded_in_bytes() -> None:
     assert SharedPrefix([0]) not in cache and SharedPrefix([1]) not in cache
     cache.get_or_compute(SharedPrefix([2]), lambda p: pytest.fail("a cached prefix is not recomputed"))
     assert cache.hits == 1
+
+
+def test_metrics_count_the_tokens_a_prefix_batch_computes(qwen3_dir) -> None:
+    """/metrics' computed ("padded") tokens and the measured rate count a request's shared prefix once, as
+    the token budget does: not every pair run whole at the batch's width."""
+    backend = load(qwen3_dir, "float32")
+    metrics = Metrics()
+    s = Scheduler(backend, max_batch_tokens=8192, max_batch_size=64, max_queue_pairs=10_000, max_queue_tokens=10**7, metrics=metrics, streams=1)
+    docs = tm.sentences(12, min_words=3, max_words=40)
+    try:
+        async def run():
+            prepared = await s.prepare("kalo mira river", docs, max_length=160, max_chunks=1, instruction=None)
+            done = await s.submit(prepared, top_n=len(docs))
+            return prepared, done
+
+        prepared, done = asyncio.run(asyncio.wait_for(run(), 120))
+        assert sorted(done.indices) == list(range(len(docs)))
+        lengths, shared = prepared.lengths, prepared.shared
+        assert shared > 10 and len(set(lengths.tolist())) > 1
+        computed = shared + len(lengths) * (int(lengths.max()) - shared)
+        line = next(x for x in metrics.render().decode().splitlines() if x.startswith('rerank_padded_tokens_total{model="q"}'))
+        assert float(line.split()[-1]) == computed < len(lengths) * int(lengths.max())
+    finally:
+        s.close()
