@@ -102,8 +102,11 @@ class TokenizerLanes:
             )
         lane.pending += 1
         loop = asyncio.get_running_loop()
+        slices = lane.slices(n_docs)
         try:
-            return list(await asyncio.gather(*(loop.run_in_executor(lane.pool, fn, a, b) for a, b in lane.slices(n_docs))))
+            if len(slices) == 1:  # every search: one executor future, no gathering around it
+                return [await loop.run_in_executor(lane.pool, fn, *slices[0])]
+            return list(await asyncio.gather(*(loop.run_in_executor(lane.pool, fn, a, b) for a, b in slices)))
         finally:
             lane.pending -= 1
 

@@ -339,7 +339,8 @@ class Scheduler:
         waiter = work.future
         try:
             if disconnected is None:
-                return await asyncio.wait_for(waiter, timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    return await waiter
             done, _ = await asyncio.wait({waiter, disconnected}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
             if waiter in done:
                 return waiter.result()
