@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from core.config import Registry, name_index
-from core.errors import GatewayError, InferenceFailed, ModelUnavailable, TooManyRequests
+from core.errors import GatewayError, InferenceFailed, ModelUnavailable, ServiceUnavailable, TooManyRequests
 from core.rerank import RerankRequest, RerankResult, max_scored_units, search_units
 from observability.metrics import Metrics
 from pool.model_pool import ModelPool
@@ -105,10 +105,16 @@ class RerankPipeline:
                 routed = await self._routed(served, req, ctx)
                 result = routed.result
                 lease.used_units = search_units(result.scored_units)
-                # Recorded before the answer leaves: what was acknowledged is in the ledger.
-                await self.usage.record(
-                    ctx.caller.tenant, result.model, documents=len(req.texts), search_units=lease.used_units, tokens=result.total_tokens
-                )
+                # Recorded before the answer leaves: what was acknowledged is in the ledger. A request whose row
+                # could not be written fails unbilled, and its units are refunded. (One whose client went away
+                # while its row was written is billed: the row is written all the same.)
+                try:
+                    await self.usage.record(
+                        ctx.caller.tenant, result.model, documents=len(req.texts), search_units=lease.used_units, tokens=result.total_tokens
+                    )
+                except ServiceUnavailable:
+                    lease.used_units = None
+                    raise
         except OverLimit as exc:
             self.metrics.limited.labels(exc.tenant, exc.which).inc()
             raise
