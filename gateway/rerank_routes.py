@@ -57,39 +57,33 @@ class RerankCall:
 
     async def __call__(self, internal: RerankRequest) -> Routed:
         """The pipeline's answer. A client that goes away cancels it (ClientClosedRequest, 499 in logs and
-        metrics); so does the server's drain deadline (503: its queued work was dropped, retry elsewhere)."""
+        metrics); so does the server's drain deadline (503: its queued work was dropped, retry elsewhere).
+        If this handler is cancelled itself, the call is cancelled with it and waited for."""
         call = asyncio.ensure_future(self.pipeline.rerank(internal, self.context))
-        gone = asyncio.ensure_future(_client_gone(self.request, self.lifecycle))
+        gone = asyncio.ensure_future(_disconnected(self.request))
+        gone.add_done_callback(lambda _: call.cancel())
+        forget = self.lifecycle.on_expire(call.cancel)
         try:
-            await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
+            return await call
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this handler was cancelled: not the client's doing nor the drain's
+            if self.lifecycle.expired:
+                raise ServiceUnavailable("the server is shutting down and dropped this request's queued work; retry on another replica") from None
+            raise ClientClosedRequest("client closed the request; its queued work was dropped") from None
         finally:
+            forget()
             gone.cancel()
-            if not call.done():
-                call.cancel()
-                await asyncio.gather(call, return_exceptions=True)
-        if not call.cancelled():
-            return call.result()
-        if self.lifecycle.expired.is_set():
-            raise ServiceUnavailable("the server is shutting down and dropped this request's queued work; retry on another replica")
-        raise ClientClosedRequest("client closed the request; its queued work was dropped")
 
 
-async def _client_gone(request: Request, lifecycle: Lifecycle) -> None:
-    """Resolves when the client goes away, or when the server's drain deadline passes. The body is already
-    read, so the next ASGI message on this connection is the disconnect."""
-
-    async def disconnect() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    waiters = {asyncio.ensure_future(disconnect()), asyncio.ensure_future(lifecycle.expired.wait())}
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+async def _disconnected(request: Request) -> None:
+    """Resolves when the client goes away. The body is already read, so the next ASGI message on this
+    connection is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def reply(body: Any, routed: Routed) -> Response:

@@ -5,18 +5,33 @@ deadline passed?" (so requests still waiting on a model are failed with a 503 in
 
 from __future__ import annotations
 
-import asyncio
+from typing import Callable
 
 
 class Lifecycle:
+    """On the event loop's thread."""
+
     def __init__(self) -> None:
         self.draining = False
-        # Set when the drain deadline has passed: work still queued is failed at once.
-        self.expired = asyncio.Event()
+        # True once the drain deadline has passed: work still queued is failed at once.
+        self.expired = False
+        self._on_expire: set[Callable[[], object]] = set()
 
     def start_draining(self) -> None:
         self.draining = True
 
     def expire(self) -> None:
         self.draining = True
-        self.expired.set()
+        self.expired = True
+        callbacks, self._on_expire = self._on_expire, set()
+        for fn in callbacks:
+            fn()
+
+    def on_expire(self, fn: Callable[[], object]) -> Callable[[], None]:
+        """Call fn() when the drain deadline passes (now, if it has). Returns what forgets it (a callback,
+        not a task waiting on an event: one of these comes with every request)."""
+        if self.expired:
+            fn()
+            return lambda: None
+        self._on_expire.add(fn)
+        return lambda: self._on_expire.discard(fn)
