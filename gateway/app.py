@@ -109,7 +109,7 @@ def create_app(
 
     app = Litestar(
         route_handlers=[
-            rerank_routes.routes(), *tenant_routes.HANDLERS, *operator_routes.HANDLERS,
+            rerank_routes.routes(lifecycle), *tenant_routes.HANDLERS, *operator_routes.HANDLERS,
         ],
         dependencies={
             "pipeline": Provide(_pipeline, sync_to_thread=False),
