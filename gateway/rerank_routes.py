@@ -174,7 +174,7 @@ def routes(lifecycle: Lifecycle) -> Router:
     One dependency on one other (the app's `pipeline`): Litestar resolves dependencies of the same depth
     concurrently, in a task group of its own, so two of them (`pipeline` and `lifecycle` beside each
     other) cost every request two tasks and a checkpoint: ~350 of its ~1,700 Python calls on the event loop
-    (/tmp/prof-style count: cProfile over in-process 20-document requests)."""
+    (bench.event_loop)."""
 
     def rerank_call(request: Request, pipeline: RerankPipeline) -> RerankCall:
         return RerankCall(request, pipeline, lifecycle)
