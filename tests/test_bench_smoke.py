@@ -36,3 +36,19 @@ def test_bench_quick_runs_gateway_and_ceiling(tmp_path: Path) -> None:
     # Same model, same dtype: the gateway ranks the documents as the plain loop does.
     assert res["score_agreement"]["gateway"]["spearman"] > 0.99
     assert "| target |" in (tmp_path / "out" / "rerank_bench_quick.md").read_text()
+
+
+def test_event_loop_bench_counts_a_request_s_work(tmp_path: Path) -> None:
+    """bench.event_loop runs the real app in-process and counts what a request costs the event loop. (In a
+    process of its own: it sets up the root logger as `serve` does.)"""
+    out = tmp_path / "el.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.event_loop", "--requests", "20", "--rounds", "1", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["requests"] == 20 and len(res["cpu_ms_per_request"]) == 1 and res["cpu_ms_per_request"][0] > 0
+    # A request creates its call's task and its disconnect watcher, and runs a few hundred calls at least.
+    assert res["tasks"] >= 2 and res["python_calls"] > 300 and res["loop_callbacks"] > 5
