@@ -59,9 +59,9 @@ WINDOW_BATCHES = 8
 SEARCH_RECENT_S = 1.0
 SEARCH_RUN_SHARE = 4
 # On a GPU a bulk request's batch is also bounded by time while searches arrive, at the measured rate (tokens
-# the forward computes, as the budget counts them, per second of device time): a search waits for the batch in flight and the one launched behind it,
-# so those take at most SEARCH_BATCH_S each. (On a CPU the token budget is already small: its measured rule
-# above stands.)
+# the forward computes, as the budget counts them, per second of device time): a search waits for the batch
+# in flight and the one launched behind it, so those take at most SEARCH_BATCH_S each. (On a CPU the token
+# budget is already small: its measured rule above stands.)
 SEARCH_BATCH_S = 0.010
 # After an OOM the model's token budget is lowered to what fitted, for this long.
 OOM_COOLDOWN_S = 60.0
