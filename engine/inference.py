@@ -21,7 +21,7 @@ from core.errors import InferenceFailed
 from engine.batching import Group, Plan
 from engine.device import DEVICE_GATE, DeviceTimer, free_cached
 from engine.pooling import top_k
-from engine.work import Completed, Work
+from engine.work import Answer, Completed, Work, deliver
 
 log = logging.getLogger("rerank_gateway.engine")
 
@@ -111,9 +111,14 @@ class BatchRunner:
         if self.metrics:
             self.metrics.observe_batch(self.name, len(plan), real, computed, seconds)
         self._step("pool", plan)
-        with torch.inference_mode(), _on(self.pool_stream):
-            for work in finished:
-                self._answer(work)
+        answers: list[Answer] = []
+        try:
+            with torch.inference_mode(), _on(self.pool_stream):
+                for work in finished:
+                    answers.append(self._answer(work))
+        finally:
+            # The batch's answers in one hand-off (one wake-up of the loop), those made before a failure too.
+            deliver(answers)
 
     # -- forward with the OOM policy ----------------------------------------------------------------------
     def forward(self, plan: Plan, timer: DeviceTimer | None = None) -> torch.Tensor:
@@ -206,19 +211,18 @@ class BatchRunner:
         )
 
     # -- pool and answer, outside the lock -----------------------------------------------------------------
-    def _answer(self, work: Work) -> None:
+    def _answer(self, work: Work) -> Answer:
         raw, doc_index, n_docs = work.raw_scores_by_doc(self.device)
         try:
             indices, scores = top_k(raw, doc_index, n_docs, work.top_n, None if work.raw_scores else self.backend.relevance)
         except ValueError:
-            work.deliver(error=InferenceFailed(self._non_finite_message()))
-            return
+            return work, None, InferenceFailed(self._non_finite_message())
         finally:
             # Only now: top_k's copy to the host has waited for every read of the batches' scores (another
             # stream's allocations may reuse their memory once they are freed).
             work.scored = []
         queue_s = (work.started_at or work.enqueued_at) - work.enqueued_at
-        work.deliver(Completed(indices=indices, scores=scores, queue_s=queue_s, inference_s=work.inference_s))
+        return work, Completed(indices=indices, scores=scores, queue_s=queue_s, inference_s=work.inference_s), None
 
 
 def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:

@@ -114,15 +114,8 @@ class Work:
         return True
 
     def deliver(self, result: Completed | None = None, error: BaseException | None = None) -> None:
-        """Hand the answer to the event loop (thread-safe; a closed loop or a cancelled future is fine).
-        Only the path that settled the work calls this; later calls are ignored."""
-        if self.delivered or self.future is None or self.loop is None:
-            return
-        self.delivered = True
-        try:
-            self.loop.call_soon_threadsafe(_resolve, self.future, result, error)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+        """Hand the answer to the event loop (`deliver`)."""
+        deliver([(self, result, error)])
 
     # -- the answer ---------------------------------------------------------------------------------------
     def raw_scores_by_doc(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -136,13 +129,35 @@ class Work:
         return raw, to_device(torch.from_numpy(doc_index), device), self.expected_docs
 
 
-def _resolve(future: asyncio.Future, result: Completed | None, error: BaseException | None) -> None:
-    if future.done():  # cancelled by the loop (timeout, disconnect) before the answer arrived
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+Answer = tuple[Work, Completed | None, BaseException | None]
+
+
+def deliver(answers: list[Answer]) -> None:
+    """Hand answers to the event loops that wait for them: one call into each loop for all of its answers
+    (each call writes to the loop's self-pipe and wakes it; a batch may finish many requests). Thread-safe;
+    a closed loop or a cancelled future is fine. Only the path that settled a work calls this; a work
+    already delivered is skipped."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Completed | None, BaseException | None]]] = {}
+    for work, result, error in answers:
+        if work.delivered or work.future is None or work.loop is None:
+            continue
+        work.delivered = True
+        by_loop.setdefault(work.loop, []).append((work.future, result, error))
+    for loop, resolved in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, resolved)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _resolve(answers: list[tuple[asyncio.Future, Completed | None, BaseException | None]]) -> None:
+    for future, result, error in answers:
+        if future.done():  # cancelled by the loop (timeout, disconnect) before the answer arrived
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 _arrivals = itertools.count()

@@ -144,6 +144,43 @@ def test_device_time_counts_the_forward_not_the_collation(backend):
     finally:
         s.close()
 
+def test_a_batch_hands_its_finished_requests_to_the_loop_in_one_call(backend):
+    """Each call into the event loop from an inference thread writes to its self-pipe and wakes it: a batch
+    that finishes eight requests makes one, not eight, and each request gets its own answer."""
+    s = scheduler(backend, max_batch_tokens=4096)
+    gate = threading.Event()
+    s.step_hook = lambda step, info: gate.wait(10) if step == "forward" else None
+    queries = [WORDS[k] + " " + WORDS[k + 2] for k in range(9)]
+
+    async def run():
+        prepared = [await s.prepare(q, docs(3 + k), max_length=64, max_chunks=1, instruction=None) for k, q in enumerate(queries)]
+        loop = asyncio.get_running_loop()
+        calls: list[str] = []
+        real = loop.call_soon_threadsafe
+
+        def counted(callback, *args, **kwargs):  # counts what reaches the loop from other threads, then passes it on
+            calls.append(threading.current_thread().name)
+            return real(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+        first = asyncio.ensure_future(s.submit(prepared[0], top_n=3))
+        await asyncio.sleep(0.3)  # its batch is taken and held at the forward
+        rest = [asyncio.ensure_future(s.submit(p, top_n=100)) for p in prepared[1:]]
+        await asyncio.sleep(0.3)  # queued behind it
+        gate.set()
+        done = await asyncio.wait_for(asyncio.gather(first, *rest), 60)
+        return done, calls, [p.n_docs for p in prepared]
+
+    try:
+        done, calls, n_docs = asyncio.run(run())
+        assert [len(d.indices) for d in done] == [3] + n_docs[1:]
+        assert all(sorted(d.indices) == list(range(n)) for d, n in zip(done[1:], n_docs[1:]))
+        # One call for the first batch, one for the batch that ran the eight queued behind it.
+        assert len(calls) == 2 and all(name.startswith("infer-") for name in calls), calls
+    finally:
+        s.close()
+
+
 def test_every_way_out_takes_the_requests_pairs_off_the_queue(backend):
     """Timeout (with the answer arriving after the loop cancelled its future: the stream must not die),
     task cancellation, client disconnect, and a failed batch of a multi-batch request."""
