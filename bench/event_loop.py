@@ -104,15 +104,18 @@ def counts(stats: pstats.Stats, requests: int) -> dict[str, float]:
     }
 
 
-async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, work: Path, model_dir: Path | None = None) -> dict[str, Any]:
+    """`model_dir`: a cross-encoder to serve (default: the tests' tiny one, built here)."""
     from bench.host_path import registry
     from bench.workload import small_requests, vocabulary
     from core.config import load_registry
     from gateway.app import create_app
     from observability import logs
-    from tests.tiny_models import build_minilm_tiny_cross_encoder
 
-    model_dir = build_minilm_tiny_cross_encoder(work / "tiny-ce")
+    if model_dir is None:
+        from tests.tiny_models import build_minilm_tiny_cross_encoder
+
+        model_dir = build_minilm_tiny_cross_encoder(work / "tiny-ce")
     reg = registry(model_dir, "float32", "torch")
     reg["usage"] = {"path": str(work / "usage.sqlite3")}
     path = work / "registry.yaml"

@@ -31,8 +31,13 @@ def _run(tmp_path: Path, *args: str, timeout: float = 240) -> tuple[subprocess.C
 
 
 def test_smoke_table_counts_real_tokens_against_the_measured_ceiling(tmp_path: Path) -> None:
-    proc, doc, md = _run(tmp_path, "--sections", "ceilings,table_encoders")
+    proc, doc, md = _run(tmp_path, "--sections", "ceilings,table_encoders,event_loop")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # h: the event loop's cost per request, with the counts that do not depend on the machine.
+    loop = doc["sections"]["event_loop"]["result"]["event_loop"]
+    assert doc["sections"]["event_loop"]["status"] == "ok" and len(loop["cpu_ms_per_request"]) == 2
+    assert loop["tasks"] >= 2 and loop["python_calls"] > 300
+    assert "**h. The event loop" in md and "at 320 requests/s" in md
     ceilings = doc["sections"]["ceilings"]["result"]
     assert ceilings["matmul_bf16"]["tflops"] > 0 and ceilings["copy"]["gb_per_s"] > 0
     rows = [r for v in doc["sections"]["table_encoders"]["result"].values() for r in v]

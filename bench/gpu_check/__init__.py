@@ -16,6 +16,7 @@ time limit, results flushed after every step (bench.gpu_check.runner):
                      8,192 tokens), 16 clients
   parity          g. padding_free off vs on: scores (max |diff|, Spearman) and speed
   table_qwen3     b. the same table for Qwen3-4B nf4
+  event_loop      h. what one 20-document request costs the event loop on this host (bench.event_loop)
 
     python -m bench.gpu_check                       # on a GPU
     python -m bench.gpu_check --smoke               # every section on this CPU with tiny models (~3 min)

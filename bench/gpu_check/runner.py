@@ -55,6 +55,8 @@ SECTIONS = [
     Section("t4_gte", "e. GTE under a T4-like cap", 110, 45),
     Section("parity", "g. Padded vs packed scores", 90, 35),
     Section("table_qwen3", "b. Memory/speed table: Qwen3-4B nf4", 90, 45),
+    # Last: a diagnosis of the concurrent-clients figures, not a figure of the issue.
+    Section("event_loop", "h. The event loop's cost per small request", 60, 25),
 ]
 SMOKE_LIMIT_S = 240
 

@@ -28,6 +28,7 @@ FUNCTIONS = {
     "t4_gte": ("bench.gpu_check.over_http", "t4_gte"),
     "parity": ("bench.gpu_check.over_http", "parity"),
     "table_qwen3": ("bench.gpu_check.table", "qwen3"),
+    "event_loop": ("bench.gpu_check.event_loop", "run"),
 }
 
 
