@@ -42,7 +42,7 @@ from engine.lanes import TokenizerLanes
 from engine.streams import InferenceStreams
 from engine.warmup import rate_shape, run_rate, run_warmup, warmup_shapes
 from engine.window import Window
-from engine.work import Completed, Work, new_work
+from engine.work import Completed, Work, deliver, new_work
 
 log = logging.getLogger("rerank_gateway.engine")
 
@@ -526,8 +526,7 @@ class Scheduler:
                     to_tell.append(work)
                 elif answered_too and work.state == "done" and not work.delivered:
                     to_tell.append(work)
-        for work in to_tell:
-            work.deliver(error=InferenceFailed(message))
+        deliver([(work, None, InferenceFailed(message)) for work in to_tell])
 
     def _lower_budget(self, width: int, cost: int) -> None:
         """After an OOM: what did not fit (its cost against the budget) lowers the budget for a while; new

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from backends.base import Prepared, to_device
+from core.handoff import settle_from_thread
 
 WorkState = Literal["queued", "done", "failed", "cancelled"]
 
@@ -113,10 +114,6 @@ class Work:
         self.state = state
         return True
 
-    def deliver(self, result: Completed | None = None, error: BaseException | None = None) -> None:
-        """Hand the answer to the event loop (`deliver`)."""
-        deliver([(self, result, error)])
-
     # -- the answer ---------------------------------------------------------------------------------------
     def raw_scores_by_doc(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(every pair's raw score, float32; the request-wide document of each pair; documents) on the
@@ -133,31 +130,16 @@ Answer = tuple[Work, Completed | None, BaseException | None]
 
 
 def deliver(answers: list[Answer]) -> None:
-    """Hand answers to the event loops that wait for them: one call into each loop for all of its answers
-    (each call writes to the loop's self-pipe and wakes it; a batch may finish many requests). Thread-safe;
-    a closed loop or a cancelled future is fine. Only the path that settled a work calls this; a work
+    """Hand answers to the event loops that wait for them, one call into each loop for all of its answers
+    (core.handoff; a batch may finish many requests). Only the path that settled a work calls this; a work
     already delivered is skipped."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Completed | None, BaseException | None]]] = {}
+    handed = []
     for work, result, error in answers:
         if work.delivered or work.future is None or work.loop is None:
             continue
         work.delivered = True
-        by_loop.setdefault(work.loop, []).append((work.future, result, error))
-    for loop, resolved in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_resolve, resolved)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
-
-
-def _resolve(answers: list[tuple[asyncio.Future, Completed | None, BaseException | None]]) -> None:
-    for future, result, error in answers:
-        if future.done():  # cancelled by the loop (timeout, disconnect) before the answer arrived
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+        handed.append((work.loop, work.future, result, error))
+    settle_from_thread(handed)
 
 
 _arrivals = itertools.count()

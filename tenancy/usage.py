@@ -25,6 +25,7 @@ from typing import Any, Callable
 import msgspec
 
 from core.errors import ServiceUnavailable
+from core.handoff import settle_from_thread
 
 log = logging.getLogger("rerank_gateway.usage")
 
@@ -196,14 +197,7 @@ class UsageStore:
             # Unrecorded work is not acknowledged: the requests fail (and their reserved units are refunded).
             log.error("usage ledger %s: write failed: %s", self.path, exc)
             error = f"usage ledger unavailable: {type(exc).__name__}"
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
-        for row in rows:
-            by_loop.setdefault(row.loop, []).append(row)
-        for loop, waiting in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_settle, waiting, error)
-            except RuntimeError:  # that loop is closed: nobody waits on it
-                pass
+        settle_from_thread([(row.loop, row.done, None, ServiceUnavailable(error) if error else None) for row in rows])
 
     def _write(self, batch: list[_Pending]) -> None:
         sums: dict[tuple[str, str, str], list[int]] = {}
@@ -253,13 +247,3 @@ class UsageStore:
         self._jobs.put(_Call(fn, args, done))
         return await asyncio.wrap_future(done)
 
-
-def _settle(rows: list[_Pending], error: str | None) -> None:
-    """On the event loop: answer the rows' waits (a wait that was cancelled has gone)."""
-    for row in rows:
-        if row.done.done():
-            continue
-        if error is None:
-            row.done.set_result(None)
-        else:
-            row.done.set_exception(ServiceUnavailable(error))
