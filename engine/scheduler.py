@@ -395,7 +395,6 @@ class Scheduler:
         )
 
         gpu = self.backend.device.type == "cuda"
-        lengths = rate_shape(self.max_batch_tokens, length)[: self.max_batch_size]
 
         def measure() -> dict[str, Any]:
             out = run_warmup(
@@ -405,6 +404,7 @@ class Scheduler:
                 # The first estimate of the device's rate, which bounds batches by time until batches measure
                 # it: a full batch of typical pairs timed after an untimed run. The warm-up's own first batch
                 # is no measure: it loads the kernels and starts cuBLAS, which a first run of a process pays.
+                lengths = rate_shape(self.max_batch_tokens, length)[: self.max_batch_size]
                 out["tokens_per_s"] = run_rate(self.backend, self.runner.forward_rows, lengths)["tokens_per_s"]
             return out
 
