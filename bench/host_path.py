@@ -93,7 +93,7 @@ def _gateway(model_dir: Path, work: Path, root: Path, name: str, dtype: str, run
     return http_load.GatewayProcess(registry(model_dir, dtype, runtime), work, name=name, module=http_load.serve_module(root), root=root)
 
 
-def _costed(gw: http_load.GatewayProcess, model: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def costed(gw: http_load.GatewayProcess, model: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """`run()`'s result with what the server spent on it: CPU time per pair (every thread of the process)
     and its batches (pairs per batch, padding, forward seconds), from /metrics before and after."""
     before, cpu = gw.batch_counters(model), gw.cpu_seconds()
@@ -105,7 +105,7 @@ def _costed(gw: http_load.GatewayProcess, model: str, run: Callable[[], dict[str
     out["server"] = {
         "cpu_ms_per_pair": spent["all"] * 1000 / max(1.0, d["pairs"]), "cpu_ms_per_request": spent["all"] * 1000 / requests,
         "cpu_ms_per_request_by_threads": {k: v * 1000 / requests for k, v in spent.items() if k != "all"},
-        "batches": d["batches"], "pairs_per_batch": d["pairs"] / max(1.0, d["batches"]),
+        "batches": d["batches"], "padded_tokens": d["padded_tokens"], "pairs_per_batch": d["pairs"] / max(1.0, d["batches"]),
         "padding": d["real_tokens"] / max(1.0, d["padded_tokens"]), "forward_ms_per_batch": d["forward_s"] * 1000 / max(1.0, d["batches"]),
     }
     return out
@@ -126,12 +126,12 @@ def _measure(gw: http_load.GatewayProcess, big, small, single) -> dict[str, Any]
     # budget (so the next search waits less): the previous round's small requests must not shape this big
     # one. Without the pause, rounds after the first ran 7-9 pairs a batch instead of 16 and 0.7-0.8x.
     time.sleep(SEARCH_RECENT_S + 0.5)
-    b = _costed(gw, "plain", lambda: _big(gw, big))
+    b = costed(gw, "plain", lambda: _big(gw, big))
     return {
-        "big": b, "c16_plain": _costed(gw, "plain", lambda: http_load.closed_loop(gw.base, "plain", small, 16)),
-        "c16_b16k": _costed(gw, "b16k", lambda: http_load.closed_loop(gw.base, "b16k", small, 16)),
+        "big": b, "c16_plain": costed(gw, "plain", lambda: http_load.closed_loop(gw.base, "plain", small, 16)),
+        "c16_b16k": costed(gw, "b16k", lambda: http_load.closed_loop(gw.base, "b16k", small, 16)),
         # What one request costs the server whatever its size: one document each, one client.
-        "one_doc": _costed(gw, "plain", lambda: http_load.sequential(gw.base, "plain", single)),
+        "one_doc": costed(gw, "plain", lambda: http_load.sequential(gw.base, "plain", single)),
     }
 
 

@@ -52,3 +52,25 @@ def test_event_loop_bench_counts_a_request_s_work(tmp_path: Path) -> None:
     assert res["requests"] == 20 and len(res["cpu_ms_per_request"]) == 1 and res["cpu_ms_per_request"][0] > 0
     # A request creates its call's task and its disconnect watcher, and runs a few hundred calls at least.
     assert res["tasks"] >= 2 and res["python_calls"] > 300 and res["loop_callbacks"] > 5
+
+
+def test_fast_device_bench_runs_the_gateway_before_a_simulated_device(tmp_path: Path) -> None:
+    """bench.fast_device serves the tiny cross-encoder with its forward replaced by a simulated device in the
+    gateway process: the device's busy share comes from the batches' tokens, a packed batch costs its real
+    tokens, and a big request of more than SMALL_REQUEST_DOCS documents is sliced."""
+    out = tmp_path / "fd.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.fast_device", "--cases", "packed:400000,padded:400000", "--rounds", "1", "--docs", "300",
+         "--small-requests", "32", "--json", str(out), "--work", str(tmp_path / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    packed, padded = res["cases"]["packed:400000"]["gateway"][0], res["cases"]["padded:400000"]["gateway"][0]
+    for row in (packed, padded):
+        for workload in ("big", "c16"):
+            assert row[workload]["pairs_per_s"] > 0 and 0 < row[workload]["device_busy"] <= 1.05
+    assert packed["big"]["server"]["padding"] == packed["c16"]["server"]["padding"] == 1.0
+    assert padded["big"]["server"]["padding"] < 1.0
+    assert "| packed:400000 | gateway | 1 |" in proc.stdout
