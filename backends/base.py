@@ -193,10 +193,14 @@ class Backend(abc.ABC):
 
     def merge(self, parts: list[Prepared]) -> Prepared:
         """One request from the Prepared of consecutive slices of its documents (the engine tokenizes a big
-        request's slices on several threads, and queues each as it is ready). Pairs are independent of each
-        other, so this concatenates; the merged request is what is metered and checked (cut documents,
-        chunks), while each slice's pairs are scored with the slice's own context."""
-        return concat_prepared(parts, context=parts[0].context, tokens=sum(p.tokens for p in parts))
+        request's slices on several threads, and queues them merged where it queues a request whole:
+        engine.scheduler.streams_slices). Pairs are independent of each other, so this concatenates; each
+        slice's pairs are scored with the slice's own context."""
+        return concat_prepared(parts, context=parts[0].context, tokens=self.metered_tokens(parts))
+
+    def metered_tokens(self, parts: list[Prepared]) -> int:
+        """The tokens a request tokenized in these slices is metered for (each slice's pairs count once)."""
+        return sum(p.tokens for p in parts)
 
     # -- per batch (runs in the engine's inference thread) ---------------------------------------------
     def collate(self, rows: Rows) -> Batch:

@@ -91,10 +91,13 @@ class EmbeddingBackend(Backend):
         )
 
     def merge(self, parts: list[Prepared]) -> Prepared:
-        """Every slice tokenized the same query: the request keeps one, and counts its tokens once."""
-        query = parts[0].context
-        repeated = (len(parts) - 1) * int(query.rows.lengths.sum())
-        return concat_prepared(parts, context=query, tokens=sum(p.tokens for p in parts) - repeated)
+        """Every slice tokenized the same query: the request keeps one."""
+        return concat_prepared(parts, context=parts[0].context, tokens=self.metered_tokens(parts))
+
+    def metered_tokens(self, parts: list[Prepared]) -> int:
+        """Every slice tokenized the same query: its tokens count once."""
+        repeated = (len(parts) - 1) * int(parts[0].context.rows.lengths.sum())
+        return sum(p.tokens for p in parts) - repeated
 
     def synthetic_rows(self, lengths: list[int]) -> Rows:
         rows = super().synthetic_rows(lengths)

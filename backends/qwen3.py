@@ -170,7 +170,7 @@ class Qwen3Backend(Backend):
     def merge(self, parts: list[Prepared]) -> Prepared:
         """The request's shared prefix is what all its pairs start with: found again over every slice's
         pairs (one slice's documents may share first words the others do not)."""
-        merged = concat_prepared(parts, context=None, tokens=sum(p.tokens for p in parts))
+        merged = concat_prepared(parts, context=None, tokens=self.metered_tokens(parts))
         shared = common_prefix_length(merged.ids, merged.lengths)
         merged.context = SharedPrefix(merged.ids[:shared]) if shared > 1 else None
         merged.shared = shared if merged.context is not None else 0

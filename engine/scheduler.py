@@ -38,7 +38,7 @@ from engine.batching import SMALL_SHARE, BatchCost, Plan, plan_of, take_batch
 from engine.device import StreamContext, free_cached
 from engine.fair_queue import FairQueue
 from engine.inference import BatchRunner
-from engine.lanes import TokenizerLanes
+from engine.lanes import SMALL_REQUEST_DOCS, TokenizerLanes
 from engine.streams import InferenceStreams
 from engine.warmup import rate_shape, run_rate, run_warmup, warmup_shapes
 from engine.window import Window
@@ -70,9 +70,37 @@ GPU_HOST_THREADS = 2
 
 
 # A slice's check before it is queued (the runner's limits: chunks per request, truncation off): raises to
-# refuse the whole request. Arguments: the slice, the request-wide index of its first document, and the
+# refuse the whole request. Arguments: the slice, the request-wide index of each of its documents, and the
 # request's pairs with it.
-SliceCheck = Callable[[Prepared, int, int], None]
+SliceCheck = Callable[[Prepared, np.ndarray, int], None]
+
+
+def streams_slices(backend: Backend) -> bool:
+    """Whether a big request's slices join the queue as each is tokenized, so that the device starts on its
+    first pairs while the rest tokenize, or the request is queued whole once every slice is.
+
+    A packed batch costs its real tokens however its lengths mix: streamed. A padded backend on a GPU:
+    streamed too, in order of length (slice_order): queued whole, the device waits for the whole request to
+    tokenize, which bench.fast_device puts at a fifth of a 1,000-document request's time before a simulated
+    device at 200,000 tokens/s (device busy 81% against 95% streamed; pairs/s 1.19x streamed, 2-core AMD
+    EPYC). A padded backend on the CPU: whole. Its forward runs on the cores the tokenizers use, so starting
+    it early gains no time and the threads contend: streamed by length, bench.host_path's big request ran
+    0.92x (0.82-0.97 in four rounds, ONNX Runtime) with 13% more CPU a pair, though its batches padded less."""
+    return not backend.is_padded or backend.device.type != "cpu"
+
+
+def slice_order(documents: Sequence[str], *, by_length: bool) -> np.ndarray:
+    """The order a request's documents are sliced in for tokenizing: shortest first for a padded backend's
+    streamed big request (characters track tokens), else as they came.
+
+    The batches that run before a streamed request's last slice arrives are built from the slices queued so
+    far. Sliced as they came, each slice holds every length and those batches pad: streamed so, the tiny
+    cross-encoder of bench.host_path padded 0.88 of its batches' tokens with real ones against 0.98 queued
+    whole. Sliced by length, each slice is a run of similar lengths (tests/test_streamed_slices.py: 0.97-0.98
+    against 0.90-0.92). A search is one slice: it keeps its order."""
+    if not by_length or len(documents) <= SMALL_REQUEST_DOCS:
+        return np.arange(len(documents))
+    return np.argsort(np.fromiter(map(len, documents), np.int64, len(documents)), kind="stable")
 
 
 def bulk_run_budget(budget: int, *, searching: bool, tokens_per_s: float, gpu: bool) -> int:
@@ -107,9 +135,13 @@ class Scheduler:
         tokenize_threads: int | None = None,
         streams: int | None = None,
         cpu_streams: int = CPU_STREAMS,
+        stream_slices: bool | None = None,
     ) -> None:
+        """stream_slices: whether a big request's slices are queued as each is tokenized (None: the backend's
+        default, streams_slices)."""
         self.backend = backend
         self.name = backend.name
+        self.stream_slices = streams_slices(backend) if stream_slices is None else stream_slices
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.max_queue_pairs = max_queue_pairs
@@ -214,25 +246,24 @@ class Scheduler:
         priority: int = 0,
         timeout_s: float | None = None,
         disconnected: asyncio.Future | None = None,
-    ) -> tuple[Completed, Prepared]:
-        """Tokenize (in slices on the tokenizer lanes) and score a request; its top_n and the whole request as
-        tokenized (for metering). `check` may refuse the request from any slice.
+    ) -> Completed:
+        """Tokenize (in slices on the tokenizer lanes) and score a request: its top_n, with the tokens and
+        pairs it is metered for. `check` may refuse the request from any slice.
 
-        A packed backend's slices are queued as each is ready: the device starts on the first pairs while
-        the rest tokenize, and a packed batch costs its real tokens however its lengths mix. A padded
-        backend's request is queued whole, so its batches are runs of similar lengths: queued slice by
-        slice, the tiny cross-encoder of bench.host_path padded 0.88 of its batches' tokens with real ones
-        instead of 0.98, and ran 70 batches instead of 61 (15% more CPU per 1,000-document request)."""
-        stream = not self.backend.is_padded
+        On a GPU, and for a packed backend, each slice joins the queue as soon as it is tokenized, so the device
+        starts on a big request's first pairs while the rest tokenize; a padded backend's slices are runs of
+        similar lengths. A padded backend on the CPU queues the request whole (streams_slices says why)."""
         pairs, tokens = estimate_cost(query, documents, max_length=tokenize.get("max_length", 512), max_chunks=tokenize.get("max_chunks", 1))
         self._check_room(pairs, tokens)
         held = self._reserve(pairs, tokens)
         work = self._open(top_n=top_n, raw_scores=raw_scores, tenant=tenant, weight=weight, priority=priority, docs=len(documents))
+        stream = self.stream_slices
+        order = slice_order(documents, by_length=stream and self.backend.is_padded)
         start = time.perf_counter()
         try:
             try:
                 parts = await self._lanes.run(
-                    len(documents), lambda a, b: self._tokenize_slice(work, query, documents, a, b, tokenize, check, held, stream)
+                    len(documents), lambda a, b: self._tokenize_slice(work, query, documents, order[a:b], tokenize, check, held, stream)
                 )
             finally:
                 self._release(held)
@@ -241,14 +272,16 @@ class Scheduler:
             if any(p is None for p in parts):  # the request failed while slices tokenized: its future says why
                 await work.future
             tokenize_s = time.perf_counter() - start
-            prepared = parts[0] if len(parts) == 1 else self.backend.merge(parts)
             if not stream:
+                whole = parts[0] if len(parts) == 1 else self.backend.merge(parts)  # type: ignore[arg-type]
                 with self._cv:
                     if work.state == "queued":
-                        self._add(work, prepared, 0)
+                        self._add(work, whole, order)
             done = await self._wait(work, timeout_s, disconnected)
             done.tokenize_s = tokenize_s
-            return done, prepared
+            done.tokens = self.backend.metered_tokens(parts)  # type: ignore[arg-type]
+            done.items = sum(p.n_items for p in parts)  # type: ignore[union-attr]
+            return done
         except BaseException:
             self.cancel(work)
             raise
@@ -287,7 +320,7 @@ class Scheduler:
             return Completed([], [], 0.0, 0.0)
         work = self._open(top_n=top_n, raw_scores=raw_scores, tenant=tenant, weight=weight, priority=priority, docs=prepared.n_docs)
         with self._cv:
-            self._add(work, prepared, 0)
+            self._add(work, prepared, np.arange(prepared.n_docs))
         try:
             return await self._wait(work, timeout_s, disconnected)
         except BaseException:
@@ -303,33 +336,34 @@ class Scheduler:
         return work
 
     def _tokenize_slice(
-        self, work: Work, query: str, documents: Sequence[str], a: int, b: int, kwargs: dict[str, Any],
+        self, work: Work, query: str, documents: Sequence[str], docs: np.ndarray, kwargs: dict[str, Any],
         check: SliceCheck | None, held: Held, stream: bool,
     ) -> Prepared | None:
-        """On a tokenizer thread: tokenize documents[a:b] and check them; when streaming, queue them at once.
-        None when the request was settled (cancelled, failed) before this slice was done."""
+        """On a tokenizer thread: tokenize the documents `docs` (request-wide indices) and check them; when
+        streaming, queue them at once. None when the request was settled (cancelled, failed) before this
+        slice was done."""
         if work.state != "queued":
             return None
-        prepared = self.backend.prepare(query, list(documents[a:b]), **kwargs)
+        prepared = self.backend.prepare(query, [documents[i] for i in docs.tolist()], **kwargs)
         with self._cv:
             work.tokenized_items += prepared.n_items
             chunks = work.tokenized_items
         if check is not None:
-            check(prepared, a, chunks)
+            check(prepared, docs, chunks)
         if not stream:
             return prepared
         with self._cv:
-            self._reserved.consume(held, (b - a) / max(len(documents), 1))
+            self._reserved.consume(held, len(docs) / max(len(documents), 1))
             if work.state != "queued":
                 return None
-            self._add(work, prepared, a)
+            self._add(work, prepared, docs)
         return prepared
 
-    def _add(self, work: Work, prepared: Prepared, doc_base: int) -> None:
+    def _add(self, work: Work, prepared: Prepared, docs: np.ndarray) -> None:
         """Queue a slice of a request (lock held); the slice that brings its last documents seals it."""
         if not work.slices:
             work.enqueued_at = time.perf_counter()  # queue time counts from here, not from tokenizing
-        part = work.add(prepared, doc_base)
+        part = work.add(prepared, docs)
         if work.sealed and work.total_tokens * SMALL_SHARE <= self.token_budget:
             self._search_at = time.monotonic()
         self._queue.added(work, part)

@@ -36,15 +36,18 @@ class Completed:
     queue_s: float
     inference_s: float
     tokenize_s: float = 0.0
+    # What the request is metered for: its tokens as the backend counts them, and its pairs (chunks).
+    tokens: int = 0
+    items: int = 0
 
 
 @dataclass(eq=False, slots=True)
 class Slice:
-    """A consecutive slice of a request's documents, tokenized: its pairs and the queue's cursor in them."""
+    """A slice of a request's documents, tokenized: its pairs and the queue's cursor in them."""
 
     prepared: Prepared
     item_base: int  # the request-wide number of its first pair
-    doc_base: int  # the request-wide index of its first document
+    docs: np.ndarray  # the request-wide index of each of its documents (int64)
     order: np.ndarray  # its pairs, shortest first (int64)
     cursor: int = 0  # pairs of `order` already taken by the queue
 
@@ -85,9 +88,9 @@ class Work:
     started_at: float | None = None
     inference_s: float = 0.0
 
-    def add(self, prepared: Prepared, doc_base: int) -> Slice:
-        """Append a tokenized slice (lock held)."""
-        part = Slice(prepared, self.n_items, doc_base, np.argsort(prepared.lengths, kind="stable"))
+    def add(self, prepared: Prepared, docs: np.ndarray) -> Slice:
+        """Append a tokenized slice (lock held); `docs`: the request-wide index of each of its documents."""
+        part = Slice(prepared, self.n_items, docs, np.argsort(prepared.lengths, kind="stable"))
         self.slices.append(part)
         self.n_items += prepared.n_items
         self.total_tokens += int(prepared.lengths.sum())
@@ -122,7 +125,7 @@ class Work:
         for part, items, scores in self.scored:
             at = to_device(torch.from_numpy(part.item_base + items), device)
             raw.index_copy_(0, at, scores.float())
-        doc_index = np.concatenate([s.prepared.doc_index.astype(np.int64) + s.doc_base for s in self.slices])
+        doc_index = np.concatenate([s.docs[s.prepared.doc_index] for s in self.slices])
         return raw, to_device(torch.from_numpy(doc_index), device), self.expected_docs
 
 

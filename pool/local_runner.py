@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
+import numpy as np
+
 from backends.base import Prepared
 from core.config import Effective, LocalModelSpec, ModelSpec, ServerSettings
 from core.errors import BadRequest
@@ -98,7 +100,7 @@ class LocalRunner:
         cap = self.max_chunks_per_request
         max_length = self.eff.max_length
 
-        def check(part: Prepared, doc_base: int, chunks: int) -> None:
+        def check(part: Prepared, docs: np.ndarray, chunks: int) -> None:
             # Runs on each slice as it is tokenized, before it is queued: a refusal stops the whole request.
             if chunks > cap:
                 raise BadRequest(
@@ -107,11 +109,11 @@ class LocalRunner:
                 )
             if not req.truncate and part.cut_docs:
                 raise BadRequest(
-                    f"invalid request: document {doc_base + part.cut_docs[0]} does not fit the model's {max_length} "
+                    f"invalid request: document {docs[part.cut_docs[0]]} does not fit the model's {max_length} "
                     "tokens with the query, and truncation is off; shorten it or turn truncation on"
                 )
 
-        done, prepared = await self.scheduler.rerank(
+        done = await self.scheduler.rerank(
             req.query,
             req.texts,
             tokenize=dict(
@@ -133,8 +135,8 @@ class LocalRunner:
             model=self.model_id,
             indices=done.indices,
             scores=done.scores,
-            total_tokens=prepared.tokens,
-            scored_units=prepared.n_items,
+            total_tokens=done.tokens,
+            scored_units=done.items,
             queue_s=done.queue_s,
             tokenize_s=done.tokenize_s,
             inference_s=done.inference_s,

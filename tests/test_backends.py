@@ -617,3 +617,20 @@ def test_truncation_off_takes_a_document_that_exactly_fills_the_model_and_refuse
     refused = client.post("/tei/rerank", json={**body, "texts": ["a short one", over]})
     assert refused.status_code == 422 and "document 1 does not fit" in refused.json()["error"], refused.text
     assert client.post("/tei/rerank", json={**body, "texts": ["a short one", over], "truncate": True}).status_code == 200
+
+
+def test_truncation_off_names_the_document_that_does_not_fit_in_a_big_request_sliced_by_length(client):
+    """A big request is tokenized in slices of its documents shortest first (engine.scheduler.slice_order):
+    the refusal still names the document by its index in the request."""
+    from engine.lanes import SMALL_REQUEST_DOCS
+
+    backend = backend_of(client, "flag")
+    kwargs = {"max_length": backend.eff.max_length, "max_chunks": 1, "instruction": None}
+    over = " ".join(["kalo"] * (_longest_uncut(backend, "kalo", **kwargs) + 1))
+    texts = [f"river {k} " + "mira " * (k % 7) for k in range(SMALL_REQUEST_DOCS + 50)]
+    texts[201] = over
+    refused = client.post("/tei/rerank", json={"model": "flag", "query": QUERY, "texts": texts, "truncate": False})
+    assert refused.status_code == 422 and "document 201 does not fit" in refused.json()["error"], refused.text
+    ok = client.post("/tei/rerank", json={"model": "flag", "query": QUERY, "texts": texts, "truncate": True, "return_text": True})
+    assert ok.status_code == 200 and len(ok.json()) == len(texts)
+    assert {r["index"]: r["text"] for r in ok.json()} == dict(enumerate(texts))

@@ -124,7 +124,7 @@ def engine_cost(requests) -> int:
     groups = []
     for p in requests:
         work = new_work(top_n=1, raw_scores=False, tenant="", priority=0, docs=p.n_docs)
-        part = work.add(p, 0)
+        part = work.add(p, np.arange(p.n_docs))
         groups.append(Group(work, part, np.arange(p.n_items)))
     plan = Plan(groups, np.concatenate([p.lengths for p in requests]), 0)
     return BatchCost(is_padded=True).of_plan(plan)
