@@ -142,3 +142,37 @@ async def _score_one(backend: FlagBackend, doc: str) -> float:
     finally:
         await asyncio.to_thread(s.close)
     return done.scores[0]
+
+
+def test_a_streamed_request_refused_by_its_last_slice_leaves_nothing_queued_and_the_next_one_scores(model_dir, docs):
+    """The longest documents tokenize last when a padded request is sliced by length: a slice check that
+    refuses one of them (truncation off) comes after the first slices were queued, and perhaps scored. The
+    request fails with the check's error; its queued pairs and its reservation are gone, and a request
+    after it scores every document."""
+    backend = load(model_dir, "off")
+    s = Scheduler(
+        backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10**6, max_queue_tokens=10**8, tokenize_threads=2,
+        stream_slices=True,
+    )
+    long_doc = " ".join(["kalo"] * 200)
+    refused_docs = [*docs[:150], long_doc, *docs[150:]]
+    checked: list[int] = []
+
+    def check(part, doc_ids, chunks):
+        checked.append(len(doc_ids))
+        if part.cut_docs:
+            raise ValueError(f"document {doc_ids[part.cut_docs[0]]} does not fit")
+
+    async def both():
+        with pytest.raises(ValueError, match="document 150 does not fit"):
+            await s.rerank("kalo mira river", refused_docs, tokenize=dict(max_length=64, max_chunks=1, instruction=None),
+                           check=check, top_n=5)
+        assert s.queue_depth() == (0, 0) and s._reserved.pairs == 0 and s._reserved.tokens == 0
+        return await s.rerank("kalo mira river", docs, tokenize=dict(max_length=64, max_chunks=1, instruction=None), top_n=len(docs))
+
+    try:
+        done = asyncio.run(both())
+    finally:
+        s.close()
+    assert len(checked) > 1, "the request was tokenized in slices"
+    assert sorted(done.indices) == list(range(len(docs)))
