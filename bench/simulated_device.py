@@ -64,11 +64,14 @@ def patch_forward(device: SimulatedDevice) -> None:
 
 
 def take_gpu_policies() -> None:
-    """What the engine decides by the device, decided as for a GPU: a big request's slices are queued as they
-    tokenize (engine.scheduler.streams_slices; a checkout older than it keeps its own rule)."""
+    """What the engine decides by the device, decided as for a GPU (engine.scheduler.forward_on_host: the
+    forward is not on the host's cores). A checkout older than that fact keeps its own rules, or takes the
+    one rule it had (streams_slices)."""
     import engine.scheduler
 
-    if hasattr(engine.scheduler, "streams_slices"):
+    if hasattr(engine.scheduler, "forward_on_host"):
+        engine.scheduler.forward_on_host = lambda backend: False
+    elif hasattr(engine.scheduler, "streams_slices"):
         engine.scheduler.streams_slices = lambda backend: True
 
 

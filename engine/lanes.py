@@ -42,9 +42,8 @@ SLICES_PER_THREAD = 4
 MAX_BULK_THREADS = 8
 
 
-# Small-lane threads: one on a small machine (a search's few documents tokenize in milliseconds), more on
-# a many-core GPU host, where 16 clients' 20-document requests would otherwise queue on one thread: at
-# ~0.23 ms a document (2-core Xeon), one thread tokenizes ~4,000 pairs/s, half of what one GPU scores.
+# Small-lane threads: 16 clients' 20-document requests would otherwise queue on one thread: at ~0.23 ms a
+# document (2-core Xeon), one thread tokenizes ~4,000 pairs/s, half of what one GPU scores.
 MAX_SMALL_THREADS = 4
 
 
@@ -52,8 +51,17 @@ def default_bulk_threads() -> int:
     return max(2, min(MAX_BULK_THREADS, cpu_cores()))
 
 
-def default_small_threads() -> int:
-    return max(1, min(MAX_SMALL_THREADS, cpu_cores() // 4))
+def default_small_threads(forward_on_host: bool = True) -> int:
+    """Where the model's forward runs on the host's cores (a CPU), one thread up to 7 cores, a quarter of
+    the cores past that: the forward needs them, and a second thread gained nothing there (16 x 20 documents
+    at 0.95x, bench.host_path, 2026-12-05). Before a GPU the cores are the host's alone: half of them, two
+    at least (where there are two). Before bench.fast_device's simulated device (packed, 1,150,000 tokens/s,
+    2-core AMD EPYC) two threads ran 16 x 20 documents at 1.20x one (1.10-1.38, 8 alternating rounds):
+    two requests reached each batch instead of one, p99/p50 1.9 against 1.3."""
+    cores = cpu_cores()
+    if forward_on_host:
+        return max(1, min(MAX_SMALL_THREADS, cores // 4))
+    return max(min(2, cores), min(MAX_SMALL_THREADS, cores // 2))
 
 
 class _Lane:
@@ -76,10 +84,10 @@ class _Lane:
 
 
 class TokenizerLanes:
-    def __init__(self, name: str, bulk_threads: int | None = None) -> None:
+    def __init__(self, name: str, bulk_threads: int | None = None, small_threads: int | None = None) -> None:
         bulk_threads = bulk_threads or default_bulk_threads()
         self.name = name
-        small_threads = default_small_threads()
+        small_threads = small_threads or default_small_threads()
         self.small = _Lane(
             concurrent.futures.ThreadPoolExecutor(small_threads, thread_name_prefix=f"tok-small-{name}"), small_threads,
             MAX_PENDING_SMALL, sliced=False,

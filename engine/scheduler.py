@@ -38,7 +38,7 @@ from engine.batching import SMALL_SHARE, BatchCost, Plan, plan_of, take_batch
 from engine.device import StreamContext, free_cached
 from engine.fair_queue import FairQueue
 from engine.inference import BatchRunner
-from engine.lanes import SMALL_REQUEST_DOCS, TokenizerLanes
+from engine.lanes import SMALL_REQUEST_DOCS, TokenizerLanes, default_small_threads
 from engine.streams import InferenceStreams
 from engine.warmup import rate_shape, run_rate, run_warmup, warmup_shapes
 from engine.window import Window
@@ -75,6 +75,13 @@ GPU_HOST_THREADS = 2
 SliceCheck = Callable[[Prepared, np.ndarray, int], None]
 
 
+def forward_on_host(backend: Backend) -> bool:
+    """Whether the model's forward runs on the host's cores (the CPU), where the host's own threads (the
+    tokenizer lanes, the event loop) compete with it for them. What the engine decides by the device follows
+    from this one fact: streams_slices, the small tokenizer lane's threads (engine.lanes)."""
+    return backend.device.type == "cpu"
+
+
 def streams_slices(backend: Backend) -> bool:
     """Whether a big request's slices join the queue as each is tokenized, so that the device starts on its
     first pairs while the rest tokenize, or the request is queued whole once every slice is.
@@ -86,7 +93,7 @@ def streams_slices(backend: Backend) -> bool:
     EPYC). A padded backend on the CPU: whole. Its forward runs on the cores the tokenizers use, so starting
     it early gains no time and the threads contend: streamed by length, bench.host_path's big request ran
     0.92x (0.82-0.97 in four rounds, ONNX Runtime) with 13% more CPU a pair, though its batches padded less."""
-    return not backend.is_padded or backend.device.type != "cpu"
+    return not backend.is_padded or not forward_on_host(backend)
 
 
 def slice_order(documents: Sequence[str], *, by_length: bool) -> np.ndarray:
@@ -161,7 +168,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stopping = False
         self._reserved = Reservations()
-        self._lanes = TokenizerLanes(self.name, tokenize_threads)
+        self._lanes = TokenizerLanes(self.name, tokenize_threads, small_threads=default_small_threads(forward_on_host(backend)))
         self._workspace_bytes = 0
         # Throughput estimate (real tokens/s of one stream, device time) for Retry-After.
         self._tokens_per_s = 5_000.0

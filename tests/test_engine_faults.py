@@ -489,6 +489,36 @@ def test_tokenizer_lanes_are_bounded_and_a_search_has_its_own():
         lanes.close()
 
 
+def test_before_a_gpu_two_searches_tokenize_at_once_and_on_the_cpu_one_at_a_time(backend):
+    """The small lane's threads follow where the forward runs (engine.scheduler.forward_on_host): on the CPU,
+    one on a small machine; before a GPU, two at least. Two searches each waiting for the other to start
+    only finish where two threads take them."""
+    from core.host import cpu_cores
+    from engine.lanes import TokenizerLanes, default_small_threads
+
+    assert default_small_threads(False) >= min(2, cpu_cores()) and default_small_threads(False) >= default_small_threads(True)
+    assert scheduler(backend)._lanes.small.threads == default_small_threads(True)
+
+    async def both_at_once(lanes: TokenizerLanes) -> bool:
+        barrier = threading.Barrier(2, timeout=1.0)
+
+        def meet(a, b):
+            try:
+                barrier.wait()
+                return True
+            except threading.BrokenBarrierError:
+                return False
+
+        return all(r[0] for r in await asyncio.gather(lanes.run(20, meet), lanes.run(20, meet)))
+
+    for threads, together in ((2, True), (1, False)):
+        lanes = TokenizerLanes("m", bulk_threads=2, small_threads=threads)
+        try:
+            assert asyncio.run(asyncio.wait_for(both_at_once(lanes), 30)) is together, threads
+        finally:
+            lanes.close()
+
+
 def test_a_big_request_cancelled_while_its_slices_tokenize_leaves_nothing_behind(backend, monkeypatch):
     """The client of a big request goes away while its slices are being tokenized: its reservation and its
     place in the lane are released at once, nothing of it is queued when the slices finish, and the next

@@ -20,7 +20,7 @@ V1_CPU = Path("/sys/fs/cgroup/cpu")
 PROBE = (
     "from core.host import cpu_cores, cpu_quota_cores, cpu_stream_split\n"
     "from engine.lanes import default_bulk_threads, default_small_threads\n"
-    "print(cpu_cores(), cpu_quota_cores(), *cpu_stream_split(), default_bulk_threads(), default_small_threads())\n"
+    "print(cpu_cores(), cpu_quota_cores(), *cpu_stream_split(), default_bulk_threads(), default_small_threads(), default_small_threads(False))\n"
 )
 
 
@@ -43,8 +43,8 @@ def test_a_process_in_a_one_cpu_quota_sizes_its_threads_for_one_core() -> None:
     try:
         (group / "cpu.cfs_period_us").write_text("100000")
         (group / "cpu.cfs_quota_us").write_text("100000")
-        cores, quota, streams, threads, bulk, small = _probe(group / "cgroup.procs")
-        assert (cores, float(quota), streams, threads, small) == ("1", 1.0, "1", "1", "1")
+        cores, quota, streams, threads, bulk, small, small_gpu = _probe(group / "cgroup.procs")
+        assert (cores, float(quota), streams, threads, small, small_gpu) == ("1", 1.0, "1", "1", "1", "1")
         assert bulk == "2"  # the bulk lane keeps its floor of two (one big request does not hold it)
         # Outside that group: what this process has (every core where no quota is set).
         free = _probe(None)
