@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import http_load
-from bench.host_path import BIG_REPEATS, MAX_LENGTH, costed
+from bench.host_path import MAX_LENGTH, big_repeats, costed
 from bench.simulated_device import LAUNCH_ENV, RATE_ENV
 from bench.workload import Request, big_request, small_requests, vocabulary
 from core.host import cpu_model_name
@@ -70,14 +70,8 @@ def _busy(out: dict[str, Any], rate: float) -> dict[str, Any]:
 
 def _measure(gw: http_load.GatewayProcess, rate: float, big: Request, small: list[Request]) -> dict[str, Any]:
     time.sleep(SEARCH_RECENT_S + 0.5)  # bench.host_path says why
-
-    def bigs() -> dict[str, Any]:
-        runs = [http_load.big(gw.base, "sim", big) for _ in range(BIG_REPEATS)]
-        seconds, pairs = sum(r["seconds"] for r in runs), sum(r["pairs"] for r in runs)
-        return {"seconds": seconds, "pairs": pairs, "pairs_per_s": pairs / seconds, "requests": len(runs)}
-
     return {
-        "big": _busy(costed(gw, "sim", bigs), rate),
+        "big": _busy(costed(gw, "sim", lambda: big_repeats(gw, "sim", big)), rate),
         "c16": _busy(costed(gw, "sim", lambda: http_load.closed_loop(gw.base, "sim", small, 16)), rate),
     }
 

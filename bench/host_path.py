@@ -111,9 +111,9 @@ def costed(gw: http_load.GatewayProcess, model: str, run: Callable[[], dict[str,
     return out
 
 
-def _big(gw: http_load.GatewayProcess, big: Request) -> dict[str, Any]:
+def big_repeats(gw: http_load.GatewayProcess, model: str, big: Request) -> dict[str, Any]:
     """The big request BIG_REPEATS times in a row: pairs/s over their total time, the timing headers' medians."""
-    runs = [http_load.big(gw.base, "plain", big) for _ in range(BIG_REPEATS)]
+    runs = [http_load.big(gw.base, model, big) for _ in range(BIG_REPEATS)]
     seconds, pairs = sum(r["seconds"] for r in runs), sum(r["pairs"] for r in runs)
     out: dict[str, Any] = {"seconds": seconds, "pairs": pairs, "pairs_per_s": pairs / seconds, "requests": len(runs)}
     out |= {k: statistics.median(r[k] for r in runs) for k in ("tokenize_ms", "queue_ms", "inference_ms")}
@@ -126,7 +126,7 @@ def _measure(gw: http_load.GatewayProcess, big, small, single) -> dict[str, Any]
     # budget (so the next search waits less): the previous round's small requests must not shape this big
     # one. Without the pause, rounds after the first ran 7-9 pairs a batch instead of 16 and 0.7-0.8x.
     time.sleep(SEARCH_RECENT_S + 0.5)
-    b = costed(gw, "plain", lambda: _big(gw, big))
+    b = costed(gw, "plain", lambda: big_repeats(gw, "plain", big))
     return {
         "big": b, "c16_plain": costed(gw, "plain", lambda: http_load.closed_loop(gw.base, "plain", small, 16)),
         "c16_b16k": costed(gw, "b16k", lambda: http_load.closed_loop(gw.base, "b16k", small, 16)),
