@@ -163,3 +163,32 @@ def test_metrics_count_the_tokens_a_prefix_batch_computes(qwen3_dir) -> None:
         assert float(line.split()[-1]) == computed < len(lengths) * int(lengths.max())
     finally:
         s.close()
+
+
+def test_a_big_request_streamed_by_length_scores_as_queued_whole(qwen3_dir) -> None:
+    """On a GPU a padded backend's big request is queued slice by slice, sliced by length (engine.scheduler.
+    streams_slices): every Qwen3 slice finds its own shared prefix, and a batch may hold pairs of several
+    slices. Each document scores as when the request is queued whole (the CPU's way), at its own index,
+    metered alike."""
+    from engine.lanes import SMALL_REQUEST_DOCS
+
+    backend = load(qwen3_dir, "float32")
+    docs = tm.sentences(SMALL_REQUEST_DOCS + 64, min_words=1, max_words=40, seed=5)
+    docs[7] = "kalo mira " + docs[7]  # documents that share first words with the query's tail
+    docs[300] = "kalo mira " + docs[300]
+
+    async def rerank(stream: bool):
+        s = Scheduler(
+            backend, max_batch_tokens=2048, max_batch_size=64, max_queue_pairs=10_000, max_queue_tokens=10**7,
+            tokenize_threads=2, stream_slices=stream,
+        )
+        try:
+            return await s.rerank("kalo mira river", docs, tokenize=dict(max_length=160, max_chunks=1, instruction=None), top_n=len(docs))
+        finally:
+            await asyncio.to_thread(s.close)
+
+    streamed, whole = asyncio.run(rerank(True)), asyncio.run(rerank(False))
+    a, b = dict(zip(streamed.indices, streamed.scores)), dict(zip(whole.indices, whole.scores))
+    assert sorted(a) == sorted(b) == list(range(len(docs)))
+    assert max(abs(a[i] - b[i]) for i in range(len(docs))) < 1e-4
+    assert (streamed.tokens, streamed.items) == (whole.tokens, whole.items) and streamed.items == len(docs)
