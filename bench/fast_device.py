@@ -4,8 +4,8 @@ bench.host_path stands in for a GPU with a tiny model whose forward is "nearly f
 machine that forward still takes about 60% of the process's CPU (ONNX Runtime or OpenVINO), so its figures
 say how the host's work and the forward share two cores, not how the host feeds a device. Here the gateway
 serves the same tiny cross-encoder with its forward replaced by a simulated device, inside the gateway
-process (bench/simulated_device.py: ops.cli with the forward patched, and the engine's device-dependent
-policies taken as on a GPU):
+process (bench/simulated_device.py: ops.cli with the forward patched, and the engine's rules that follow
+where the forward runs taken as on a GPU; not the time bound on bulk batches beside searches):
 
 - launch: the inference thread holds the GIL for LAUNCH_MS of Python a batch, as an eager forward's kernel
   launches do (an XLM-R-large forward is some 500 launches);

@@ -1,6 +1,7 @@
 """`python -m simulated_device serve --registry ...` (bench/ on the path): the gateway's own CLI (ops.cli)
 with the cross-encoder's forward replaced by a simulated fast device (bench.fast_device says why), and
-the engine's device-dependent policies taken as on a GPU.
+the engine's rules that follow where the forward runs taken as on a GPU (engine.scheduler.forward_on_host;
+not the time bound on bulk batches beside searches, which needs a CUDA device's measured rate).
 
 From the environment: SIMULATED_DEVICE_TOKENS_PER_S (padded tokens a second) and SIMULATED_DEVICE_LAUNCH_MS
 (host time under the GIL a batch). Standard library only at import, so that another checkout's gateway

@@ -77,8 +77,9 @@ SliceCheck = Callable[[Prepared, np.ndarray, int], None]
 
 def forward_on_host(backend: Backend) -> bool:
     """Whether the model's forward runs on the host's cores (the CPU), where the host's own threads (the
-    tokenizer lanes, the event loop) compete with it for them. What the engine decides by the device follows
-    from this one fact: streams_slices, the small tokenizer lane's threads (engine.lanes)."""
+    tokenizer lanes, the event loop) compete with it for them. The host-side rules that depend on it follow
+    from this one fact: streams_slices and the small tokenizer lane's threads (engine.lanes). (What needs a
+    CUDA device itself, the measured rate that bounds batches by time, asks the device.)"""
     return backend.device.type == "cpu"
 
 
