@@ -556,6 +556,65 @@ def test_a_big_request_cancelled_while_its_slices_tokenize_leaves_nothing_behind
         s.close()
 
 
+def test_a_streamed_big_request_cancelled_after_its_first_slice_is_queued_leaves_nothing_behind(backend, monkeypatch):
+    """On a GPU a padded request's slices join the queue as they tokenize (engine.scheduler.streams_slices),
+    here the bi-encoder's, each slice with its own query. The client goes away once the first slice is
+    queued and the others are still tokenizing: the queued pairs leave the queue, the reservation and the
+    lane come back, the slices that finish after are not queued, and the next request scores every
+    document, metered as the same request queued whole (its query counted once)."""
+    s = scheduler(backend, stream_slices=True)
+    whole = scheduler(backend)
+    gate, waiting = threading.Event(), threading.Event()
+    prepare = backend.prepare
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def held(query, documents, **kwargs):
+        out = prepare(query, documents, **kwargs)
+        with lock:
+            calls.append(len(documents))
+            first = len(calls) == 1
+        if not first:  # the first slice goes through and is queued; the others wait
+            waiting.set()
+            gate.wait(30)
+        return out
+
+    tokenize = dict(max_length=64, max_chunks=1, instruction=None)
+
+    async def run():
+        monkeypatch.setattr(backend, "prepare", held)
+        task = asyncio.ensure_future(s.rerank("alpha gamma", docs(600), tokenize=tokenize, top_n=600))
+        while not waiting.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert 0 < s._reserved.pairs < 600, "the first slice was queued and took its share of the reservation"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (s._reserved.pairs, s._reserved.tokens, s._lanes.bulk.pending) == (0, 0, 0)
+        assert s.queue_depth() == (0, 0)
+        gate.set()
+        monkeypatch.undo()
+        await asyncio.sleep(0.2)  # the abandoned slices finish on their threads
+        assert s.queue_depth() == (0, 0)
+        done = await asyncio.wait_for(s.rerank("alpha gamma", docs(600), tokenize=tokenize, top_n=600), 60)
+        alike = await asyncio.wait_for(whole.rerank("alpha gamma", docs(600), tokenize=tokenize, top_n=600), 60)
+        return done, alike
+
+    try:
+        done, alike = asyncio.run(asyncio.wait_for(run(), 90))
+    finally:
+        gate.set()
+        s.close()
+        whole.close()
+    assert len(calls) > 2
+    assert sorted(done.indices) == list(range(600))
+    one_piece = backend.prepare("alpha gamma", docs(600), **tokenize)  # tokenized in one call: one query
+    assert (done.tokens, done.items) == (alike.tokens, alike.items) == (one_piece.tokens, one_piece.n_items)
+    by_doc, by_doc_whole = dict(zip(done.indices, done.scores)), dict(zip(alike.indices, alike.scores))
+    assert max(abs(by_doc[i] - by_doc_whole[i]) for i in range(600)) < 1e-5
+
+
 def test_a_failing_slice_fails_its_request_and_frees_the_lane():
     """One slice of a big request raising fails the request with that error; the lane's count comes back
     and the next big request runs."""
