@@ -97,7 +97,7 @@ class EmbeddingBackend(Backend):
     def metered_tokens(self, parts: list[Prepared]) -> int:
         """Every slice tokenized the same query: its tokens count once."""
         repeated = (len(parts) - 1) * int(parts[0].context.rows.lengths.sum())
-        return sum(p.tokens for p in parts) - repeated
+        return super().metered_tokens(parts) - repeated
 
     def synthetic_rows(self, lengths: list[int]) -> Rows:
         rows = super().synthetic_rows(lengths)
