@@ -325,15 +325,17 @@ class Scheduler:
         out: answered, failed, timed out, client gone, task cancelled."""
         self._check_room(prepared.n_items, int(prepared.lengths.sum()))
         if not prepared.n_items:
-            return Completed([], [], 0.0, 0.0)
+            return Completed([], [], 0.0, 0.0, tokens=prepared.tokens)
         work = self._open(top_n=top_n, raw_scores=raw_scores, tenant=tenant, weight=weight, priority=priority, docs=prepared.n_docs)
         with self._cv:
             self._add(work, prepared, np.arange(prepared.n_docs))
         try:
-            return await self._wait(work, timeout_s, disconnected)
+            done = await self._wait(work, timeout_s, disconnected)
         except BaseException:
             self.cancel(work)
             raise
+        done.tokens, done.items = prepared.tokens, prepared.n_items  # as rerank reports them
+        return done
 
     def _open(self, *, top_n: int, raw_scores: bool, tenant: str, weight: float, priority: int, docs: int) -> Work:
         work = new_work(top_n=top_n, raw_scores=raw_scores, tenant=tenant, priority=priority, docs=docs)

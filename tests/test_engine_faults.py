@@ -599,10 +599,11 @@ def test_a_streamed_big_request_cancelled_after_its_first_slice_is_queued_leaves
         assert s.queue_depth() == (0, 0)
         done = await asyncio.wait_for(s.rerank("alpha gamma", docs(600), tokenize=tokenize, top_n=600), 60)
         alike = await asyncio.wait_for(whole.rerank("alpha gamma", docs(600), tokenize=tokenize, top_n=600), 60)
-        return done, alike
+        submitted = await asyncio.wait_for(ask(whole, docs(600)), 60)  # prepare + submit reports the same
+        return done, alike, submitted
 
     try:
-        done, alike = asyncio.run(asyncio.wait_for(run(), 90))
+        done, alike, submitted = asyncio.run(asyncio.wait_for(run(), 90))
     finally:
         gate.set()
         s.close()
@@ -611,6 +612,7 @@ def test_a_streamed_big_request_cancelled_after_its_first_slice_is_queued_leaves
     assert sorted(done.indices) == list(range(600))
     one_piece = backend.prepare("alpha gamma", docs(600), **tokenize)  # tokenized in one call: one query
     assert (done.tokens, done.items) == (alike.tokens, alike.items) == (one_piece.tokens, one_piece.n_items)
+    assert (submitted.tokens, submitted.items) == (one_piece.tokens, one_piece.n_items)
     by_doc, by_doc_whole = dict(zip(done.indices, done.scores)), dict(zip(alike.indices, alike.scores))
     assert max(abs(by_doc[i] - by_doc_whole[i]) for i in range(600)) < 1e-5
 
