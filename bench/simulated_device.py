@@ -1,7 +1,8 @@
 """`python -m simulated_device serve --registry ...` (bench/ on the path): the gateway's own CLI (ops.cli)
-with the cross-encoder's forward replaced by a simulated fast device (bench.fast_device says why), and
-the engine's rules that follow where the forward runs taken as on a GPU (engine.scheduler.forward_on_host;
-not the time bound on bulk batches beside searches, which needs a CUDA device's measured rate).
+with the cross-encoder's forward replaced by a simulated fast device (bench.fast_device says why), the
+engine's rules that follow where the forward runs taken as on a GPU (engine.scheduler.forward_on_host), and
+batches timed by their device time, as CUDA events time them, so that the measured rate bounds bulk batches
+by time while searches arrive, as on a GPU (engine.scheduler.device_timed).
 
 From the environment: SIMULATED_DEVICE_TOKENS_PER_S (padded tokens a second) and SIMULATED_DEVICE_LAUNCH_MS
 (host time under the GIL a batch). Standard library only at import, so that another checkout's gateway
@@ -20,6 +21,8 @@ RATE_ENV = "SIMULATED_DEVICE_TOKENS_PER_S"
 LAUNCH_ENV = "SIMULATED_DEVICE_LAUNCH_MS"
 # A file that gets a line per batch: thread, launch start, device start, device end, thread resumed, padded tokens.
 TRACE = open(os.environ["SIMULATED_DEVICE_TRACE"], "a") if os.environ.get("SIMULATED_DEVICE_TRACE") else None
+# Device seconds of the batches an inference thread ran since its timer started (patch_timer).
+_DEVICE_S = threading.local()
 
 
 class SimulatedDevice:
@@ -40,6 +43,7 @@ class SimulatedDevice:
         with self._lock:
             start = max(self._free_at, time.perf_counter())
             self._free_at = done = start + padded_tokens / self.tokens_per_s
+        _DEVICE_S.seconds = getattr(_DEVICE_S, "seconds", 0.0) + (done - start)
         time.sleep(max(0.0, done - time.perf_counter()))
         if TRACE:
             TRACE.write(f"{threading.get_ident() % 1000} {t0:.6f} {start:.6f} {done:.6f} {time.perf_counter():.6f} {padded_tokens}\n")
@@ -64,12 +68,33 @@ def patch_forward(device: SimulatedDevice) -> None:
     FlagBackend.forward = forward  # type: ignore[method-assign]
 
 
+def patch_timer() -> None:
+    """A batch's seconds are its time on the device, as CUDA events on its stream measure them on a GPU: not
+    its launch, nor its wait behind the other thread's batch (the host's clock around the call counts both)."""
+    from engine.device import DeviceTimer
+
+    start, seconds = DeviceTimer.start, DeviceTimer.seconds
+
+    def device_start(self: Any) -> None:
+        if self._t0 is None:  # only the first start counts (a batch split after an OOM is timed whole)
+            _DEVICE_S.seconds = 0.0
+        start(self)
+
+    def device_seconds(self: Any) -> float:
+        return getattr(_DEVICE_S, "seconds", 0.0) if self._t0 is not None else seconds(self)
+
+    DeviceTimer.start, DeviceTimer.seconds = device_start, device_seconds  # type: ignore[method-assign]
+
+
 def take_gpu_policies() -> None:
     """What the engine decides by the device, decided as for a GPU (engine.scheduler.forward_on_host: the
-    forward is not on the host's cores). A checkout older than that fact keeps its own rules, or takes the
-    one rule it had (streams_slices)."""
+    forward is not on the host's cores; device_timed: batches are timed by the device, so the measured rate
+    bounds bulk batches by time while searches arrive). A checkout older than these facts keeps its own
+    rules, or takes the one rule it had (streams_slices)."""
     import engine.scheduler
 
+    if hasattr(engine.scheduler, "device_timed"):
+        engine.scheduler.device_timed = lambda backend: True
     if hasattr(engine.scheduler, "forward_on_host"):
         engine.scheduler.forward_on_host = lambda backend: False
     elif hasattr(engine.scheduler, "streams_slices"):
@@ -79,6 +104,7 @@ def take_gpu_policies() -> None:
 def main() -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ops.cli sets it before torch is imported
     patch_forward(SimulatedDevice(float(os.environ[RATE_ENV]), float(os.environ[LAUNCH_ENV]) / 1000))
+    patch_timer()
     take_gpu_policies()
     from ops.cli import main as cli_main
 

@@ -79,8 +79,16 @@ def forward_on_host(backend: Backend) -> bool:
     """Whether the model's forward runs on the host's cores (the CPU), where the host's own threads (the
     tokenizer lanes, the event loop) compete with it for them. The host-side rules that depend on it follow
     from this one fact: streams_slices and the small tokenizer lane's threads (engine.lanes). (What needs a
-    CUDA device itself, the measured rate that bounds batches by time, asks the device.)"""
+    CUDA device itself, the measured rate that bounds batches by time, is device_timed.)"""
     return backend.device.type == "cpu"
+
+
+def device_timed(backend: Backend) -> bool:
+    """Whether a batch's seconds are the device's own (CUDA events on the model's stream), so that the
+    measured rate says how long a batch of so many tokens holds the device and a bulk batch can be bounded by
+    time while searches arrive (bulk_run_budget). Elsewhere a batch is timed by the host's clock around the
+    call, and on the CPU the token budget is already small."""
+    return backend.device.type == "cuda"
 
 
 def streams_slices(backend: Backend) -> bool:
@@ -111,13 +119,14 @@ def slice_order(documents: Sequence[str], *, by_length: bool) -> np.ndarray:
     return np.argsort(np.fromiter(map(len, documents), np.int64, len(documents)), kind="stable")
 
 
-def bulk_run_budget(budget: int, *, searching: bool, tokens_per_s: float, gpu: bool) -> int:
+def bulk_run_budget(budget: int, *, searching: bool, tokens_per_s: float, timed: bool) -> int:
     """The budget of a bulk request's length run: the whole budget, a share of it while searches arrive,
-    and on a GPU at most SEARCH_BATCH_S of device time then (at the measured rate)."""
+    and where batches are device-timed (a GPU) at most SEARCH_BATCH_S of device time then (at the measured
+    rate)."""
     if not searching:
         return budget
     run = budget // SEARCH_RUN_SHARE
-    return min(run, max(1, int(tokens_per_s * SEARCH_BATCH_S))) if gpu else run
+    return min(run, max(1, int(tokens_per_s * SEARCH_BATCH_S))) if timed else run
 
 
 @dataclass(eq=False)
@@ -438,13 +447,13 @@ class Scheduler:
             width_of=self.backend.padded_width if self.backend.is_padded else int,
         )
 
-        gpu = self.backend.device.type == "cuda"
+        timed = device_timed(self.backend)
 
         def measure() -> dict[str, Any]:
             out = run_warmup(
                 self.backend, self.runner.forward_rows, shapes, budget=self.max_batch_tokens, workspace_bytes=self._workspace_bytes
             )
-            if gpu:
+            if timed:
                 # The first estimate of the device's rate, which bounds batches by time until batches measure
                 # it: a full batch of typical pairs timed after an untimed run. The warm-up's own first batch
                 # is no measure: it loads the kernels and starts cuBLAS, which a first run of a process pays.
@@ -454,7 +463,7 @@ class Scheduler:
 
         result = self.call_in_stream(measure)
         self._workspace_bytes = self._workspace_bytes or result["workspace_bytes"]
-        if gpu:
+        if timed:
             self._tokens_per_s = result["tokens_per_s"]
         return result
 
@@ -515,7 +524,7 @@ class Scheduler:
         if not len(window):
             return None
         searching = time.monotonic() - self._search_at < SEARCH_RECENT_S
-        run_budget = bulk_run_budget(budget, searching=searching, tokens_per_s=self._tokens_per_s, gpu=self.backend.device.type == "cuda")
+        run_budget = bulk_run_budget(budget, searching=searching, tokens_per_s=self._tokens_per_s, timed=device_timed(self.backend))
         rows = take_batch(window, self._queue, budget, self.max_batch_size, self._cost, run_budget=run_budget)
         plan = plan_of(window, rows, 0)
         plan.cost = self._cost.of_plan(plan)

@@ -393,11 +393,11 @@ def test_on_a_gpu_bulk_batches_are_bounded_by_time_while_searches_arrive():
     from engine.scheduler import SEARCH_BATCH_S, bulk_run_budget
 
     fast = 1_000_000.0  # real tokens/s, about one H200 on a bge-large-sized model
-    assert bulk_run_budget(65536, searching=False, tokens_per_s=fast, gpu=True) == 65536
-    assert bulk_run_budget(65536, searching=True, tokens_per_s=fast, gpu=True) == int(fast * SEARCH_BATCH_S) < 65536 // SEARCH_RUN_SHARE
-    assert bulk_run_budget(65536, searching=True, tokens_per_s=fast, gpu=False) == 65536 // SEARCH_RUN_SHARE
+    assert bulk_run_budget(65536, searching=False, tokens_per_s=fast, timed=True) == 65536
+    assert bulk_run_budget(65536, searching=True, tokens_per_s=fast, timed=True) == int(fast * SEARCH_BATCH_S) < 65536 // SEARCH_RUN_SHARE
+    assert bulk_run_budget(65536, searching=True, tokens_per_s=fast, timed=False) == 65536 // SEARCH_RUN_SHARE
     # A slow model's time bound is tighter than the share; never below one token (the anchor always runs).
-    assert bulk_run_budget(4096, searching=True, tokens_per_s=10.0, gpu=True) == 1
+    assert bulk_run_budget(4096, searching=True, tokens_per_s=10.0, timed=True) == 1
 
 
 def test_the_query_is_embedded_in_the_inference_stream_beside_its_documents(backend):
