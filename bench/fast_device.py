@@ -5,7 +5,7 @@ machine that forward still takes about 60% of the process's CPU (ONNX Runtime or
 say how the host's work and the forward share two cores, not how the host feeds a device. Here the gateway
 serves the same tiny cross-encoder with its forward replaced by a simulated device, inside the gateway
 process (bench/simulated_device.py: ops.cli with the forward patched, and the engine's rules that follow
-where the forward runs taken as on a GPU; not the time bound on bulk batches beside searches):
+where the forward runs taken as on a GPU, bulk batches bounded by device time while searches arrive):
 
 - launch: the inference thread holds the GIL for LAUNCH_MS of Python a batch, as an eager forward's kernel
   launches do (an XLM-R-large forward is some 500 launches);
@@ -21,7 +21,10 @@ Cases, MODE:RATE: `packed` (padding_free, as bge-reranker-large runs on an Amper
 (Qwen3 anywhere, every model on a T4), at RATE tokens a second. 1,150,000 is what bge-reranker-large's shape
 ran in warm-up on an H200 (padded, the first GPU run); 200,000 a device the host outruns. Workloads as
 bench.host_path's: `big` (1,000 documents, BIG_REPEATS in a row) and `c16` (16 closed-loop clients x 20
-documents).
+documents); and as the GPU check's: `beside`, 3-document requests one at a time beside one request of
+BESIDE_DOCS documents, against the same requests alone (p99 beside / p99 alone: issue 18 asks <= 3x).
+Batches are timed by their device time, as CUDA events time them, so the measured rate bounds bulk batches
+by time while searches arrive, as on a GPU.
 
     python -m bench.fast_device                              # ~1.5 min on 2 cores; markdown on stdout
     python -m bench.fast_device --cases padded:200000 --rounds 3 --json out.json
@@ -48,6 +51,9 @@ from core.host import cpu_model_name
 from engine.scheduler import SEARCH_RECENT_S
 
 DEFAULT_CASES = "packed:1150000,padded:1150000,padded:200000"
+# The GPU check's `beside` workload: 3-document requests beside one request of this many documents.
+BESIDE_DOCS = 10000
+ALONE_REQUESTS = 100
 # Host time under the GIL a batch: ~500 kernel launches of an eager 24-layer encoder at a few microseconds.
 LAUNCH_MS = 2.0
 BUDGET = 16384
@@ -68,17 +74,25 @@ def _busy(out: dict[str, Any], rate: float) -> dict[str, Any]:
     return out
 
 
-def _measure(gw: http_load.GatewayProcess, rate: float, big: Request, small: list[Request]) -> dict[str, Any]:
+def _measure(
+    gw: http_load.GatewayProcess, rate: float, big: Request, small: list[Request], beside_big: Request | None, threes: list[Request]
+) -> dict[str, Any]:
     time.sleep(SEARCH_RECENT_S + 0.5)  # bench.host_path says why
-    return {
+    out = {
         "big": _busy(costed(gw, "sim", lambda: big_repeats(gw, "sim", big)), rate),
         "c16": _busy(costed(gw, "sim", lambda: http_load.closed_loop(gw.base, "sim", small, 16)), rate),
     }
+    if beside_big is not None:
+        alone = http_load.sequential(gw.base, "sim", threes[:ALONE_REQUESTS])
+        time.sleep(SEARCH_RECENT_S + 0.5)  # the big request starts with full batches, as on a quiet server
+        beside = costed(gw, "sim", lambda: http_load.beside_big(gw.base, "sim", beside_big, threes))
+        out["beside"] = {"alone": alone, "beside": beside, "p99_ratio": beside["p99_s"] / alone["p99_s"], "big_docs": len(beside_big.documents)}
+    return out
 
 
 def run(
     cases: list[tuple[str, float]], rounds: int, work: Path, launch_ms: float, baseline: Path | None = None,
-    docs: int = 1000, small_requests_n: int = 16 * 15,
+    docs: int = 1000, small_requests_n: int = 16 * 15, beside_docs: int = BESIDE_DOCS,
 ) -> dict[str, Any]:
     from tests.tiny_models import build_minilm_tiny_cross_encoder
 
@@ -86,6 +100,8 @@ def run(
     model_dir = build_minilm_tiny_cross_encoder(work / "tiny-ce")
     words = vocabulary(model_dir)
     big, small = big_request(words, docs), small_requests(words, small_requests_n, 20)
+    beside_big = big_request(words, beside_docs) if beside_docs else None
+    threes = small_requests(words, 400, 3)
     roots = {"gateway": http_load.ROOT, **({"baseline": baseline} if baseline else {})}
     out: dict[str, Any] = {
         "machine": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "launch_ms": launch_ms, "budget": BUDGET,
@@ -108,7 +124,7 @@ def run(
                 http_load.big(gw.base, "sim", big)
             for k in range(rounds):
                 for name in list(gateways) if k % 2 == 0 else list(gateways)[::-1]:
-                    row = _measure(gateways[name], rate, big, small)
+                    row = _measure(gateways[name], rate, big, small, beside_big, threes)
                     rows[name].append(row)
                     print(f"{mode} {rate:.0f} round {k + 1}/{rounds} {name}: {summary_line(row)}", file=sys.stderr, flush=True)
         finally:
@@ -120,11 +136,18 @@ def run(
 
 def summary_line(row: dict[str, Any]) -> str:
     b, c = row["big"], row["c16"]
-    return (
+    line = (
         f"big {b['pairs_per_s']:.0f} pairs/s (device busy {b['device_busy']:.0%}); c16 {c['pairs_per_s']:.0f} pairs/s "
         f"({c['pairs_per_s'] / b['pairs_per_s']:.2f}x big, busy {c['device_busy']:.0%}) p50 {c['p50_s'] * 1000:.0f} ms "
         f"p99 {c['p99_s'] * 1000:.0f} ms"
     )
+    if "beside" in row:
+        x = row["beside"]
+        line += (
+            f"; 3 docs p99 {x['alone']['p99_s'] * 1000:.0f} ms alone, {x['beside']['p99_s'] * 1000:.0f} ms beside "
+            f"{x['big_docs']} docs ({x['p99_ratio']:.1f}x)"
+        )
+    return line
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -147,6 +170,22 @@ def markdown(res: dict[str, Any]) -> str:
                     f"{b['server']['cpu_ms_per_pair']:.3f}, {c['server']['cpu_ms_per_pair']:.3f} |"
                 )
     lines.append("")
+    beside = [(case, side, k, r["beside"]) for case, sides in res["cases"].items() for side, rows in sides.items()
+              for k, r in enumerate(rows, 1) if "beside" in r]
+    if beside:
+        lines += [
+            "3-document requests alone and beside one big request (the device time of a batch: /metrics over the beside run):",
+            "",
+            "| case | side | round | big request docs, s | 3 docs p50 alone, beside ms | p99 alone, beside ms | p99 beside / alone | device ms / batch |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for case, side, k, x in beside:
+            a, b = x["alone"], x["beside"]
+            lines.append(
+                f"| {case} | {side} | {k} | {x['big_docs']}, {b['big_seconds']:.2f} | {a['p50_s'] * 1000:.1f}, {b['p50_s'] * 1000:.1f} | "
+                f"{a['p99_s'] * 1000:.1f}, {b['p99_s'] * 1000:.1f} | {x['p99_ratio']:.2f} | {b['server']['forward_ms_per_batch']:.1f} |"
+            )
+        lines.append("")
     for case, sides in res["cases"].items():
         for side, rows in sides.items():
             ratios = [r["c16"]["pairs_per_s"] / r["big"]["pairs_per_s"] for r in rows]
@@ -154,6 +193,9 @@ def markdown(res: dict[str, Any]) -> str:
                 f"- {case}, {side}: c16 / big median {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}); device busy "
                 f"median big {statistics.median(r['big']['device_busy'] for r in rows):.0%}, c16 {statistics.median(r['c16']['device_busy'] for r in rows):.0%}"
             )
+            if all("beside" in r for r in rows):
+                besides = [r["beside"]["p99_ratio"] for r in rows]
+                lines.append(f"- {case}, {side}: 3-doc p99 beside / alone median {statistics.median(besides):.2f} ({min(besides):.2f}-{max(besides):.2f})")
         if len(sides) == 2:
             for key in ("big", "c16"):
                 paired = [a[key]["pairs_per_s"] / b[key]["pairs_per_s"] for a, b in zip(sides["gateway"], sides["baseline"])]
@@ -179,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--launch-ms", type=float, default=LAUNCH_MS)
     ap.add_argument("--docs", type=int, default=1000, help="documents of the big request")
     ap.add_argument("--small-requests", type=int, default=16 * 15, help="20-document requests of the 16 clients, in all")
+    ap.add_argument("--beside-docs", type=int, default=BESIDE_DOCS, help="documents of the big request beside 3-document ones (0: no beside workload)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path, help="working folder (model, logs); a temporary one by default")
     ap.add_argument("--baseline", type=Path, help="a checkout of another commit, side by side")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(parse_cases(args.cases), args.rounds, args.work or Path(tmp), args.launch_ms, args.baseline, args.docs, args.small_requests)
+        res = run(parse_cases(args.cases), args.rounds, args.work or Path(tmp), args.launch_ms, args.baseline, args.docs, args.small_requests, args.beside_docs)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     print(markdown(res))

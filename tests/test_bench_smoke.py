@@ -57,12 +57,13 @@ def test_event_loop_bench_counts_a_request_s_work(tmp_path: Path) -> None:
 def test_fast_device_bench_runs_the_gateway_before_a_simulated_device(tmp_path: Path) -> None:
     """bench.fast_device serves the tiny cross-encoder with its forward replaced by a simulated device in the
     gateway process: the device's busy share comes from the batches' tokens, a packed batch costs its real
-    tokens, and a big request of more than SMALL_REQUEST_DOCS documents is sliced."""
+    tokens, a big request of more than SMALL_REQUEST_DOCS documents is sliced, and 3-document requests are timed
+    alone and beside a big one."""
     out = tmp_path / "fd.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "bench.fast_device", "--cases", "packed:400000,padded:400000", "--rounds", "1", "--docs", "300",
-         "--small-requests", "32", "--json", str(out), "--work", str(tmp_path / "work")],
+         "--small-requests", "32", "--beside-docs", "600", "--json", str(out), "--work", str(tmp_path / "work")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -73,4 +74,8 @@ def test_fast_device_bench_runs_the_gateway_before_a_simulated_device(tmp_path: 
             assert row[workload]["pairs_per_s"] > 0 and 0 < row[workload]["device_busy"] <= 1.05
     assert packed["big"]["server"]["padding"] == packed["c16"]["server"]["padding"] == 1.0
     assert padded["big"]["server"]["padding"] < 1.0
-    assert "| packed:400000 | gateway | 1 |" in proc.stdout
+    for row in (packed, padded):  # 3-document requests alone and beside a 600-document one
+        beside = row["beside"]
+        assert beside["big_docs"] == 600 and beside["alone"]["requests"] == 100 and beside["beside"]["requests"] >= 1
+        assert beside["p99_ratio"] == beside["beside"]["p99_s"] / beside["alone"]["p99_s"]
+    assert "| packed:400000 | gateway | 1 |" in proc.stdout and "p99 beside / alone" in proc.stdout
