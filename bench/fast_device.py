@@ -11,11 +11,13 @@ where the forward runs taken as on a GPU, bulk batches bounded by device time wh
   launches do (an XLM-R-large forward is some 500 launches);
 - device: the batch then occupies one device shared by the inference threads, queued behind the batch
   before it, for its tokens / the device's rate (a padded batch's rows x width, a packed one's real
-  tokens); the thread waits without the GIL, as a stream waits on its batch's event.
+  tokens), plus --floor-ms whatever its size (default 0); the thread waits without the GIL, as a stream
+  waits on its batch's event.
 
 So the CPU does only the host's work (HTTP, JSON, tokenizing, batching, collation, answers), and how busy
-the device is says whether the host keeps up: device busy = the tokens the batches cost (/metrics) / rate /
-wall. Entries run with a GPU-like token budget (BUDGET) and two inference threads, as on a GPU.
+the device is says whether the host keeps up: device busy = the batches' device time (/metrics, which
+times them as CUDA events would) / wall. Entries run with a GPU-like token budget (BUDGET) and two
+inference threads, as on a GPU.
 
 Cases, MODE:RATE: `packed` (padding_free, as bge-reranker-large runs on an Ampere or newer GPU) or `padded`
 (Qwen3 anywhere, every model on a T4), at RATE tokens a second. 1,150,000 is what bge-reranker-large's shape
@@ -45,7 +47,7 @@ from typing import Any
 
 from bench import http_load
 from bench.host_path import MAX_LENGTH, big_repeats, costed
-from bench.simulated_device import LAUNCH_ENV, RATE_ENV
+from bench.simulated_device import FLOOR_ENV, LAUNCH_ENV, RATE_ENV
 from bench.workload import Request, big_request, small_requests, vocabulary
 from core.host import cpu_model_name
 from engine.scheduler import SEARCH_RECENT_S
@@ -69,18 +71,20 @@ def registry(model_dir: Path, mode: str) -> dict[str, Any]:
     return {"default_model": "sim", "server": {"max_documents": 10000, "request_timeout_s": 600}, "models": {"sim": entry}}
 
 
-def _busy(out: dict[str, Any], rate: float) -> dict[str, Any]:
-    out["device_busy"] = out["server"]["padded_tokens"] / rate / out["seconds"]
+def _busy(out: dict[str, Any]) -> dict[str, Any]:
+    """The device's busy share: its batches' device time (/metrics: timed as CUDA events time them) / wall."""
+    server = out["server"]
+    out["device_busy"] = server["forward_ms_per_batch"] * server["batches"] / 1000 / out["seconds"]
     return out
 
 
 def _measure(
-    gw: http_load.GatewayProcess, rate: float, big: Request, small: list[Request], beside_big: Request | None, threes: list[Request]
+    gw: http_load.GatewayProcess, big: Request, small: list[Request], beside_big: Request | None, threes: list[Request]
 ) -> dict[str, Any]:
     time.sleep(SEARCH_RECENT_S + 0.5)  # bench.host_path says why
     out = {
-        "big": _busy(costed(gw, "sim", lambda: big_repeats(gw, "sim", big)), rate),
-        "c16": _busy(costed(gw, "sim", lambda: http_load.closed_loop(gw.base, "sim", small, 16)), rate),
+        "big": _busy(costed(gw, "sim", lambda: big_repeats(gw, "sim", big))),
+        "c16": _busy(costed(gw, "sim", lambda: http_load.closed_loop(gw.base, "sim", small, 16))),
     }
     if beside_big is not None:
         alone = http_load.sequential(gw.base, "sim", threes[:ALONE_REQUESTS])
@@ -92,7 +96,7 @@ def _measure(
 
 def run(
     cases: list[tuple[str, float]], rounds: int, work: Path, launch_ms: float, baseline: Path | None = None,
-    docs: int = 1000, small_requests_n: int = 16 * 15, beside_docs: int = BESIDE_DOCS,
+    docs: int = 1000, small_requests_n: int = 16 * 15, beside_docs: int = BESIDE_DOCS, floor_ms: float = 0.0,
 ) -> dict[str, Any]:
     from tests.tiny_models import build_minilm_tiny_cross_encoder
 
@@ -104,11 +108,11 @@ def run(
     threes = small_requests(words, 400, 3)
     roots = {"gateway": http_load.ROOT, **({"baseline": baseline} if baseline else {})}
     out: dict[str, Any] = {
-        "machine": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "launch_ms": launch_ms, "budget": BUDGET,
+        "machine": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "launch_ms": launch_ms, "floor_ms": floor_ms, "budget": BUDGET,
         "cases": {}, "baseline_root": str(baseline) if baseline else None,
     }
     for mode, rate in cases:
-        env = {RATE_ENV: str(rate), LAUNCH_ENV: str(launch_ms)}
+        env = {RATE_ENV: str(rate), LAUNCH_ENV: str(launch_ms), FLOOR_ENV: str(floor_ms)}
         gateways = {
             name: http_load.GatewayProcess(
                 registry(model_dir, mode), work, name=f"{name}-{mode}-{rate:.0f}", module="simulated_device", root=root,
@@ -124,7 +128,7 @@ def run(
                 http_load.big(gw.base, "sim", big)
             for k in range(rounds):
                 for name in list(gateways) if k % 2 == 0 else list(gateways)[::-1]:
-                    row = _measure(gateways[name], rate, big, small, beside_big, threes)
+                    row = _measure(gateways[name], big, small, beside_big, threes)
                     rows[name].append(row)
                     print(f"{mode} {rate:.0f} round {k + 1}/{rounds} {name}: {summary_line(row)}", file=sys.stderr, flush=True)
         finally:
@@ -153,7 +157,8 @@ def summary_line(row: dict[str, Any]) -> str:
 def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Host path before a simulated device: the tiny cross-encoder's tokenizer, {res['machine']}, {res['cores']} cores; "
-        f"budget {res['budget']} tokens, {res['launch_ms']:g} ms of launch under the GIL a batch",
+        f"budget {res['budget']} tokens, {res['launch_ms']:g} ms of launch under the GIL a batch, "
+        f"{res.get('floor_ms', 0):g} ms of device a batch whatever its size",
         "",
         "| case | side | round | big pairs/s | big device busy | c16 pairs/s | c16 / big | c16 device busy | c16 p99/p50 | "
         "real / computed tokens big, c16 | host CPU ms / pair big, c16 |",
@@ -219,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default=DEFAULT_CASES, help="MODE:RATE, comma-separated (MODE: packed | padded; RATE: tokens/s)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--launch-ms", type=float, default=LAUNCH_MS)
+    ap.add_argument("--floor-ms", type=float, default=0.0, help="device time a batch costs whatever its size")
     ap.add_argument("--docs", type=int, default=1000, help="documents of the big request")
     ap.add_argument("--small-requests", type=int, default=16 * 15, help="20-document requests of the 16 clients, in all")
     ap.add_argument("--beside-docs", type=int, default=BESIDE_DOCS, help="documents of the big request beside 3-document ones (0: no beside workload)")
@@ -227,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, help="a checkout of another commit, side by side")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(parse_cases(args.cases), args.rounds, args.work or Path(tmp), args.launch_ms, args.baseline, args.docs, args.small_requests, args.beside_docs)
+        res = run(
+            parse_cases(args.cases), args.rounds, args.work or Path(tmp), args.launch_ms, args.baseline, args.docs,
+            args.small_requests, args.beside_docs, args.floor_ms,
+        )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     print(markdown(res))

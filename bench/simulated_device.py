@@ -4,8 +4,10 @@ engine's rules that follow where the forward runs taken as on a GPU (engine.sche
 batches timed by their device time, as CUDA events time them, so that the measured rate bounds bulk batches
 by time while searches arrive, as on a GPU (engine.scheduler.device_timed).
 
-From the environment: SIMULATED_DEVICE_TOKENS_PER_S (padded tokens a second) and SIMULATED_DEVICE_LAUNCH_MS
-(host time under the GIL a batch). Standard library only at import, so that another checkout's gateway
+From the environment: SIMULATED_DEVICE_TOKENS_PER_S (padded tokens a second), SIMULATED_DEVICE_LAUNCH_MS
+(host time under the GIL a batch) and SIMULATED_DEVICE_FLOOR_MS (device time a batch costs whatever its
+size, default 0: on a GPU a small batch's hundreds of kernels each take microseconds however few tokens
+they compute, so a batch's time is about floor + tokens / rate). Standard library only at import, so that another checkout's gateway
 (bench.fast_device --baseline) can run under it: that checkout's ops.cli comes first on the path.
 """
 
@@ -19,6 +21,7 @@ from typing import Any
 
 RATE_ENV = "SIMULATED_DEVICE_TOKENS_PER_S"
 LAUNCH_ENV = "SIMULATED_DEVICE_LAUNCH_MS"
+FLOOR_ENV = "SIMULATED_DEVICE_FLOOR_MS"
 # A file that gets a line per batch: thread, launch start, device start, device end, thread resumed, padded tokens.
 TRACE = open(os.environ["SIMULATED_DEVICE_TRACE"], "a") if os.environ.get("SIMULATED_DEVICE_TRACE") else None
 # Device seconds of the batches an inference thread ran since its timer started (patch_timer).
@@ -26,12 +29,13 @@ _DEVICE_S = threading.local()
 
 
 class SimulatedDevice:
-    """One device shared by the inference threads, FIFO: a batch runs after the one before it, for padded
-    tokens / rate seconds, and its thread waits for it without the GIL."""
+    """One device shared by the inference threads, FIFO: a batch runs after the one before it, for floor +
+    padded tokens / rate seconds, and its thread waits for it without the GIL."""
 
-    def __init__(self, tokens_per_s: float, launch_s: float) -> None:
+    def __init__(self, tokens_per_s: float, launch_s: float, floor_s: float = 0.0) -> None:
         self.tokens_per_s = tokens_per_s
         self.launch_s = launch_s
+        self.floor_s = floor_s
         self._lock = threading.Lock()
         self._free_at = 0.0
 
@@ -42,7 +46,7 @@ class SimulatedDevice:
             pass
         with self._lock:
             start = max(self._free_at, time.perf_counter())
-            self._free_at = done = start + padded_tokens / self.tokens_per_s
+            self._free_at = done = start + self.floor_s + padded_tokens / self.tokens_per_s
         _DEVICE_S.seconds = getattr(_DEVICE_S, "seconds", 0.0) + (done - start)
         time.sleep(max(0.0, done - time.perf_counter()))
         if TRACE:
@@ -103,7 +107,10 @@ def take_gpu_policies() -> None:
 
 def main() -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ops.cli sets it before torch is imported
-    patch_forward(SimulatedDevice(float(os.environ[RATE_ENV]), float(os.environ[LAUNCH_ENV]) / 1000))
+    device = SimulatedDevice(
+        float(os.environ[RATE_ENV]), float(os.environ[LAUNCH_ENV]) / 1000, float(os.environ.get(FLOOR_ENV) or 0) / 1000
+    )
+    patch_forward(device)
     patch_timer()
     take_gpu_policies()
     from ops.cli import main as cli_main
