@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import http_load
-from bench.host_path import MAX_LENGTH, big_repeats, costed
+from bench.host_path import MAX_LENGTH, big_repeats
+from bench.http_load import costed
 from bench.simulated_device import FLOOR_ENV, LAUNCH_ENV, RATE_ENV
 from bench.workload import Request, big_request, small_requests, vocabulary
 from core.host import cpu_model_name
@@ -71,20 +72,13 @@ def registry(model_dir: Path, mode: str) -> dict[str, Any]:
     return {"default_model": "sim", "server": {"max_documents": 10000, "request_timeout_s": 600}, "models": {"sim": entry}}
 
 
-def _busy(out: dict[str, Any]) -> dict[str, Any]:
-    """The device's busy share: its batches' device time (/metrics: timed as CUDA events time them) / wall."""
-    server = out["server"]
-    out["device_busy"] = server["forward_ms_per_batch"] * server["batches"] / 1000 / out["seconds"]
-    return out
-
-
 def _measure(
     gw: http_load.GatewayProcess, big: Request, small: list[Request], beside_big: Request | None, threes: list[Request]
 ) -> dict[str, Any]:
     time.sleep(SEARCH_RECENT_S + 0.5)  # bench.host_path says why
     out = {
-        "big": _busy(costed(gw, "sim", lambda: big_repeats(gw, "sim", big))),
-        "c16": _busy(costed(gw, "sim", lambda: http_load.closed_loop(gw.base, "sim", small, 16))),
+        "big": costed(gw, "sim", lambda: big_repeats(gw, "sim", big)),
+        "c16": costed(gw, "sim", lambda: http_load.closed_loop(gw.base, "sim", small, 16)),
     }
     if beside_big is not None:
         alone = http_load.sequential(gw.base, "sim", threes[:ALONE_REQUESTS])
@@ -141,8 +135,8 @@ def run(
 def summary_line(row: dict[str, Any]) -> str:
     b, c = row["big"], row["c16"]
     line = (
-        f"big {b['pairs_per_s']:.0f} pairs/s (device busy {b['device_busy']:.0%}); c16 {c['pairs_per_s']:.0f} pairs/s "
-        f"({c['pairs_per_s'] / b['pairs_per_s']:.2f}x big, busy {c['device_busy']:.0%}) p50 {c['p50_s'] * 1000:.0f} ms "
+        f"big {b['pairs_per_s']:.0f} pairs/s (device busy {b['server']['device_busy']:.0%}); c16 {c['pairs_per_s']:.0f} pairs/s "
+        f"({c['pairs_per_s'] / b['pairs_per_s']:.2f}x big, busy {c['server']['device_busy']:.0%}) p50 {c['p50_s'] * 1000:.0f} ms "
         f"p99 {c['p99_s'] * 1000:.0f} ms"
     )
     if "beside" in row:
@@ -169,8 +163,8 @@ def markdown(res: dict[str, Any]) -> str:
             for k, r in enumerate(rows, 1):
                 b, c = r["big"], r["c16"]
                 lines.append(
-                    f"| {case} | {side} | {k} | {b['pairs_per_s']:.0f} | {b['device_busy']:.0%} | {c['pairs_per_s']:.0f} | "
-                    f"{c['pairs_per_s'] / b['pairs_per_s']:.2f} | {c['device_busy']:.0%} | {c['p99_s'] / c['p50_s']:.2f} | "
+                    f"| {case} | {side} | {k} | {b['pairs_per_s']:.0f} | {b['server']['device_busy']:.0%} | {c['pairs_per_s']:.0f} | "
+                    f"{c['pairs_per_s'] / b['pairs_per_s']:.2f} | {c['server']['device_busy']:.0%} | {c['p99_s'] / c['p50_s']:.2f} | "
                     f"{b['server']['padding']:.2f}, {c['server']['padding']:.2f} | "
                     f"{b['server']['cpu_ms_per_pair']:.3f}, {c['server']['cpu_ms_per_pair']:.3f} |"
                 )
@@ -196,7 +190,8 @@ def markdown(res: dict[str, Any]) -> str:
             ratios = [r["c16"]["pairs_per_s"] / r["big"]["pairs_per_s"] for r in rows]
             lines.append(
                 f"- {case}, {side}: c16 / big median {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}); device busy "
-                f"median big {statistics.median(r['big']['device_busy'] for r in rows):.0%}, c16 {statistics.median(r['c16']['device_busy'] for r in rows):.0%}"
+                f"median big {statistics.median(r['big']['server']['device_busy'] for r in rows):.0%}, "
+                f"c16 {statistics.median(r['c16']['server']['device_busy'] for r in rows):.0%}"
             )
             if all("beside" in r for r in rows):
                 besides = [r["beside"]["p99_ratio"] for r in rows]

@@ -35,11 +35,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from bench import http_load
+from bench.http_load import costed
 from bench.sorted_loop import length_runs, padded
 from bench.workload import Request, big_request, small_requests, vocabulary
 from core.host import cpu_model_name
@@ -91,24 +92,6 @@ def registry(model_dir: Path, dtype: str = "float32", runtime: str = "torch") ->
 
 def _gateway(model_dir: Path, work: Path, root: Path, name: str, dtype: str, runtime: str) -> http_load.GatewayProcess:
     return http_load.GatewayProcess(registry(model_dir, dtype, runtime), work, name=name, module=http_load.serve_module(root), root=root)
-
-
-def costed(gw: http_load.GatewayProcess, model: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """`run()`'s result with what the server spent on it: CPU time per pair (every thread of the process)
-    and its batches (pairs per batch, padding, forward seconds), from /metrics before and after."""
-    before, cpu = gw.batch_counters(model), gw.cpu_seconds()
-    out = run()
-    now, after = gw.cpu_seconds(), gw.batch_counters(model)
-    spent = {k: now[k] - cpu[k] for k in now}
-    d = {k: after[k] - before[k] for k in after}
-    requests = max(1, out.get("requests", 1))
-    out["server"] = {
-        "cpu_ms_per_pair": spent["all"] * 1000 / max(1.0, d["pairs"]), "cpu_ms_per_request": spent["all"] * 1000 / requests,
-        "cpu_ms_per_request_by_threads": {k: v * 1000 / requests for k, v in spent.items() if k != "all"},
-        "batches": d["batches"], "padded_tokens": d["padded_tokens"], "pairs_per_batch": d["pairs"] / max(1.0, d["batches"]),
-        "padding": d["real_tokens"] / max(1.0, d["padded_tokens"]), "forward_ms_per_batch": d["forward_s"] * 1000 / max(1.0, d["batches"]),
-    }
-    return out
 
 
 def big_repeats(gw: http_load.GatewayProcess, model: str, big: Request) -> dict[str, Any]:

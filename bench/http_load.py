@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -211,6 +211,28 @@ class _KeepAlive:
         if self.writer is not None:
             self.writer.close()
             self.reader = self.writer = None
+
+
+def costed(gw: GatewayProcess, model: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`run()`'s result with what the server spent on it: CPU time per pair (every thread of the process)
+    and its batches (pairs per batch, padding, forward seconds), from /metrics before and after; and, when
+    the result has its wall time (`seconds`), the device's busy share: the batches' forward time over it
+    (on a GPU, CUDA events' device time, one stream a model, so batches do not overlap)."""
+    before, cpu = gw.batch_counters(model), gw.cpu_seconds()
+    out = run()
+    now, after = gw.cpu_seconds(), gw.batch_counters(model)
+    spent = {k: now[k] - cpu[k] for k in now}
+    d = {k: after[k] - before[k] for k in after}
+    requests = max(1, out.get("requests", 1))
+    out["server"] = {
+        "cpu_ms_per_pair": spent["all"] * 1000 / max(1.0, d["pairs"]), "cpu_ms_per_request": spent["all"] * 1000 / requests,
+        "cpu_ms_per_request_by_threads": {k: v * 1000 / requests for k, v in spent.items() if k != "all"},
+        "batches": d["batches"], "padded_tokens": d["padded_tokens"], "pairs_per_batch": d["pairs"] / max(1.0, d["batches"]),
+        "padding": d["real_tokens"] / max(1.0, d["padded_tokens"]), "forward_ms_per_batch": d["forward_s"] * 1000 / max(1.0, d["batches"]),
+    }
+    if out.get("seconds"):
+        out["server"]["device_busy"] = d["forward_s"] / out["seconds"]
+    return out
 
 
 def closed_loop(base: str, model: str, requests: list[Request], clients: int) -> dict[str, Any]:

@@ -65,6 +65,9 @@ def test_a_section_killed_at_its_limit_keeps_the_others_and_its_gateway_goes(tmp
     assert s["http_bge"]["status"] == "timeout" and s["http_bge"]["seconds"] < 60
     # What it recorded before the kill is kept, and the section after it ran.
     assert s["http_bge"]["result"]["tokens"]["big_100"]["pairs"] == 100
+    # Each workload carries what the gateway spent on it: its batches' device time over the wall, the host's CPU.
+    for run in s["http_bge"]["result"]["big_100"]:
+        assert run["server"]["device_busy"] > 0 and run["server"]["pairs_per_batch"] > 1 and run["server"]["cpu_ms_per_pair"] > 0
     assert s["ceilings"]["status"] == "ok" and s["ceilings"]["result"]["copy"]["gb_per_s"] > 0
     assert proc.returncode == 1  # not every section ok
     assert "http_bge | timeout" in md

@@ -106,12 +106,13 @@ def http_bge(rec: Recorder, plan: Plan, ctx: dict) -> None:
             with rec.step(f"big_{n}"):
                 runs = []
                 for _ in range(2 if n == plan.big_docs[0] else 1):
-                    runs.append(_rate(http_load.big(gw.base, "bge", bigs[n]), sum(tokens[f"big_{n}"]), flops[f"big_{n}"], ceiling))
+                    run = http_load.costed(gw, "bge", lambda: http_load.big(gw.base, "bge", bigs[n]))
+                    runs.append(_rate(run, sum(tokens[f"big_{n}"]), flops[f"big_{n}"], ceiling))
                     rec.put(f"big_{n}", runs)
         for clients, part in loops[:1]:
             _closed(rec, gw, clients, smalls[part], tokens["small"][part])
         with rec.step("beside"):
-            beside = http_load.beside_big(gw.base, "bge", bigs[plan.beside_docs], threes)
+            beside = http_load.costed(gw, "bge", lambda: http_load.beside_big(gw.base, "bge", bigs[plan.beside_docs], threes))
             rec.put("beside", {"beside": beside})
             alone = http_load.sequential(gw.base, "bge", threes[: plan.alone_requests])
             rec.put("beside", {"beside": beside, "alone": alone, "p99_ratio": beside["p99_s"] / alone["p99_s"], "big_docs": plan.beside_docs})
@@ -124,7 +125,7 @@ def http_bge(rec: Recorder, plan: Plan, ctx: dict) -> None:
 
 def _closed(rec: Recorder, gw: http_load.GatewayProcess, clients: int, requests: list, tokens: list[int]) -> None:
     with rec.step(f"clients_{clients}"):
-        out = http_load.closed_loop(gw.base, "bge", requests, clients)
+        out = http_load.costed(gw, "bge", lambda: http_load.closed_loop(gw.base, "bge", requests, clients))
         out["clients"] = clients
         out["docs_per_request"] = len(requests[0].documents)
         out["real_tokens_per_s"] = sum(tokens) / out["seconds"]

@@ -28,6 +28,13 @@ def _pct(x: Any) -> str:
     return "-" if x is None else f"{x:.0%}"
 
 
+def _server(run: dict) -> str:
+    """The device-busy, pairs-a-batch and host-CPU cells of a workload measured with http_load.costed."""
+    srv = run.get("server") or {}
+    cpu = srv.get("cpu_ms_per_pair")
+    return f"{_pct(srv.get('device_busy'))} | {_n(srv.get('pairs_per_batch'), ',.1f')} | {'-' if cpu is None else f'{cpu:.3f} ms'} |"
+
+
 def _ratio(a: Any, b: Any) -> float | None:
     return a / b if a is not None and b else None
 
@@ -111,27 +118,35 @@ def http_bge(r: dict, plan: dict) -> list[str]:
     per_pair = ((r.get("tokens") or {}).get(f"big_{plan['big_docs'][0]}") or {}).get("per_pair")
     out = [f"**c. Gateway over HTTP, bge shape** (ready in {_n(r.get('ready_s'))} s; {_n(per_pair)} real tokens a pair)"]
     out += _budget(r.get("models"))
-    out += ["", "| workload | pairs/s | real tok/s | TFLOP/s (real) | of peak | p50 | p99 / time |", "|---|---:|---:|---:|---:|---:|---:|"]
+    out += [
+        "", "| workload | pairs/s | real tok/s | TFLOP/s (real) | of peak | p50 | p99 / time | device busy | pairs / batch | host CPU / pair |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for n in plan["big_docs"]:
         for k, run in enumerate(r.get(f"big_{n}") or [], 1):
             out.append(
                 f"| {n:,} docs, run {k} | {_n(run['pairs_per_s'])} | {_n(run['real_tokens_per_s'])} | {_tf(run['tflops'])} | "
-                f"{_pct(run['of_peak'])} | | {_ms(run['seconds'])} |"
+                f"{_pct(run['of_peak'])} | | {_ms(run['seconds'])} | {_server(run)}"
             )
     for clients, _ in plan["closed_loops"]:
         c = r.get(f"clients_{clients}")
         if c:
             out.append(
                 f"| {clients} clients x {c['docs_per_request']} docs | {_n(c['pairs_per_s'])} | {_n(c['real_tokens_per_s'])} | | | "
-                f"{_ms(c['p50_s'])} | {_ms(c['p99_s'])} |"
+                f"{_ms(c['p50_s'])} | {_ms(c['p99_s'])} | {_server(c)}"
             )
     b = r.get("beside") or {}
     if b.get("beside"):
         x = b["beside"]
-        out.append(f"| 3 docs beside {b.get('big_docs', 0):,} docs ({x['requests']} req) | | | | | {_ms(x['p50_s'])} | {_ms(x['p99_s'])} |")
+        out.append(f"| 3 docs beside {b.get('big_docs', 0):,} docs ({x['requests']} req) | | | | | {_ms(x['p50_s'])} | {_ms(x['p99_s'])} | {_server(x)}")
     if b.get("alone"):
         x = b["alone"]
-        out.append(f"| 3 docs alone ({x['requests']} req) | | | | | {_ms(x['p50_s'])} | {_ms(x['p99_s'])} |")
+        out.append(f"| 3 docs alone ({x['requests']} req) | | | | | {_ms(x['p50_s'])} | {_ms(x['p99_s'])} | | | |")
+    out.append(
+        "\nDevice busy: the batches' device time (CUDA events, from /metrics) over the workload's wall time; one CUDA stream "
+        "a model, so at most 100% (on a CPU the inference streams' forwards overlap). Host CPU: the gateway process's, all "
+        "threads (/proc), a pair scored."
+    )
     out.append(f"\nProcess GPU memory: after load {describe(r.get('memory_after_load'))}, after the workloads {describe(r.get('memory_after_workloads'))}.")
     return out
 
