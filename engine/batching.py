@@ -30,7 +30,7 @@ from engine.fair_queue import FairQueue
 from engine.window import Window
 from engine.work import Slice, Work
 
-# A request whose padded size is at most this share of the token budget is "small" inside a tenant.
+# A request whose tokens are at most this share of the token budget is "small" (a search).
 SMALL_SHARE = 4
 
 
@@ -137,6 +137,11 @@ class BatchCost:
         return cost
 
 
+def is_small(work: Work, budget: int) -> bool:
+    """A search: all of its pairs queued (its one slice) and its tokens at most 1/SMALL_SHARE of the budget."""
+    return work.sealed and work.total_tokens * SMALL_SHARE <= budget
+
+
 def take_batch(
     window: Window,
     queue: FairQueue,
@@ -230,11 +235,11 @@ def _build(
     works, inverse, counts = np.unique(wid, return_inverse=True, return_counts=True)
 
     def small_works() -> np.ndarray:
-        """Per distinct request in the window: small as a whole, not the last pairs of a large request."""
+        """Per distinct request in the window: small, and whole here (not the last pairs of a request)."""
         flags = np.zeros(len(works), bool)
         for k, w in enumerate(works.tolist()):
             work = window.works[w]
-            flags[k] = work.sealed and counts[k] == work.n_items and work.total_tokens * SMALL_SHARE <= budget
+            flags[k] = counts[k] == work.n_items and is_small(work, budget)
         return flags
 
     small = small_works()
@@ -258,7 +263,9 @@ def _build(
                     break
                 batch = grown
         return batch
-    if not first_small:  # a search alone in the window still goes in one batch
+    if not is_small(window.works[int(wid[first])], budget):
+        # A bulk request's run: cut while searches arrive. A search's own pairs (one alone in the window, or
+        # those a batch before took part of as fillers) keep the whole budget: there is no bulk work to cut.
         budget = run_budget
     ordered = np.argsort(window.length, kind="stable")
     lengths = window.length[ordered].tolist()

@@ -34,7 +34,7 @@ from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRe
 from core.heap import HEAP
 from core.host import CPU_STREAMS
 from engine.admission import Held, Reservations, estimate_cost
-from engine.batching import SMALL_SHARE, BatchCost, Plan, plan_of, take_batch
+from engine.batching import SMALL_SHARE, BatchCost, Plan, is_small, plan_of, take_batch
 from engine.device import StreamContext, free_cached
 from engine.fair_queue import FairQueue
 from engine.inference import BatchRunner
@@ -383,7 +383,7 @@ class Scheduler:
         if not work.slices:
             work.enqueued_at = time.perf_counter()  # queue time counts from here, not from tokenizing
         part = work.add(prepared, docs)
-        if work.sealed and work.total_tokens * SMALL_SHARE <= self.token_budget:
+        if is_small(work, self.token_budget):
             self._search_at = time.monotonic()
         self._queue.added(work, part)
         self._cv.notify_all()  # every idle stream: a big request has batches for all of them

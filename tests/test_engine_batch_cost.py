@@ -5,6 +5,7 @@ count) would have sent alone."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -82,3 +83,47 @@ def test_a_packed_backend_warms_up_with_the_budget_in_real_tokens(model_dir) -> 
         scheduler.close()
     assert warm["real_tokens"] < BUDGET * 0.6  # the mixed batch
     assert [4, 64] in warm["shapes"][1:], warm["shapes"]  # and 4 x 64 real tokens = the budget
+
+
+def test_a_searchs_leftover_pairs_keep_the_whole_budget(model_dir) -> None:
+    """While searches arrive, a bulk request's batches are cut (to a share of the budget, on a GPU to a time)
+    so that a search waits little behind them. A search's own pairs are not bulk work: when a batch took part
+    of a search as fillers, the rest goes in a full batch, not in cut ones. (On a GPU's budget every 20-document
+    request is a search: 16 clients' leftovers ran in batches half as large, a floor's cost each.)"""
+    from engine.batching import SMALL_SHARE
+    from engine.scheduler import SEARCH_RUN_SHARE
+
+    backend = load(model_dir, "off")
+    scheduler = Scheduler(backend, max_batch_tokens=BUDGET, max_batch_size=64, max_queue_pairs=10_000, max_queue_tokens=10**7, streams=1)
+    computed: list[int] = []
+    held = threading.Event()
+
+    def hold_the_first(pairs: int, tokens: int) -> None:
+        computed.append(tokens)
+        if len(computed) == 1:
+            held.wait(10)  # the stream is busy while the searches queue
+
+    scheduler.fault_hook = hold_the_first
+    searches = [[f"short doc {k} {j}" for j in range(3)] for k in range(96)]
+
+    async def go():
+        first = asyncio.ensure_future(scheduler.rerank("alpha", ["one doc"], tokenize={"max_length": 128, "max_chunks": 1, "instruction": None}, top_n=1))
+        while not computed:
+            await asyncio.sleep(0.01)
+        queued = [asyncio.ensure_future(scheduler.rerank("alpha gamma", docs, tokenize={"max_length": 128, "max_chunks": 1, "instruction": None}, top_n=3)) for docs in searches]
+        while scheduler.queue_depth()[0] < 288:
+            await asyncio.sleep(0.01)
+        held.set()
+        return await asyncio.gather(first, *queued)
+
+    try:
+        done = asyncio.run(go())
+    finally:
+        scheduler.close()
+    assert all(len(d.indices) == 3 for d in done[1:])
+    batches = computed[1:]
+    # Each search is small (its tokens at most 1/SMALL_SHARE of the budget); together they are 288 pairs.
+    assert all(d.tokens * SMALL_SHARE <= BUDGET for d in done[1:])
+    assert sum(batches) > 2 * BUDGET
+    # Every batch but the last is more than the share a bulk request's run is cut to while searches arrive.
+    assert all(b > BUDGET // SEARCH_RUN_SHARE for b in batches[:-1]), batches
