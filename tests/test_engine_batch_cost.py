@@ -14,6 +14,8 @@ from backends.flag import FlagBackend
 from bench.models import build_minilm_cross_encoder
 from core.config import effective, model_spec
 from engine import Scheduler
+from engine.batching import SMALL_SHARE
+from engine.scheduler import SEARCH_RUN_SHARE
 
 BUDGET = 256
 
@@ -85,15 +87,8 @@ def test_a_packed_backend_warms_up_with_the_budget_in_real_tokens(model_dir) -> 
     assert [4, 64] in warm["shapes"][1:], warm["shapes"]  # and 4 x 64 real tokens = the budget
 
 
-def test_a_searchs_leftover_pairs_keep_the_whole_budget(model_dir) -> None:
-    """While searches arrive, a bulk request's batches are cut (to a share of the budget, on a GPU to a time)
-    so that a search waits little behind them. A search's own pairs are not bulk work: when a batch took part
-    of a search as fillers, the rest goes in a full batch, not in cut ones. (On a GPU's budget every 20-document
-    request is a search: 16 clients' leftovers ran in batches half as large, a floor's cost each.)"""
-    from engine.batching import SMALL_SHARE
-    from engine.scheduler import SEARCH_RUN_SHARE
-
-    backend = load(model_dir, "off")
+def searches_batches(backend: FlagBackend) -> list[int]:
+    """96 searches of 3 documents, queued while the stream is busy, then scored: the tokens each batch cost."""
     scheduler = Scheduler(backend, max_batch_tokens=BUDGET, max_batch_size=64, max_queue_pairs=10_000, max_queue_tokens=10**7, streams=1)
     computed: list[int] = []
     held = threading.Event()
@@ -105,12 +100,13 @@ def test_a_searchs_leftover_pairs_keep_the_whole_budget(model_dir) -> None:
 
     scheduler.fault_hook = hold_the_first
     searches = [[f"short doc {k} {j}" for j in range(3)] for k in range(96)]
+    tokenize = {"max_length": 128, "max_chunks": 1, "instruction": None}
 
     async def go():
-        first = asyncio.ensure_future(scheduler.rerank("alpha", ["one doc"], tokenize={"max_length": 128, "max_chunks": 1, "instruction": None}, top_n=1))
+        first = asyncio.ensure_future(scheduler.rerank("alpha", ["one doc"], tokenize=tokenize, top_n=1))
         while not computed:
             await asyncio.sleep(0.01)
-        queued = [asyncio.ensure_future(scheduler.rerank("alpha gamma", docs, tokenize={"max_length": 128, "max_chunks": 1, "instruction": None}, top_n=3)) for docs in searches]
+        queued = [asyncio.ensure_future(scheduler.rerank("alpha gamma", docs, tokenize=tokenize, top_n=3)) for docs in searches]
         while scheduler.queue_depth()[0] < 288:
             await asyncio.sleep(0.01)
         held.set()
@@ -121,9 +117,20 @@ def test_a_searchs_leftover_pairs_keep_the_whole_budget(model_dir) -> None:
     finally:
         scheduler.close()
     assert all(len(d.indices) == 3 for d in done[1:])
-    batches = computed[1:]
     # Each search is small (its tokens at most 1/SMALL_SHARE of the budget); together they are 288 pairs.
     assert all(d.tokens * SMALL_SHARE <= BUDGET for d in done[1:])
-    assert sum(batches) > 2 * BUDGET
+    return computed[1:]
+
+
+def test_a_searchs_leftover_pairs_keep_the_whole_budget_on_a_packed_backend(model_dir) -> None:
+    """While searches arrive, a bulk request's batches are cut (to a share of the budget, on a GPU to a time)
+    so that a search waits little behind them. A search's own pairs are not bulk work: on a packed backend,
+    when a batch took part of a search as fillers, the rest goes in a full batch, not in cut ones. (At a GPU's
+    budget every 20-document request is a search: 16 clients' leftovers ran in batches a third smaller, each
+    with its launches.) A padded backend's leftover runs stay cut: narrower, they pad less."""
+    packed = searches_batches(load(model_dir, "on"))
+    assert sum(packed) > 2 * BUDGET
     # Every batch but the last is more than the share a bulk request's run is cut to while searches arrive.
-    assert all(b > BUDGET // SEARCH_RUN_SHARE for b in batches[:-1]), batches
+    assert all(b > BUDGET // SEARCH_RUN_SHARE for b in packed[:-1]), packed
+    padded = searches_batches(load(model_dir, "off"))
+    assert any(b <= BUDGET // SEARCH_RUN_SHARE for b in padded[:-1]), padded
