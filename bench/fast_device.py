@@ -64,10 +64,10 @@ BUDGET = 16384
 SIM_DIR = Path(__file__).resolve().parent
 
 
-def registry(model_dir: Path, mode: str) -> dict[str, Any]:
+def registry(model_dir: Path, mode: str, budget: int = BUDGET) -> dict[str, Any]:
     entry = {
         "backend": "flag", "source": str(model_dir), "max_length": MAX_LENGTH, "load": "eager", "runtime": "torch",
-        "dtype": "float32", "max_batch_tokens": BUDGET, "cpu_streams": 2, "padding_free": "on" if mode == "packed" else "off",
+        "dtype": "float32", "max_batch_tokens": budget, "cpu_streams": 2, "padding_free": "on" if mode == "packed" else "off",
     }
     return {"default_model": "sim", "server": {"max_documents": 10000, "request_timeout_s": 600}, "models": {"sim": entry}}
 
@@ -91,6 +91,7 @@ def _measure(
 def run(
     cases: list[tuple[str, float]], rounds: int, work: Path, launch_ms: float, baseline: Path | None = None,
     docs: int = 1000, small_requests_n: int = 16 * 15, beside_docs: int = BESIDE_DOCS, floor_ms: float = 0.0,
+    budget: int = BUDGET,
 ) -> dict[str, Any]:
     from tests.tiny_models import build_minilm_tiny_cross_encoder
 
@@ -102,14 +103,14 @@ def run(
     threes = small_requests(words, 400, 3)
     roots = {"gateway": http_load.ROOT, **({"baseline": baseline} if baseline else {})}
     out: dict[str, Any] = {
-        "machine": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "launch_ms": launch_ms, "floor_ms": floor_ms, "budget": BUDGET,
+        "machine": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "launch_ms": launch_ms, "floor_ms": floor_ms, "budget": budget,
         "cases": {}, "baseline_root": str(baseline) if baseline else None,
     }
     for mode, rate in cases:
         env = {RATE_ENV: str(rate), LAUNCH_ENV: str(launch_ms), FLOOR_ENV: str(floor_ms)}
         gateways = {
             name: http_load.GatewayProcess(
-                registry(model_dir, mode), work, name=f"{name}-{mode}-{rate:.0f}", module="simulated_device", root=root,
+                registry(model_dir, mode, budget), work, name=f"{name}-{mode}-{rate:.0f}", module="simulated_device", root=root,
                 env={**env, "PYTHONPATH": os.pathsep.join([str(root), str(SIM_DIR)])},
             )
             for name, root in roots.items()
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--launch-ms", type=float, default=LAUNCH_MS)
     ap.add_argument("--floor-ms", type=float, default=0.0, help="device time a batch costs whatever its size")
+    ap.add_argument("--budget", type=int, default=BUDGET, help="the entries' max_batch_tokens")
     ap.add_argument("--docs", type=int, default=1000, help="documents of the big request")
     ap.add_argument("--small-requests", type=int, default=16 * 15, help="20-document requests of the 16 clients, in all")
     ap.add_argument("--beside-docs", type=int, default=BESIDE_DOCS, help="documents of the big request beside 3-document ones (0: no beside workload)")
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         res = run(
             parse_cases(args.cases), args.rounds, args.work or Path(tmp), args.launch_ms, args.baseline, args.docs,
-            args.small_requests, args.beside_docs, args.floor_ms,
+            args.small_requests, args.beside_docs, args.floor_ms, args.budget,
         )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
