@@ -13,6 +13,8 @@ One module, one job:
 - `window`: the pulled pairs, a few batches deep, as columns of arrays.
 - `batching`: one batch from the window (length runs, small requests kept whole), priced as the backend
   runs it (padded, packed, or prefix groups), as a Plan of request slices.
+- `batch_time`: how long a batch holds the device (floor + tokens / rate), learnt from the batches run:
+  what bounds bulk batches by time while searches arrive.
 - `device`: GPU hygiene in one place: the per-scheduler CUDA stream, pinned copies, event timing, syncs
   and the device gate under which a model's own peak memory is measured.
 - `inference`: one batch end to end (collate, forward with the OOM policy, sync, scatter, top-k, metrics);

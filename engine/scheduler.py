@@ -34,6 +34,7 @@ from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRe
 from core.heap import HEAP
 from core.host import CPU_STREAMS
 from engine.admission import Held, Reservations, estimate_cost
+from engine.batch_time import BatchTimes
 from engine.batching import SMALL_SHARE, BatchCost, Plan, is_small, plan_of, take_batch
 from engine.device import StreamContext, free_cached
 from engine.fair_queue import FairQueue
@@ -119,14 +120,18 @@ def slice_order(documents: Sequence[str], *, by_length: bool) -> np.ndarray:
     return np.argsort(np.fromiter(map(len, documents), np.int64, len(documents)), kind="stable")
 
 
-def bulk_run_budget(budget: int, *, searching: bool, tokens_per_s: float, timed: bool) -> int:
+def bulk_run_budget(budget: int, *, searching: bool, times: BatchTimes | None) -> int:
     """The budget of a bulk request's length run: the whole budget, a share of it while searches arrive,
-    and where batches are device-timed (a GPU) at most SEARCH_BATCH_S of device time then (at the measured
-    rate)."""
+    and where batches are device-timed (`times`, a GPU) at most SEARCH_BATCH_S of device time then, by the
+    batches' measured floor and rate. Never under twice the floor: a model whose every batch costs more
+    than SEARCH_BATCH_S (a 4B model's hundreds of kernels) would otherwise run bulk work one pair a batch,
+    nearly all of it floor, while searches arrive."""
     if not searching:
         return budget
     run = budget // SEARCH_RUN_SHARE
-    return min(run, max(1, int(tokens_per_s * SEARCH_BATCH_S))) if timed else run
+    if times is None:
+        return run
+    return min(run, max(1, times.tokens_within(max(SEARCH_BATCH_S, 2 * times.floor_s))))
 
 
 @dataclass(eq=False)
@@ -180,8 +185,9 @@ class Scheduler:
         self._reserved = Reservations()
         self._lanes = TokenizerLanes(self.name, tokenize_threads, small_threads=default_small_threads(forward_on_host(backend)))
         self._workspace_bytes = 0
-        # Throughput estimate (real tokens/s of one stream, device time) for Retry-After.
-        self._tokens_per_s = 5_000.0
+        # A batch's device time by its tokens (floor + tokens / rate), from the batches run: bounds bulk batches
+        # by time while searches arrive (on a GPU) and estimates Retry-After.
+        self._times = BatchTimes(5_000.0)
         self.runner = BatchRunner(
             backend, lock=self._cv, metrics=metrics, on_oom=self._lower_budget, fail=self._fail_works, observed=self._observed,
             cost=self._cost.of_plan,
@@ -246,7 +252,7 @@ class Scheduler:
         if queued_pairs and (queued_pairs + pairs > self.max_queue_pairs or queued_tokens + tokens > self.max_queue_tokens):
             raise TooManyRequests(
                 f"model {self.name!r} is overloaded ({queued_pairs} pairs queued); retry later",
-                retry_after_s=queued_tokens / max(self._tokens_per_s * self.streams, 1.0),
+                retry_after_s=queued_tokens / max(self._times.tokens_per_s * self.streams, 1.0),
             )
 
     async def rerank(
@@ -440,8 +446,9 @@ class Scheduler:
     def warmup(self, length: int) -> dict[str, Any]:
         """One batch of mixed lengths at the full token budget (engine.warmup), run in an inference thread.
         Returns pairs, length, seconds, peak_bytes, activation_bytes (0 on a CPU, memory_measured False),
-        workspace_bytes, padded_tokens, real_tokens, shapes, and on a GPU tokens_per_s (the rate's first
-        estimate). Raises BudgetDoesNotHold on OOM."""
+        workspace_bytes, padded_tokens, real_tokens, shapes, and on a GPU tokens_per_s with the batch it was
+        timed on (rate_tokens, rate_seconds: the first batch the device's time is learnt from). Raises
+        BudgetDoesNotHold on OOM."""
         shapes = warmup_shapes(
             length, budget=self.max_batch_tokens, max_batch_size=self.max_batch_size, packed=not self.backend.is_padded,
             width_of=self.backend.padded_width if self.backend.is_padded else int,
@@ -454,17 +461,19 @@ class Scheduler:
                 self.backend, self.runner.forward_rows, shapes, budget=self.max_batch_tokens, workspace_bytes=self._workspace_bytes
             )
             if timed:
-                # The first estimate of the device's rate, which bounds batches by time until batches measure
-                # it: a full batch of typical pairs timed after an untimed run. The warm-up's own first batch
-                # is no measure: it loads the kernels and starts cuBLAS, which a first run of a process pays.
+                # The first measure of the device's time (engine.batch_time), which bounds batches by time
+                # until batches refine it: a full batch of typical pairs timed after an untimed run. The
+                # warm-up's own first batch is no measure: it loads the kernels and starts cuBLAS, which a
+                # first run of a process pays.
                 lengths = rate_shape(self.max_batch_tokens, length)[: self.max_batch_size]
-                out["tokens_per_s"] = run_rate(self.backend, self.runner.forward_rows, lengths)["tokens_per_s"]
+                rate = run_rate(self.backend, self.runner.forward_rows, lengths)
+                out |= {"tokens_per_s": rate["tokens_per_s"], "rate_tokens": rate["tokens"], "rate_seconds": rate["seconds"]}
             return out
 
         result = self.call_in_stream(measure)
         self._workspace_bytes = self._workspace_bytes or result["workspace_bytes"]
         if timed:
-            self._tokens_per_s = result["tokens_per_s"]
+            self._times.observe(result["rate_tokens"], result["rate_seconds"])
         return result
 
     def measure_rate(self, budget: int, length: int) -> dict[str, Any]:
@@ -524,7 +533,7 @@ class Scheduler:
         if not len(window):
             return None
         searching = time.monotonic() - self._search_at < SEARCH_RECENT_S
-        run_budget = bulk_run_budget(budget, searching=searching, tokens_per_s=self._tokens_per_s, timed=device_timed(self.backend))
+        run_budget = bulk_run_budget(budget, searching=searching, times=self._times if device_timed(self.backend) else None)
         rows = take_batch(window, self._queue, budget, self.max_batch_size, self._cost, run_budget=run_budget)
         plan = plan_of(window, rows, 0)
         plan.cost = self._cost.of_plan(plan)
@@ -591,7 +600,7 @@ class Scheduler:
         self._cap_until = time.monotonic() + OOM_COOLDOWN_S
 
     def _observed(self, tokens: int, seconds: float) -> None:
-        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (tokens / max(seconds, 1e-6))
+        self._times.observe(tokens, seconds)
 
     def _health(self, reason: str | None) -> None:
         self.unavailable_reason = reason

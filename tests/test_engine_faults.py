@@ -387,17 +387,41 @@ def test_bulk_batches_shrink_while_searches_arrive(backend):
 
 
 def test_on_a_gpu_bulk_batches_are_bounded_by_time_while_searches_arrive():
-    """A batch cannot be interrupted: on a GPU a bulk run takes at most SEARCH_BATCH_S at the measured rate
-    while searches arrive (a big knee budget would otherwise keep a search waiting a whole batch), the CPU
-    keeps its share rule, and with no search around the whole budget runs."""
+    """A batch cannot be interrupted: on a GPU a bulk run takes at most SEARCH_BATCH_S of device time, by the
+    batches' measured floor and rate, while searches arrive (a big knee budget would otherwise keep a search
+    waiting a whole batch), the CPU keeps its share rule, and with no search around the whole budget runs."""
+    from engine.batch_time import BatchTimes
     from engine.scheduler import SEARCH_BATCH_S, bulk_run_budget
 
-    fast = 1_000_000.0  # real tokens/s, about one H200 on a bge-large-sized model
-    assert bulk_run_budget(65536, searching=False, tokens_per_s=fast, timed=True) == 65536
-    assert bulk_run_budget(65536, searching=True, tokens_per_s=fast, timed=True) == int(fast * SEARCH_BATCH_S) < 65536 // SEARCH_RUN_SHARE
-    assert bulk_run_budget(65536, searching=True, tokens_per_s=fast, timed=False) == 65536 // SEARCH_RUN_SHARE
-    # A slow model's time bound is tighter than the share; never below one token (the anchor always runs).
-    assert bulk_run_budget(4096, searching=True, tokens_per_s=10.0, timed=True) == 1
+    fast = BatchTimes(1_000_000.0)  # real tokens/s, about one H200 on a bge-large-sized model; no batch seen yet
+    assert bulk_run_budget(65536, searching=False, times=fast) == 65536
+    assert bulk_run_budget(65536, searching=True, times=fast) == int(1_000_000 * SEARCH_BATCH_S) < 65536 // SEARCH_RUN_SHARE
+    assert bulk_run_budget(65536, searching=True, times=None) == 65536 // SEARCH_RUN_SHARE
+    # A device with a 3 ms floor a batch: 3-document searches' batches (~300 tokens) beside bulk ones. The
+    # time bound leaves the floor out: 7 ms of tokens, not the 10 ms an average rate would give far fewer of.
+    floored = BatchTimes(1_000_000.0)
+    for k in range(40):
+        tokens = 300 if k % 2 else 8000
+        floored.observe(tokens, 0.003 + tokens / 1_000_000)
+    assert floored.floor_s == pytest.approx(0.003, rel=1e-6) and floored.tokens_per_s == pytest.approx(1_000_000, rel=1e-6)
+    assert bulk_run_budget(65536, searching=True, times=floored) == pytest.approx(7_000, abs=1)
+    ema = 1_000_000.0  # the average of each batch's rate that bounded them before: ~3,700 tokens
+    for k in range(40):
+        tokens = 300 if k % 2 else 8000
+        ema = 0.8 * ema + 0.2 * tokens / (0.003 + tokens / 1_000_000)
+    assert ema * SEARCH_BATCH_S < 5_000
+    # A model whose every batch costs more than SEARCH_BATCH_S (a 15 ms floor): twice the floor, half of it
+    # tokens, not one pair a batch.
+    slow = BatchTimes(50_000.0)
+    for k in range(40):
+        tokens = 400 if k % 2 else 4000
+        slow.observe(tokens, 0.015 + tokens / 50_000)
+    assert bulk_run_budget(16384, searching=True, times=slow) == pytest.approx(750, abs=1)
+    # Batches all of one size say nothing of a floor: the average rate, as before.
+    flat = BatchTimes(1.0)
+    for _ in range(10):
+        flat.observe(4000, 0.01)
+    assert flat.floor_s == 0 and flat.tokens_per_s == pytest.approx(400_000)
 
 
 def test_the_query_is_embedded_in_the_inference_stream_beside_its_documents(backend):
