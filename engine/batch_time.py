@@ -19,18 +19,21 @@ MIN_SPREAD = 0.1
 
 
 class BatchTimes:
-    """Device seconds of a batch of n tokens ~ floor_s + n / tokens_per_s."""
+    """Device seconds of a batch of n tokens ~ floor_s + n / tokens_per_s. Not thread-safe: the Scheduler
+    holds its lock around every call."""
 
     def __init__(self, tokens_per_s: float) -> None:
         self._s0 = self._sn = self._st = self._snn = self._snt = 0.0
         self.tokens_per_s = tokens_per_s
         self.floor_s = 0.0
+        self.batches = 0  # observed so far
 
     def observe(self, tokens: int, seconds: float) -> None:
         """One batch: the tokens it computed (as the budget counts them) and its device seconds."""
         if tokens <= 0 or seconds <= 0:
             return
         n, t = float(tokens), float(seconds)
+        self.batches += 1
         self._s0 = DECAY * self._s0 + 1.0
         self._sn = DECAY * self._sn + n
         self._st = DECAY * self._st + t
@@ -44,6 +47,9 @@ class BatchTimes:
             self.tokens_per_s, self.floor_s = mean_n / mean_t, 0.0
         else:
             self.tokens_per_s, self.floor_s = 1.0 / slope, floor
+
+    def describe(self) -> dict[str, float | int]:
+        return {"floor_ms": round(self.floor_s * 1000, 3), "tokens_per_s": round(self.tokens_per_s), "batches": self.batches}
 
     def tokens_within(self, seconds: float) -> int:
         """The tokens a batch can hold for its device time to stay within `seconds`."""

@@ -473,7 +473,7 @@ class Scheduler:
         result = self.call_in_stream(measure)
         self._workspace_bytes = self._workspace_bytes or result["workspace_bytes"]
         if timed:
-            self._times.observe(result["rate_tokens"], result["rate_seconds"])
+            self._observed(result["rate_tokens"], result["rate_seconds"])
         return result
 
     def measure_rate(self, budget: int, length: int) -> dict[str, Any]:
@@ -600,7 +600,14 @@ class Scheduler:
         self._cap_until = time.monotonic() + OOM_COOLDOWN_S
 
     def _observed(self, tokens: int, seconds: float) -> None:
-        self._times.observe(tokens, seconds)
+        with self._cv:
+            self._times.observe(tokens, seconds)
+
+    def batch_time(self) -> dict[str, float | int] | None:
+        """What a batch costs the device as learnt so far (floor_ms, tokens_per_s, batches), or None before
+        any batch: on a GPU, CUDA-event time; on a CPU, the host's clock around the forward."""
+        with self._cv:
+            return self._times.describe() if self._times.batches else None
 
     def _health(self, reason: str | None) -> None:
         self.unavailable_reason = reason

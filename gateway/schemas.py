@@ -35,6 +35,15 @@ class LadderRung(msgspec.Struct, kw_only=True):
     peak_bytes: int
 
 
+class BatchTime(msgspec.Struct, kw_only=True):
+    """What a batch costs the device, learnt from the batches run (engine.batch_time): about floor_ms plus its
+    tokens at tokens_per_s. On a GPU, CUDA-event time; on a CPU, the host's clock around the forward."""
+
+    floor_ms: float
+    tokens_per_s: int
+    batches: int
+
+
 class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     object: Literal["model"]
@@ -52,6 +61,8 @@ class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     budget_reason: str | None = None
     # On a GPU with no profile: each budget measured at load; max_batch_tokens is the knee of it.
     budget_ladder: list[LadderRung] | None = None
+    # Once a batch has run: its device time as learnt (what bounds bulk batches by time beside searches).
+    batch_time: BatchTime | None = None
     # What runs the forward pass on a CPU: torch, openvino or onnxruntime (`runtime: auto` picks by measuring).
     runtime: str | None = None
     state: Literal["ready", "loading", "unavailable", "not_loaded", "off"]

@@ -64,6 +64,9 @@ class LocalRunner:
         }
         if self.budget_ladder is not None:
             out["budget_ladder"] = self.budget_ladder
+        batch_time = self.scheduler.batch_time()
+        if batch_time is not None:
+            out["batch_time"] = batch_time
         runtime = self.scheduler.backend.runtime
         if runtime is not None:
             out["runtime"] = runtime.describe()

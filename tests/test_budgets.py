@@ -32,6 +32,21 @@ def test_a_profile_less_model_gets_the_measured_cpu_budget_and_says_why():
         assert scheduler.max_batch_tokens == want
 
 
+def test_models_shows_what_a_batch_costs_once_batches_have_run():
+    """/v1/models reports a batch's time as the engine learns it from the batches run (floor + tokens / rate,
+    engine.batch_time): absent before the first batch, then from every batch (here, on the CPU, timed by the
+    host's clock around the forward)."""
+    with app_client(minilm_registry()) as client:
+        assert "batch_time" not in client.get("/v1/models").json()["data"][0]
+        short = client.post("/v1/rerank", json={"model": "minilm", "query": "q", "documents": ["a b", "c d", "e f"]})
+        long = client.post("/v1/rerank", json={"model": "minilm", "query": "q", "documents": [" ".join(["word"] * 40)] * 120})
+        assert short.status_code == long.status_code == 200
+        batch = client.get("/v1/models").json()["data"][0]["batch_time"]
+        assert batch["batches"] >= 2 and batch["tokens_per_s"] > 0 and batch["floor_ms"] >= 0
+        scheduler = client.app.state.pipeline.pool.entries["minilm"].scheduler
+        assert batch == scheduler.batch_time()
+
+
 def test_models_shows_the_ladder_a_budget_was_chosen_from():
     """On a GPU a profile-less model's runner keeps the ladder its budget was chosen from (pool.local_loading)
     and /v1/models shows it. Here the ladder is measured on the loaded model's own scheduler, as the load does."""

@@ -119,6 +119,9 @@ def http_bge(rec: Recorder, plan: Plan, ctx: dict) -> None:
         for clients, part in loops[1:]:
             _closed(rec, gw, clients, smalls[part], tokens["small"][part])
         rec.put("memory_after_workloads", gpu_memory.snapshot(gw.proc.pid))
+        # What a batch cost the device over these workloads, as the engine learnt it (floor + tokens / rate):
+        # the floor decides how far the time bound can cut bulk batches beside searches.
+        rec.put("batch_time", {m["id"]: m.get("batch_time") for m in gw.models()})
         with rec.step("metrics"):
             rec.put("metrics", _metrics_excerpt(gw))
 

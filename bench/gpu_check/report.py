@@ -147,6 +147,12 @@ def http_bge(r: dict, plan: dict) -> list[str]:
         "a model, so at most 100% (on a CPU the inference streams' forwards overlap). Host CPU: the gateway process's, all "
         "threads (/proc), a pair scored."
     )
+    for mid, bt in (r.get("batch_time") or {}).items():
+        if bt:
+            out.append(
+                f"\nA `{mid}` batch's device time as the engine learnt it over these workloads: floor **{_n(bt.get('floor_ms'), ',.2f')} ms** "
+                f"+ tokens at **{_n(bt.get('tokens_per_s'))} tokens/s** ({_n(bt.get('batches'))} batches)."
+            )
     out.append(f"\nProcess GPU memory: after load {describe(r.get('memory_after_load'))}, after the workloads {describe(r.get('memory_after_workloads'))}.")
     return out
 
