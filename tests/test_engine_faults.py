@@ -183,9 +183,11 @@ def test_a_batch_hands_its_finished_requests_to_the_loop_in_one_call(backend):
         done, calls, n_docs = asyncio.run(run())
         assert [len(d.indices) for d in done] == [3] + n_docs[1:]
         assert all(sorted(d.indices) == list(range(n)) for d, n in zip(done[1:], n_docs[1:]))
-        # One call a batch: the first one's, and the one or two (a filler no wider than the batch's first
-        # request) that ran the eight queued behind it. One a request made nine.
-        assert batches[0] == 1 and sum(batches) == 9 and len(batches) <= 3, batches
+        # One call a batch: the first one's, and the one or two that ran the eight queued behind it. Which
+        # of the eight anchors the second batch is not fixed, and its fillers are rows no wider than the
+        # anchor's request: the wider rows of up to seven requests can run in a third batch, so a request
+        # may be in two batches ([1, 8, 7] in a fresh-clone CI run). One call a request made nine or more.
+        assert batches[0] == 1 and sum(batches) >= 9 and len(batches) <= 3, batches
         assert len(calls) == len(batches) and all(name.startswith("infer-") for name in calls), (calls, batches)
     finally:
         s.close()
