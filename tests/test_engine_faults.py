@@ -129,18 +129,19 @@ def test_oom_retry_runs_after_the_failed_batch_is_freed(backend):
 
 def test_device_time_counts_the_forward_not_the_collation(backend):
     """A batch's device time (the request's inference time, /metrics, the rate that bounds batches by time
-    on a GPU) starts once the batch is collated: 0.3 s spent before collating is not counted, 0.3 s in the
-    forward is."""
+    on a GPU) starts once the batch is collated: 1 s spent before collating is not counted, 1 s in the
+    forward is. (The batch itself took up to 0.2 s on a loaded 2-core CI machine: the hold is five times that.)"""
     s = scheduler(backend)
     where = {"step": ""}
-    s.step_hook = lambda step, info: time.sleep(0.3) if step == where["step"] else None
+    s.step_hook = lambda step, info: time.sleep(1.0) if step == where["step"] else None
     try:
+        asyncio.run(asyncio.wait_for(ask(s, docs(4)), 60))  # the shape's first forward, untimed
         where["step"] = "collate"
         slow_host = asyncio.run(asyncio.wait_for(ask(s, docs(4)), 60))
         where["step"] = "forward"
         slow_forward = asyncio.run(asyncio.wait_for(ask(s, docs(4)), 60))
-        assert slow_host.inference_s < 0.15, slow_host
-        assert slow_forward.inference_s >= 0.3, slow_forward
+        assert slow_host.inference_s < 0.5, slow_host
+        assert slow_forward.inference_s >= 1.0, slow_forward
     finally:
         s.close()
 
