@@ -79,7 +79,7 @@ gpu-wheels-verify: gpu-wheels
 
 # The limits tests start a real redis-server (Debian package) on 127.0.0.1; install it when missing.
 # Two parts: the suite on TEST_WORKERS pytest-xdist workers (whole files per worker, so a module's server
-# starts once), then the tests marked `serial` (wall-time latency and deadlines) alone. One pytest uses about one
+# starts once; the slowest files first, tests/conftest.SLOWEST_FILES), then the tests marked `serial` (wall-time latency and deadlines) alone. One pytest uses about one
 # core (CPU time / wall 1.07, 2-core Intel Xeon); there the suite took 461 s in one process and 228 + 99 s in
 # these two parts. A part that PYTEST_ARGS leaves empty (pytest's exit code 5) is not a failure.
 # Workers: the cores the gateway would use here (core.host.cpu_cores: affinity capped by a CPU quota); with
@@ -88,7 +88,7 @@ TEST_WORKERS ?= $(shell $(PY) -c "from core.host import cpu_cores; cores = cpu_c
 PYTEST := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 test: $(TEST_STAMP)
 	command -v redis-server >/dev/null 2>&1 || apt-get install -y -q redis-server || { apt-get update -q && apt-get install -y -q redis-server; }
-	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(PYTEST) -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # `make test` as on the project's slow machine kind (AMD EPYC, no AMX / AVX512-BF16, fp32, ~3x slower), on an
