@@ -79,9 +79,10 @@ gpu-wheels-verify: gpu-wheels
 
 # The limits tests start a real redis-server (Debian package) on 127.0.0.1; install it when missing.
 # Two parts: the suite on TEST_WORKERS pytest-xdist workers (whole files per worker, so a module's server
-# starts once; the slowest files first, tests/conftest.SLOWEST_FILES), then the tests marked `serial` (wall-time latency and deadlines) alone. One pytest uses about one
-# core (CPU time / wall 1.07, 2-core Intel Xeon); there the suite took 461 s in one process and 228 + 99 s in
-# these two parts. A part that PYTEST_ARGS leaves empty (pytest's exit code 5) is not a failure.
+# starts once; the slowest files first, tests/conftest.SLOWEST_FILES), then the tests marked `serial`
+# (wall-time latency and deadlines) alone. One pytest uses about one core (CPU time / wall 1.07, 2-core
+# Intel Xeon); there the suite took 461 s in one process and 228 + 99 s in these two parts. A part that
+# PYTEST_ARGS leaves empty (pytest's exit code 5) is not a failure.
 # Workers: the cores the gateway would use here (core.host.cpu_cores: affinity capped by a CPU quota); with
 # one (a container limited to one CPU), no workers: 0 runs the suite in one process.
 TEST_WORKERS ?= $(shell $(PY) -c "from core.host import cpu_cores; cores = cpu_cores(); print(cores if cores > 1 else 0)")
