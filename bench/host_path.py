@@ -14,7 +14,7 @@ tokenizer: inference nearly free) is the same regime, so this benchmark stands i
 For each gateway workload, what the server spent on it: CPU time of the whole process per pair and per
 request, split by what its threads do (event loop and small requests' tokenizing / inference streams / bulk
 tokenizing, told apart by their priorities), and its batches from /metrics (pairs per batch, padding,
-forward wall time per batch).
+forward wall time per batch, and an inference thread's wall and CPU time a batch in each step).
 
 Rounds interleave the systems, so drift in the machine's load hits them alike; read the ratios.
 
@@ -200,6 +200,7 @@ def markdown(res: dict[str, Any]) -> str:
                 label = key if side == "rounds" else f"{key} (baseline)"
                 lines.append(f"| {label} | {med['cpu_ms_per_pair']:.3f} | {med['cpu_ms_per_request']:.2f} | {split} | {med['pairs_per_batch']:.1f} | "
                              f"{med['padding']:.2f} | {med['forward_ms_per_batch']:.1f} |")
+    lines += step_table(res["rounds"])
     ratios = [r["big"]["pairs_per_s"] / r["loop_pairs_per_s"] for r in res["rounds"]]
     lines += ["", f"big / loop: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})"]
     if res["baseline"]:
@@ -215,6 +216,23 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"- baseline {key} p99/p50: " + ", ".join(f"{r[key]['p99_s'] / r[key]['p50_s']:.1f}" for r in old)
                          + "; big / loop: " + ", ".join(f"{r['big']['pairs_per_s'] / r['loop_pairs_per_s']:.2f}" for r in old))
     return "\n".join(lines)
+
+
+def step_table(rounds: list[dict[str, Any]]) -> list[str]:
+    """A batch's steps on its inference thread (engine.step_time), wall / CPU ms, medians over the rounds."""
+    steps = list(dict.fromkeys(k for r in rounds for w in ("big", "c16_plain") for k in r[w]["server"].get("step_ms_per_batch", {})))
+    if not steps:
+        return []
+    lines = ["", "A batch's steps on its inference thread, wall / CPU ms (medians over the rounds; wall holds the waits):", "",
+             "| workload | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
+    for key in ("big", "c16_plain", "c16_b16k"):
+        cells = []
+        for step in steps:
+            both = [r[key]["server"].get("step_ms_per_batch", {}).get(step) for r in rounds]
+            both = [b for b in both if b]
+            cells.append(f"{statistics.median(b[0] for b in both):.2f} / {statistics.median(b[1] for b in both):.2f}" if both else "-")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,7 +115,8 @@ class GatewayProcess:
         return out
 
     def batch_counters(self, model: str) -> dict[str, float]:
-        """The model's batch counters from /metrics: batches, pairs, real and padded tokens, forward seconds."""
+        """The model's batch counters from /metrics: batches, pairs, real and padded tokens, forward seconds,
+        and the inference threads' wall and CPU seconds in each step of its batches."""
         names = {
             "batches": "rerank_batch_pairs_count", "pairs": "rerank_batch_pairs_sum", "real_tokens": "rerank_real_tokens_total",
             "padded_tokens": "rerank_padded_tokens_total", "forward_s": "rerank_inference_seconds_sum",
@@ -124,7 +125,14 @@ class GatewayProcess:
         for line in self.metrics_text().splitlines():
             name, _, value = line.rpartition(" ")
             values[name] = value
-        return {key: float(values.get(f'{metric}{{model="{model}"}}', 0.0)) for key, metric in names.items()}
+        out = {key: float(values.get(f'{metric}{{model="{model}"}}', 0.0)) for key, metric in names.items()}
+        # The inference threads' seconds in each step of a batch (engine.step_time): "wall:<step>", "cpu:<step>".
+        for name, value in values.items():
+            for metric, clock in (("rerank_batch_step_seconds_total", "wall"), ("rerank_batch_step_cpu_seconds_total", "cpu")):
+                prefix = f'{metric}{{model="{model}",step="'
+                if name.startswith(prefix):
+                    out[f"{clock}:{name[len(prefix):-2]}"] = float(value)
+        return out
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -215,20 +223,27 @@ class _KeepAlive:
 
 def costed(gw: GatewayProcess, model: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """`run()`'s result with what the server spent on it: CPU time per pair (every thread of the process)
-    and its batches (pairs per batch, padding, forward seconds), from /metrics before and after; and, when
+    and its batches (pairs per batch, padding, forward seconds, the inference thread's wall and CPU
+    milliseconds a batch in each step), from /metrics before and after; and, when
     the result has its wall time (`seconds`), the device's busy share: the batches' forward time over it
     (on a GPU, CUDA events' device time, one stream a model, so batches do not overlap)."""
     before, cpu = gw.batch_counters(model), gw.cpu_seconds()
     out = run()
     now, after = gw.cpu_seconds(), gw.batch_counters(model)
     spent = {k: now[k] - cpu[k] for k in now}
-    d = {k: after[k] - before[k] for k in after}
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    batches = max(1.0, d["batches"])
     requests = max(1, out.get("requests", 1))
     out["server"] = {
         "cpu_ms_per_pair": spent["all"] * 1000 / max(1.0, d["pairs"]), "cpu_ms_per_request": spent["all"] * 1000 / requests,
         "cpu_ms_per_request_by_threads": {k: v * 1000 / requests for k, v in spent.items() if k != "all"},
         "batches": d["batches"], "padded_tokens": d["padded_tokens"], "pairs_per_batch": d["pairs"] / max(1.0, d["batches"]),
-        "padding": d["real_tokens"] / max(1.0, d["padded_tokens"]), "forward_ms_per_batch": d["forward_s"] * 1000 / max(1.0, d["batches"]),
+        "padding": d["real_tokens"] / max(1.0, d["padded_tokens"]), "forward_ms_per_batch": d["forward_s"] * 1000 / batches,
+        # A batch's steps on its inference thread: [wall ms, CPU ms] each (waits are wall, not CPU).
+        "step_ms_per_batch": {
+            k[len("wall:"):]: [v * 1000 / batches, d.get("cpu:" + k[len("wall:"):], 0.0) * 1000 / batches]
+            for k, v in d.items() if k.startswith("wall:")
+        },
     }
     if out.get("seconds"):
         out["server"]["device_busy"] = d["forward_s"] / out["seconds"]

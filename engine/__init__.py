@@ -19,6 +19,8 @@ One module, one job:
   and the device gate under which a model's own peak memory is measured.
 - `inference`: one batch end to end (collate, forward with the OOM policy, sync, scatter, top-k, metrics);
   on a GPU two threads pipeline batches on one CUDA stream.
+- `step_time`: a batch's wall and CPU time on its inference thread, step by step (build, collate, forward,
+  ...), for /metrics.
 - `streams`: the inference threads, their failure boundary and the supervisor that restarts them.
 - `pooling`: chunk pooling (a document scores as its best chunk) and on-device top-k.
 - `warmup`: the warm-up that proves the token budget on the path production takes, and the throughput

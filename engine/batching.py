@@ -27,6 +27,7 @@ import numpy as np
 from backends.base import Rows
 from backends.token_arrays import gather_index
 from engine.fair_queue import FairQueue
+from engine.step_time import StepClock
 from engine.window import Window
 from engine.work import Slice, Work
 
@@ -50,6 +51,7 @@ class Plan:
     groups: list[Group]
     lengths: np.ndarray  # tokens of each row, in row order
     cost: int  # against the token budget (padded, packed or prefix-shared, as the backend runs it)
+    clock: StepClock | None = None  # the inference thread's time on this batch, from its build on
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -21,6 +21,7 @@ from core.errors import InferenceFailed
 from engine.batching import Group, Plan
 from engine.device import DEVICE_GATE, DeviceTimer, free_cached
 from engine.pooling import top_k
+from engine.step_time import StepClock
 from engine.work import Answer, Completed, Work, deliver
 
 log = logging.getLogger("rerank_gateway.engine")
@@ -74,13 +75,27 @@ class BatchRunner:
         # step_hook(step, info) at the start of every step.
         self.fault_hook: Callable[[int, int], None] | None = None
         self.step_hook: Callable[[str, Any], None] | None = None
+        # The batch each inference thread is running has its StepClock here (engine.step_time): `_step`
+        # marks it, so a step's time, a test hook's hold included, is the step's.
+        self._clocks = threading.local()
 
     def _step(self, step: str, info: Any = None) -> None:
+        clock = getattr(self._clocks, "current", None)
+        if clock is not None:
+            clock.mark(step)
         if self.step_hook is not None:
             self.step_hook(step, info)
 
     # -- the batch ----------------------------------------------------------------------------------------
     def run(self, plan: Plan) -> None:
+        clock = plan.clock or StepClock(None)
+        self._clocks.current = clock
+        try:
+            self._run(plan, clock)
+        finally:
+            self._clocks.current = None
+
+    def _run(self, plan: Plan, clock: StepClock) -> None:
         timer = DeviceTimer(self.device)
         with DEVICE_GATE.shared(self.device), torch.inference_mode():
             with self.launch:
@@ -117,6 +132,10 @@ class BatchRunner:
                 for work in finished:
                     answers.append(self._answer(work))
         finally:
+            # The batch's steps, counted before its requests are answered (as its batch is, above).
+            clock.mark(None)
+            if self.metrics:
+                self.metrics.observe_steps(self.name, clock.spent)
             # The batch's answers in one hand-off (one wake-up of the loop), those made before a failure too.
             deliver(answers)
 

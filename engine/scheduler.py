@@ -40,6 +40,7 @@ from engine.device import StreamContext, free_cached
 from engine.fair_queue import FairQueue
 from engine.inference import BatchRunner
 from engine.lanes import SMALL_REQUEST_DOCS, TokenizerLanes, default_small_threads
+from engine.step_time import StepClock
 from engine.streams import InferenceStreams
 from engine.warmup import rate_shape, run_rate, run_warmup, warmup_shapes
 from engine.window import Window
@@ -516,8 +517,10 @@ class Scheduler:
                     return None
                 if self._control:
                     return self._control.pop(0)
+                clock = StepClock("build")
                 plan = self._build_batch()
                 if plan is not None:
+                    plan.clock = clock
                     return plan
                 self._cv.wait()
 

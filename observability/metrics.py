@@ -3,6 +3,8 @@ never share or clash."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -21,6 +23,10 @@ class Metrics:
         self.inference_seconds = Histogram("rerank_inference_seconds", "Forward time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_pairs = Histogram("rerank_batch_pairs", "Pairs per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
         self.batch_tokens = Histogram("rerank_batch_padded_tokens", "Tokens a batch's forward computed (padded rows; a shared prefix once)", ["model"], buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=r)
+        # Per step of a batch on its inference thread (engine.step_time): wall time, waits included, and CPU time.
+        self.step_seconds = Counter("rerank_batch_step_seconds", "Inference threads' wall time in each step of a batch (build, collate, forward, sync, scatter, metrics, pool), waits included", ["model", "step"], registry=r)
+        self.step_cpu_seconds = Counter("rerank_batch_step_cpu_seconds", "Inference threads' CPU time in each step of a batch", ["model", "step"], registry=r)
+        self._steps: dict[tuple[str, str], tuple[Any, Any]] = {}  # labelled children, looked up once
         self.real_tokens = Counter("rerank_real_tokens", "Real (unpadded) tokens run through the model", ["model"], registry=r)
         self.padded_tokens = Counter("rerank_padded_tokens", "Tokens the model's forward computed: padded rows, a packed batch's real tokens, a shared prefix once", ["model"], registry=r)
         self.padding_efficiency = Gauge("rerank_padding_efficiency", "Real tokens (every pair whole) / computed tokens over the model's lifetime; above 1 where shared prefixes saved more than padding cost", ["model"], registry=r)
@@ -63,6 +69,15 @@ class Metrics:
         self._real[model] = self._real.get(model, 0) + real
         self._padded[model] = self._padded.get(model, 0) + padded
         self.padding_efficiency.labels(model).set(self._real[model] / max(self._padded[model], 1))
+
+    def observe_steps(self, model: str, spent: dict[str, list[float]]) -> None:
+        """One batch's [wall, CPU] seconds by step."""
+        for step, (wall, cpu) in spent.items():
+            counters = self._steps.get((model, step))
+            if counters is None:
+                counters = self._steps[(model, step)] = (self.step_seconds.labels(model, step), self.step_cpu_seconds.labels(model, step))
+            counters[0].inc(max(wall, 0.0))
+            counters[1].inc(max(cpu, 0.0))
 
     def render(self) -> bytes:
         try:

@@ -73,6 +73,13 @@ def test_fast_device_bench_runs_the_gateway_before_a_simulated_device(tmp_path: 
         for workload in ("big", "c16"):
             assert row[workload]["pairs_per_s"] > 0 and 0 < row[workload]["server"]["device_busy"] <= 1.05
     assert packed["big"]["server"]["padding"] == packed["c16"]["server"]["padding"] == 1.0
+    # A batch's steps on its inference thread: the simulated device's wait (a sleep without the GIL) is the
+    # forward's wall time, not its CPU time.
+    for row in (packed, padded):
+        steps = row["big"]["server"]["step_ms_per_batch"]
+        assert set(steps) == {"build", "collate", "forward", "sync", "scatter", "metrics", "pool"}
+        wall, cpu = steps["forward"]
+        assert wall > cpu >= 0, steps
     assert padded["big"]["server"]["padding"] < 1.0
     for row in (packed, padded):  # 3-document requests alone and beside a 600-document one
         beside = row["beside"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from core.config import parse_registry
+from engine.inference import STEPS
 from tenancy.auth import key_sha256
 from tests.conftest import MINILM, LiveServer, app_client, minilm_registry
 from tests.tenant_fixtures import KEYS
@@ -72,6 +73,34 @@ def test_ready_is_503_while_a_dead_stream_restarts(srv):
         time.sleep(0.05)
     assert rerank(srv.url, docs(3)).status_code == 200
     assert scheduler.restarts == 1
+
+
+def step_seconds(url: str) -> dict[tuple[str, str], float]:
+    """/metrics' seconds of the model's batches by (clock, step): ("wall", "collate"), ("cpu", "collate"), ..."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        for metric, clock in (("rerank_batch_step_seconds_total", "wall"), ("rerank_batch_step_cpu_seconds_total", "cpu")):
+            if line.startswith(metric + '{model="minilm",step="'):
+                out[clock, line.split('step="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_metrics_split_a_batchs_time_by_step_and_tell_waiting_from_work(srv):
+    """/metrics splits each batch's time on its inference thread by step (engine.step_time), in wall and CPU
+    seconds: a 1 s wait at the start of collation (a hook's sleep, as a held GIL or a preempted thread would
+    make it) is collation's wall time, not its CPU time and not another step's."""
+    assert rerank(srv.url, docs(3)).status_code == 200
+    before = step_seconds(srv.url)
+    assert {step for _, step in before} == {"build", *STEPS}
+    srv.scheduler("minilm").step_hook = lambda step, info: time.sleep(1.0) if step == "collate" else None
+    assert rerank(srv.url, docs(3)).status_code == 200  # one batch
+    spent = {k: v - before.get(k, 0.0) for k, v in step_seconds(srv.url).items()}
+    assert spent["wall", "collate"] >= 1.0 and spent["cpu", "collate"] < 0.5, spent
+    for step in ("build", *STEPS):
+        assert 0 <= spent["cpu", step] <= spent["wall", step] + 0.001, (step, spent)
+        if step != "collate":
+            assert spent["wall", step] < 0.5, (step, spent)
+    assert spent["cpu", "forward"] > 0  # the forward is the thread's own work on a CPU
 
 
 def test_a_non_finite_score_fails_its_request_naming_the_model(srv):

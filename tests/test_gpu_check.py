@@ -68,9 +68,11 @@ def test_a_section_killed_at_its_limit_keeps_the_others_and_its_gateway_goes(tmp
     # Each workload carries what the gateway spent on it: its batches' device time over the wall, the host's CPU.
     for run in s["http_bge"]["result"]["big_100"]:
         assert run["server"]["device_busy"] > 0 and run["server"]["pairs_per_batch"] > 1 and run["server"]["cpu_ms_per_pair"] > 0
+        # and its inference thread's wall and CPU milliseconds a batch, by step (build, collate, forward, ...)
+        assert run["server"]["step_ms_per_batch"]["forward"][0] > 0 and "build" in run["server"]["step_ms_per_batch"]
     assert s["ceilings"]["status"] == "ok" and s["ceilings"]["result"]["copy"]["gb_per_s"] > 0
     assert proc.returncode == 1  # not every section ok
-    assert "http_bge | timeout" in md
+    assert "http_bge | timeout" in md and "An inference thread's time a batch by step" in md
     # The gateway the killed section had started is gone with it.
     registry = tmp_path / "work" / "logs" / "gateway-bge-registry.yaml"
     assert registry.exists()

@@ -35,6 +35,12 @@ def _server(run: dict) -> str:
     return f"{_pct(srv.get('device_busy'))} | {_n(srv.get('pairs_per_batch'), ',.1f')} | {'-' if cpu is None else f'{cpu:.3f} ms'} |"
 
 
+def _steps(run: dict) -> str:
+    """A workload's batch steps (http_load.costed's step_ms_per_batch) as "build 0.41/0.40, collate ..."."""
+    steps = (run.get("server") or {}).get("step_ms_per_batch") or {}
+    return ", ".join(f"{step} {wall:.2f}/{cpu:.2f}" for step, (wall, cpu) in steps.items())
+
+
 def _ratio(a: Any, b: Any) -> float | None:
     return a / b if a is not None and b else None
 
@@ -147,6 +153,14 @@ def http_bge(r: dict, plan: dict) -> list[str]:
         "a model, so at most 100% (on a CPU the inference streams' forwards overlap). Host CPU: the gateway process's, all "
         "threads (/proc), a pair scored."
     )
+    steps = [(f"{n:,} docs", _best(r.get(f"big_{n}"))) for n in plan["big_docs"]]
+    steps += [(f"{clients} clients", r.get(f"clients_{clients}")) for clients, _ in plan["closed_loops"]]
+    steps = [(label, _steps(run)) for label, run in steps if run]
+    if any(cells for _, cells in steps):
+        out.append(
+            "\nAn inference thread's time a batch by step, wall / CPU ms (wall holds the waits: the GIL, the device sync): "
+            + "; ".join(f"{label}: {cells}" for label, cells in steps if cells) + "."
+        )
     for mid, bt in (r.get("batch_time") or {}).items():
         if bt:
             out.append(

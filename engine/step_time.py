@@ -1,0 +1,38 @@
+"""Where an inference thread's time goes in one batch, step by step: wall seconds and thread-CPU seconds.
+
+On a fast GPU the device waits while the host builds, collates and answers batches. /metrics reports each
+step's totals (`rerank_batch_step_seconds`, `rerank_batch_step_cpu_seconds`, by model and step), so a
+host-bound device shows which step bounds it; `bench.http_load.costed` reads them per batch. Wall time
+holds a step's waits (the GIL, a thread that preempted it, the device sync); CPU time is the thread's own
+work, so the two apart tell a busy host from a contended one.
+
+Steps: `build` (the batch from the window, under the scheduler's lock) and engine.inference.STEPS. Two
+clock reads a step boundary: a few microseconds a batch.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class StepClock:
+    """Times consecutive steps on one thread: each `mark(step)` ends the step before it and starts `step`;
+    a step marked again (an OOM retry's collate and forward) adds up."""
+
+    __slots__ = ("_step", "_wall", "_cpu", "spent")
+
+    def __init__(self, first: str | None) -> None:
+        self.spent: dict[str, list[float]] = {}  # step -> [wall seconds, CPU seconds]
+        self._step: str | None = first
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+
+    def mark(self, step: str | None) -> None:
+        """End the current step; start `step` (None: stop)."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        if self._step is not None:
+            spent = self.spent.get(self._step)
+            if spent is None:
+                spent = self.spent[self._step] = [0.0, 0.0]
+            spent[0] += wall - self._wall
+            spent[1] += cpu - self._cpu
+        self._step, self._wall, self._cpu = step, wall, cpu
