@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import http_load
-from bench.host_path import MAX_LENGTH, big_repeats
+from bench.host_path import MAX_LENGTH, big_repeats, step_table
 from bench.http_load import costed
 from bench.simulated_device import FLOOR_ENV, LAUNCH_ENV, RATE_ENV
 from bench.workload import Request, big_request, small_requests, vocabulary
@@ -202,6 +202,7 @@ def markdown(res: dict[str, Any]) -> str:
                 paired = [a[key]["pairs_per_s"] / b[key]["pairs_per_s"] for a, b in zip(sides["gateway"], sides["baseline"])]
                 lines.append(f"- {case}, {key} pairs/s gateway / baseline, paired: median {statistics.median(paired):.2f} "
                              f"({min(paired):.2f}-{max(paired):.2f})")
+    lines += step_table({f"{case} {w}": [r[w] for r in sides["gateway"]] for case, sides in res["cases"].items() for w in ("big", "c16")})
     return "\n".join(lines)
 
 

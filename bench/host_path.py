@@ -20,6 +20,7 @@ Rounds interleave the systems, so drift in the machine's load hits them alike; r
 
     python -m bench.host_path                   # ~2 min on 2 cores; markdown on stdout
     python -m bench.host_path --rounds 1 --json out.json
+    python -m bench.host_path --rounds 1 --quick    # a smoke run (tests/test_bench_smoke.py)
     python -m bench.host_path --runtime auto    # the gateway's default runtime instead of the loop's eager forward
     python -m bench.host_path --baseline /tmp/old   # also a checkout of another commit, side by side
                                                     # (git worktree add /tmp/old d565279)
@@ -118,13 +119,16 @@ def _measure(gw: http_load.GatewayProcess, big, small, single) -> dict[str, Any]
     }
 
 
-def run(rounds: int, work: Path, baseline: Path | None = None, dtype: str = "float32", runtime: str = "torch") -> dict[str, Any]:
+def run(
+    rounds: int, work: Path, baseline: Path | None = None, dtype: str = "float32", runtime: str = "torch", quick: bool = False
+) -> dict[str, Any]:
+    """quick: a smoke run of the same steps on a fifth of the workloads (figures too small to read)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     model_dir = build_minilm_tiny_cross_encoder(work / "tiny-ce")
     words = vocabulary(model_dir)
-    big = big_request(words, 1000)
-    small = small_requests(words, 16 * 15, 20)
-    single = [Request(r.query, r.documents[:1]) for r in small[:100]]
+    big = big_request(words, 200 if quick else 1000)
+    small = small_requests(words, 16 * (3 if quick else 15), 20)
+    single = [Request(r.query, r.documents[:1]) for r in small[: 20 if quick else 100]]
     out: dict[str, Any] = {"machine": cpu_model_name(), "cores": len(os.sched_getaffinity(0)), "rounds": [], "baseline": []}
     out["dtype"] = dtype
     gateways = {"gateway": _gateway(model_dir, work, http_load.ROOT, "gateway", dtype, runtime)}
@@ -194,13 +198,13 @@ def markdown(res: dict[str, Any]) -> str:
         for key in ("big", "c16_plain", "c16_b16k", "one_doc"):
             costs = [r[key]["server"] for r in res[side] if "server" in r[key]]
             if costs:
-                med = {k: statistics.median(c[k] for c in costs) for k in costs[0] if k != "cpu_ms_per_request_by_threads"}
+                med = {k: statistics.median(c[k] for c in costs) for k, v in costs[0].items() if isinstance(v, (int, float))}
                 split = " / ".join(f"{statistics.median(c['cpu_ms_per_request_by_threads'][k] for c in costs):.1f}"
                                    for k in costs[0]["cpu_ms_per_request_by_threads"])
                 label = key if side == "rounds" else f"{key} (baseline)"
                 lines.append(f"| {label} | {med['cpu_ms_per_pair']:.3f} | {med['cpu_ms_per_request']:.2f} | {split} | {med['pairs_per_batch']:.1f} | "
                              f"{med['padding']:.2f} | {med['forward_ms_per_batch']:.1f} |")
-    lines += step_table(res["rounds"])
+    lines += step_table({w: [r[w] for r in res["rounds"]] for w in ("big", "c16_plain", "c16_b16k")})
     ratios = [r["big"]["pairs_per_s"] / r["loop_pairs_per_s"] for r in res["rounds"]]
     lines += ["", f"big / loop: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})"]
     if res["baseline"]:
@@ -218,20 +222,21 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def step_table(rounds: list[dict[str, Any]]) -> list[str]:
-    """A batch's steps on its inference thread (engine.step_time), wall / CPU ms, medians over the rounds."""
-    steps = list(dict.fromkeys(k for r in rounds for w in ("big", "c16_plain") for k in r[w]["server"].get("step_ms_per_batch", {})))
+def step_table(workloads: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """A batch's steps on its inference thread (engine.step_time, as http_load.costed reads them), wall / CPU
+    ms a batch, medians over each workload's runs: a row per workload."""
+    per = {name: [run["server"].get("step_ms_per_batch") or {} for run in runs] for name, runs in workloads.items()}
+    steps = list(dict.fromkeys(step for runs in per.values() for run in runs for step in run))
     if not steps:
         return []
     lines = ["", "A batch's steps on its inference thread, wall / CPU ms (medians over the rounds; wall holds the waits):", "",
              "| workload | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
-    for key in ("big", "c16_plain", "c16_b16k"):
+    for name, runs in per.items():
         cells = []
         for step in steps:
-            both = [r[key]["server"].get("step_ms_per_batch", {}).get(step) for r in rounds]
-            both = [b for b in both if b]
+            both = [run[step] for run in runs if step in run]
             cells.append(f"{statistics.median(b[0] for b in both):.2f} / {statistics.median(b[1] for b in both):.2f}" if both else "-")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -243,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, help="a checkout of another commit to measure side by side")
     ap.add_argument("--dtype", default="float32", help="the gateway entries' dtype (auto: what a plain entry gets)")
     ap.add_argument("--runtime", default="torch", help="the gateway entries' runtime (torch: the loop's eager forward; auto: the default)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: a fifth of the workloads")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(args.rounds, args.work or Path(tmp), args.baseline, args.dtype, args.runtime)
+        res = run(args.rounds, args.work or Path(tmp), args.baseline, args.dtype, args.runtime, args.quick)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     print(markdown(res))

@@ -54,6 +54,25 @@ def test_event_loop_bench_counts_a_request_s_work(tmp_path: Path) -> None:
     assert res["tasks"] >= 2 and res["python_calls"] > 300 and res["loop_callbacks"] > 5
 
 
+def test_host_path_bench_reports_where_the_server_spends_its_cpu(tmp_path: Path) -> None:
+    """bench.host_path, the issue's CPU proxy (the gateway against an in-process loop on a tiny model): every
+    workload runs and its markdown carries the ratios, the CPU split by thread and a batch's steps."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "hp.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.host_path", "--rounds", "1", "--quick", "--json", str(out), "--work", str(tmp_path / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rounds"]
+    assert row["loop_pairs_per_s"] > 0 and row["big"]["pairs"] == 3 * 200
+    for workload in ("big", "c16_plain", "c16_b16k", "one_doc"):
+        server = row[workload]["server"]
+        assert server["cpu_ms_per_pair"] > 0 and server["step_ms_per_batch"]["forward"][1] > 0
+    for line in ("| 1 |", "| c16_plain |", "A batch's steps on its inference thread", "big / loop: median"):
+        assert line in proc.stdout, line
+
+
 def test_fast_device_bench_runs_the_gateway_before_a_simulated_device(tmp_path: Path) -> None:
     """bench.fast_device serves the tiny cross-encoder with its forward replaced by a simulated device in the
     gateway process: the device's busy share comes from the batches' tokens, a packed batch costs its real
@@ -86,3 +105,4 @@ def test_fast_device_bench_runs_the_gateway_before_a_simulated_device(tmp_path: 
         assert beside["big_docs"] == 600 and beside["alone"]["requests"] == 100 and beside["beside"]["requests"] >= 1
         assert beside["p99_ratio"] == beside["beside"]["p99_s"] / beside["alone"]["p99_s"]
     assert "| packed:400000 | gateway | 1 |" in proc.stdout and "p99 beside / alone" in proc.stdout
+    assert "A batch's steps on its inference thread" in proc.stdout and "| padded:400000 c16 |" in proc.stdout
