@@ -27,6 +27,8 @@ from engine.work import Answer, Completed, Work, deliver
 log = logging.getLogger("rerank_gateway.engine")
 
 STEPS = ("collate", "forward", "sync", "scatter", "metrics", "pool")
+# Timed (engine.step_time) but not a hook's step: waiting for the launch lock before collating.
+WAIT_LAUNCH = "wait_launch"
 
 
 @dataclass(slots=True)
@@ -97,6 +99,9 @@ class BatchRunner:
 
     def _run(self, plan: Plan, clock: StepClock) -> None:
         timer = DeviceTimer(self.device)
+        # On a GPU, the other inference thread's collation and launch hold the stream's launch lock: that
+        # wait is its own step, not the build's nor this batch's collation.
+        clock.mark(WAIT_LAUNCH)
         with DEVICE_GATE.shared(self.device), torch.inference_mode():
             with self.launch:
                 parts = self.forward_splitting(plan, timer)

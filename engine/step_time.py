@@ -6,7 +6,8 @@ host-bound device shows which step bounds it; `bench.http_load.costed` reads the
 holds a step's waits (the GIL, a thread that preempted it, the device sync); CPU time is the thread's own
 work, so the two apart tell a busy host from a contended one.
 
-Steps: `build` (the batch from the window, under the scheduler's lock) and engine.inference.STEPS. Two
+Steps: `build` (the batch from the window, under the scheduler's lock), `wait_launch` (on a GPU, for the
+other inference thread's collation and launch on the shared CUDA stream) and engine.inference.STEPS. Two
 clock reads a step boundary and two counters a step: 17-21 us a batch on a 2-core AMD EPYC, where the CPU
 proxy's batch takes ~4 ms and a GPU batch at 16k tokens holds ~125 pairs.
 """

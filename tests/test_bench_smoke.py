@@ -96,7 +96,7 @@ def test_fast_device_bench_runs_the_gateway_before_a_simulated_device(tmp_path: 
     # forward's wall time, not its CPU time.
     for row in (packed, padded):
         steps = row["big"]["server"]["step_ms_per_batch"]
-        assert set(steps) == {"build", "collate", "forward", "sync", "scatter", "metrics", "pool"}
+        assert set(steps) == {"build", "wait_launch", "collate", "forward", "sync", "scatter", "metrics", "pool"}
         wall, cpu = steps["forward"]
         assert wall > cpu >= 0, steps
     assert padded["big"]["server"]["padding"] < 1.0

@@ -5,6 +5,7 @@ checked before tokenizing; quota reservations count chunks; chunks per request a
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from core.config import parse_registry
-from engine.inference import STEPS
+from engine.inference import STEPS, WAIT_LAUNCH
 from tenancy.auth import key_sha256
 from tests.conftest import MINILM, LiveServer, app_client, minilm_registry
 from tests.tenant_fixtures import KEYS
@@ -91,16 +92,42 @@ def test_metrics_split_a_batchs_time_by_step_and_tell_waiting_from_work(srv):
     make it) is collation's wall time, not its CPU time and not another step's."""
     assert rerank(srv.url, docs(3)).status_code == 200
     before = step_seconds(srv.url)
-    assert {step for _, step in before} == {"build", *STEPS}
+    assert {step for _, step in before} == {"build", WAIT_LAUNCH, *STEPS}
     srv.scheduler("minilm").step_hook = lambda step, info: time.sleep(1.0) if step == "collate" else None
     assert rerank(srv.url, docs(3)).status_code == 200  # one batch
     spent = {k: v - before.get(k, 0.0) for k, v in step_seconds(srv.url).items()}
     assert spent["wall", "collate"] >= 1.0 and spent["cpu", "collate"] < 0.5, spent
-    for step in ("build", *STEPS):
+    for step in ("build", WAIT_LAUNCH, *STEPS):
         assert 0 <= spent["cpu", step] <= spent["wall", step] + 0.001, (step, spent)
         if step != "collate":
             assert spent["wall", step] < 0.5, (step, spent)
     assert spent["cpu", "forward"] > 0  # the forward is the thread's own work on a CPU
+
+
+def test_a_batch_waiting_for_the_launch_lock_counts_it_as_its_own_step(srv):
+    """On a GPU the two inference threads share the model's CUDA stream and take turns at its launch lock
+    (engine.inference; on a CPU there is none). A batch that waits 1 s for its turn, the lock held here as
+    the other thread's collation and launch would hold it, counts that second as `wait_launch`, not as its
+    build or its collation."""
+    scheduler = srv.scheduler("minilm")
+    runner = scheduler.runner
+    before = step_seconds(srv.url)
+    taken = threading.Event()
+    scheduler.step_hook = lambda step, info: taken.set() if step == "take" else None  # the batch is about to run
+    original, lock = runner.launch, threading.Lock()
+    runner.launch = lock
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with lock:
+                answer = pool.submit(rerank, srv.url, docs(3))
+                assert taken.wait(60)
+                time.sleep(1.0)
+            assert answer.result().status_code == 200
+    finally:
+        runner.launch = original
+    spent = {k: v - before.get(k, 0.0) for k, v in step_seconds(srv.url).items()}
+    assert spent["wall", WAIT_LAUNCH] >= 0.9 and spent["cpu", WAIT_LAUNCH] < 0.5, spent
+    assert spent["wall", "build"] < 0.5 and spent["wall", "collate"] < 0.5, spent
 
 
 def test_a_non_finite_score_fails_its_request_naming_the_model(srv):
