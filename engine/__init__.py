@@ -17,7 +17,7 @@ One module, one job:
   what bounds bulk batches by time while searches arrive.
 - `device`: GPU hygiene in one place: the per-scheduler CUDA stream, pinned copies, event timing, syncs
   and the device gate under which a model's own peak memory is measured.
-- `inference`: one batch end to end (collate, forward with the OOM policy, sync, scatter, top-k, metrics);
+- `inference`: one batch end to end (collate, forward with the OOM policy, sync, metrics, scatter, top-k);
   on a GPU two threads pipeline batches on one CUDA stream.
 - `step_time`: a batch's wall and CPU time on its inference thread, step by step (build, collate, forward,
   ...), for /metrics.

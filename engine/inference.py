@@ -1,5 +1,5 @@
 """One batch, end to end, inside the failure boundary: collate, forward (with the OOM policy), the device
-sync, scatter, metrics, pooling and top-k. Any error fails the requests of that batch with a clear 5xx
+sync, metrics, scatter, pooling and top-k. Any error fails the requests of that batch with a clear 5xx
 (engine.streams catches it); the stream carries on with the next batch.
 
 Steps are named; `step_hook(step, info)` (tests) runs at the start of each one and may raise, which is how
@@ -26,7 +26,7 @@ from engine.work import Answer, Completed, Work, deliver
 
 log = logging.getLogger("rerank_gateway.engine")
 
-STEPS = ("collate", "forward", "sync", "scatter", "metrics", "pool")
+STEPS = ("collate", "forward", "sync", "metrics", "scatter", "pool")
 # Timed (engine.step_time) but not a hook's step: waiting for the launch lock before collating.
 WAIT_LAUNCH = "wait_launch"
 
@@ -115,12 +115,9 @@ class BatchRunner:
             # The batch's one device sync, inside the guarded step: CUDA reports a kernel's failure here.
             timer.synchronize()
         seconds = timer.seconds()
-        self._step("scatter", plan)
-        finished, failed = self._scatter(parts, seconds / len(plan))
-        for message, works in failed.items():
-            self.fail(works, message)
-        # Counted before anyone is answered, so a client that reads /metrics after its response finds its
-        # batches there (counted after, a loaded 2-core machine let tests read the count one batch short).
+        # Counted before its scores reach their requests, so a client that reads /metrics after its response
+        # finds every batch of its request there: counted after the scatter, a batch of the other thread
+        # could complete and answer the request first (a loaded 2-core CI machine read 423 of 981 tokens).
         self._step("metrics", plan)
         real = plan.real_tokens
         # The tokens the forward computed, as the budget counts them (engine.batching.BatchCost): padded
@@ -130,6 +127,10 @@ class BatchRunner:
         self.observed(computed, seconds)
         if self.metrics:
             self.metrics.observe_batch(self.name, len(plan), real, computed, seconds)
+        self._step("scatter", plan)
+        finished, failed = self._scatter(parts, seconds / len(plan))
+        for message, works in failed.items():
+            self.fail(works, message)
         self._step("pool", plan)
         answers: list[Answer] = []
         try:
@@ -137,7 +138,7 @@ class BatchRunner:
                 for work in finished:
                     answers.append(self._answer(work))
         finally:
-            # The batch's steps, counted before its requests are answered (as its batch is, above).
+            # The batch's steps, counted before its own answers are handed over.
             clock.mark(None)
             if self.metrics:
                 self.metrics.observe_steps(self.name, clock.spent)

@@ -24,7 +24,7 @@ class Metrics:
         self.batch_pairs = Histogram("rerank_batch_pairs", "Pairs per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
         self.batch_tokens = Histogram("rerank_batch_padded_tokens", "Tokens a batch's forward computed (padded rows; a shared prefix once)", ["model"], buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=r)
         # Per step of a batch on its inference thread (engine.step_time): wall time, waits included, and CPU time.
-        self.step_seconds = Counter("rerank_batch_step_seconds", "Inference threads' wall time in each step of a batch (build, wait_launch, collate, forward, sync, scatter, metrics, pool), waits included", ["model", "step"], registry=r)
+        self.step_seconds = Counter("rerank_batch_step_seconds", "Inference threads' wall time in each step of a batch (build, wait_launch, collate, forward, sync, metrics, scatter, pool), waits included", ["model", "step"], registry=r)
         self.step_cpu_seconds = Counter("rerank_batch_step_cpu_seconds", "Inference threads' CPU time in each step of a batch", ["model", "step"], registry=r)
         self._steps: dict[tuple[str, str], tuple[Any, Any]] = {}  # labelled children, looked up once
         self.real_tokens = Counter("rerank_real_tokens", "Real (unpadded) tokens run through the model", ["model"], registry=r)
