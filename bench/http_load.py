@@ -121,18 +121,13 @@ class GatewayProcess:
             "batches": "rerank_batch_pairs_count", "pairs": "rerank_batch_pairs_sum", "real_tokens": "rerank_real_tokens_total",
             "padded_tokens": "rerank_padded_tokens_total", "forward_s": "rerank_inference_seconds_sum",
         }
+        text = self.metrics_text()
         values = {}
-        for line in self.metrics_text().splitlines():
+        for line in text.splitlines():
             name, _, value = line.rpartition(" ")
             values[name] = value
-        out = {key: float(values.get(f'{metric}{{model="{model}"}}', 0.0)) for key, metric in names.items()}
-        # The inference threads' seconds in each step of a batch (engine.step_time): "wall:<step>", "cpu:<step>".
-        for name, value in values.items():
-            for metric, clock in (("rerank_batch_step_seconds_total", "wall"), ("rerank_batch_step_cpu_seconds_total", "cpu")):
-                prefix = f'{metric}{{model="{model}",step="'
-                if name.startswith(prefix):
-                    out[f"{clock}:{name[len(prefix):-2]}"] = float(value)
-        return out
+        counters = {key: float(values.get(f'{metric}{{model="{model}"}}', 0.0)) for key, metric in names.items()}
+        return counters | {f"{clock}:{step}": seconds for (clock, step), seconds in step_seconds(text, model).items()}
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -176,6 +171,19 @@ def big(base: str, model: str, req: Request) -> dict[str, Any]:
         }
 
     return asyncio.run(go())
+
+
+def step_seconds(metrics_text: str, model: str) -> dict[tuple[str, str], float]:
+    """The inference threads' seconds in each step of the model's batches (engine.step_time), from /metrics'
+    text, by (clock, step): ("wall", "collate"), ("cpu", "collate"), ..."""
+    out = {}
+    for line in metrics_text.splitlines():
+        name, _, value = line.rpartition(" ")
+        for metric, clock in (("rerank_batch_step_seconds_total", "wall"), ("rerank_batch_step_cpu_seconds_total", "cpu")):
+            prefix = f'{metric}{{model="{model}",step="'
+            if name.startswith(prefix):
+                out[clock, name[len(prefix):-2]] = float(value)
+    return out
 
 
 class _KeepAlive:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch
 
+from bench import http_load
 from core.config import parse_registry
 from engine.inference import STEPS, WAIT_LAUNCH
 from tenancy.auth import key_sha256
@@ -79,12 +80,7 @@ def test_ready_is_503_while_a_dead_stream_restarts(srv):
 
 def step_seconds(url: str) -> dict[tuple[str, str], float]:
     """/metrics' seconds of the model's batches by (clock, step): ("wall", "collate"), ("cpu", "collate"), ..."""
-    out = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        for metric, clock in (("rerank_batch_step_seconds_total", "wall"), ("rerank_batch_step_cpu_seconds_total", "cpu")):
-            if line.startswith(metric + '{model="minilm",step="'):
-                out[clock, line.split('step="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
-    return out
+    return http_load.step_seconds(httpx.get(f"{url}/metrics").text, "minilm")
 
 
 def test_metrics_split_a_batchs_time_by_step_and_tell_waiting_from_work(srv):
