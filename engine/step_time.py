@@ -10,8 +10,15 @@ forward's wall time is its compute (`make serve`'s MiniLM on this 2-core machine
 
 Steps: `build` (the batch from the window, under the scheduler's lock), `wait_launch` (on a GPU, for the
 other inference thread's collation and launch on the shared CUDA stream) and engine.inference.STEPS. Two
-clock reads a step boundary and two counters a step: 17-21 us a batch on a 2-core AMD EPYC, where the CPU
-proxy's batch takes ~4 ms and a GPU batch at 16k tokens holds ~125 pairs.
+clock reads a step boundary and two counters a step: 17-21 us a batch on a 2-core AMD EPYC, measured alone,
+where the CPU proxy's batch takes ~4 ms and a GPU batch at 16k tokens holds ~125 pairs.
+
+Under load the CPU read costs more. `time.thread_time` is a system call (perf_counter is not), and it keeps
+the GIL. Under bench.host_path's 16 clients on those 2 cores (ONNX Runtime), it averaged 30 us a call: p50
+1.8 us, p99 ~1 ms. py-spy (`record --gil`) found 12% of the GIL-held samples in it. Two perf_counter reads
+at the same place took 0.45 us (p99 1.1 us). Most likely the kernel preempts the nice-10 inference thread on
+the way out of the call, and the thread keeps the GIL while it waits. Without the CPU reads, 16 clients ran
+0.94-1.05x in 4 paired rounds, so nothing measurable is lost and they stay.
 """
 
 from __future__ import annotations
