@@ -36,11 +36,9 @@ by time while searches arrive, as on a GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,7 @@ from typing import Any
 from bench import http_load
 from bench.host_path import MAX_LENGTH, big_repeats, step_table
 from bench.http_load import costed
+from bench.report import run_and_report
 from bench.simulated_device import FLOOR_ENV, LAUNCH_ENV, RATE_ENV
 from bench.workload import Request, big_request, small_requests, vocabulary
 from core.host import cpu_model_name
@@ -230,15 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="working folder (model, logs); a temporary one by default")
     ap.add_argument("--baseline", type=Path, help="a checkout of another commit, side by side")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        res = run(
-            parse_cases(args.cases), args.rounds, args.work or Path(tmp), args.launch_ms, args.baseline, args.docs,
+    return run_and_report(
+        lambda work: run(
+            parse_cases(args.cases), args.rounds, work, args.launch_ms, args.baseline, args.docs,
             args.small_requests, args.beside_docs, args.floor_ms, args.budget,
-        )
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
-    print(markdown(res))
-    return 0
+        ),
+        args.work, args.json, markdown,
+    )
 
 
 if __name__ == "__main__":

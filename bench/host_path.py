@@ -29,11 +29,9 @@ Rounds interleave the systems, so drift in the machine's load hits them alike; r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ import torch
 
 from bench import http_load
 from bench.http_load import costed
+from bench.report import run_and_report
 from bench.sorted_loop import length_runs, padded
 from bench.workload import Request, big_request, small_requests, vocabulary
 from core.host import cpu_model_name
@@ -250,12 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", default="torch", help="the gateway entries' runtime (torch: the loop's eager forward; auto: the default)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: a fifth of the workloads")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        res = run(args.rounds, args.work or Path(tmp), args.baseline, args.dtype, args.runtime, args.quick)
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
-    print(markdown(res))
-    return 0
+    return run_and_report(
+        lambda work: run(args.rounds, work, args.baseline, args.dtype, args.runtime, args.quick), args.work, args.json, markdown
+    )
 
 
 if __name__ == "__main__":
