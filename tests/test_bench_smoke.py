@@ -106,3 +106,48 @@ def test_fast_device_bench_runs_the_gateway_before_a_simulated_device(tmp_path: 
         assert beside["p99_ratio"] == beside["beside"]["p99_s"] / beside["alone"]["p99_s"]
     assert "| packed:400000 | gateway | 1 |" in proc.stdout and "p99 beside / alone" in proc.stdout
     assert "A batch's steps on its inference thread" in proc.stdout and "| padded:400000 c16 |" in proc.stdout
+
+
+def test_gil_budget_bench_samples_who_holds_the_gil(tmp_path: Path) -> None:
+    """bench.gil_budget: py-spy samples the GIL's holder in a real gateway before the simulated device, and
+    each workload's GIL time comes out a pair and a request, split by the thread's job. The simulated
+    launches hold the GIL on the inference threads, the Python part of tokenizing on the lanes' threads, and
+    every request's HTTP and app work on the event loop."""
+    out = tmp_path / "gb.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gil_budget", "--requests", "48", "--json", str(out), "--work", str(tmp_path / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["c16"]["requests"] == 48 and res["big"]["pairs"] == 8 * 1000
+    for workload in ("c16", "big"):
+        w = res[workload]
+        assert w["gil_s"] > 0 and 0 < w["gil_share"] < 1.2, w
+        assert w["gil_us_per_pair"] == w["gil_s"] / w["pairs"] * 1e6
+        assert abs(sum(w["us_per_pair"].values()) - w["gil_us_per_pair"]) < 1e-6 * w["gil_us_per_pair"]
+    assert res["big"]["us_per_pair"]["inference: forward"] > 0 and res["big"]["us_per_pair"]["tokenizing (Python)"] > 0
+    assert sum(v for k, v in res["c16"]["us_per_pair"].items() if k.startswith("event loop: ")) > 0
+    assert "| c16 |" in proc.stdout and "GIL us a pair, by what held it" in proc.stdout
+
+
+def test_gil_budget_names_a_sample_by_its_thread_and_step() -> None:
+    """py-spy's raw lines (--threads): an inference thread's sample goes to its batch's step, a tokenizer lane's
+    to tokenizing, the main thread's by its innermost frame's file: a coroutine's stack there does not reach
+    the loop's own frames."""
+    from bench.gil_budget import category
+
+    infer = "thread (101): infer-sim-0;Thread._bootstrap (threading.py:1002);InferenceStreams._loop (engine/streams.py:85)"
+    assert category(infer + ";Scheduler._next_job (engine/scheduler.py:521);Scheduler._build_batch (engine/scheduler.py:543)") == "inference: build"
+    rows = ";BatchRunner.forward (engine/inference.py:151);BatchRunner.forward_rows (engine/inference.py:159)"
+    assert category(infer + rows + ";FlagBackend.collate (backends/flag.py:77)") == "inference: collate"
+    assert category(infer + rows + ";SimulatedDevice.run (bench/simulated_device.py:44)") == "inference: forward"
+    assert category(infer + ";BatchRunner._answer (engine/inference.py:240);top_k (engine/pooling.py:20)") == "inference: pool"
+    assert category(infer + rows + ";BatchRunner._step (engine/inference.py:87);StepClock.mark (engine/step_time.py:42)") == "inference: step clocks"
+    assert category("thread (102): tok-small-sim_0;_worker (concurrent/futures/thread.py:83);Scheduler._tokenize_slice (engine/scheduler.py:370)") == "tokenizing (Python)"
+    loop = "thread (100): MainThread;RequestResponseCycle.run_asgi (uvicorn/protocols/http/h11_impl.py:403)"
+    assert category(loop + ";Litestar.__call__ (litestar/app.py:599)") == "event loop: framework (Litestar)"
+    assert category(loop + ";RerankPipeline.rerank (serving/pipeline.py:97)") == "event loop: app"
+    assert category("thread (100): MainThread;BaseEventLoop.run_forever (asyncio/base_events.py:607)") == "event loop: asyncio"
+    assert category("thread (103): usage-ledger;UsageStore._serve (tenancy/usage.py:180)") == "other: usage-ledger"
