@@ -41,11 +41,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import fast_device, host_path, http_load
+from bench import http_load
 from bench.report import run_and_report
-from bench.simulated_device import FLOOR_ENV, LAUNCH_ENV, RATE_ENV
-from bench.workload import big_request, small_requests, vocabulary
-from core.host import cpu_model_name
 from engine.scheduler import SEARCH_RECENT_S
 
 RATE = 250  # samples a second
@@ -106,11 +103,27 @@ def parse(raw: str) -> collections.Counter[str]:
     return out
 
 
+class SamplerUnavailable(RuntimeError):
+    """py-spy is not installed, or may not sample the gateway (no ptrace rights over it)."""
+
+
+def py_spy() -> str | None:
+    """py-spy's executable: on PATH, beside this Python, or in the bin/ of a `pip install --target` folder on
+    sys.path (as the GPU machine installs .whl/)."""
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    for folder in (Path(sys.executable).parent, *(Path(p) / "bin" for p in sys.path if p)):
+        if (folder / "py-spy").is_file():
+            return str(folder / "py-spy")
+    return None
+
+
 def sampled(pid: int, work: Path, name: str, run: Callable[[], dict[str, Any]], rate: int = RATE) -> tuple[dict[str, Any], collections.Counter[str]]:
     """Run a workload while py-spy samples `pid`'s GIL holder: (the workload's result, samples by category)."""
-    spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(spy_bin).exists():
-        raise SystemExit("bench.gil_budget needs py-spy (the test extra installs it)")
+    spy_bin = py_spy()
+    if spy_bin is None:
+        raise SamplerUnavailable("py-spy is not installed (the test extra has it)")
     out = work / f"{name}.raw"
     spy = subprocess.Popen(
         [spy_bin, "record", "--gil", "--threads", "--nonblocking", "-r", str(rate), "-f", "raw", "-o", str(out), "-p", str(pid)],
@@ -120,15 +133,26 @@ def sampled(pid: int, work: Path, name: str, run: Callable[[], dict[str, Any]], 
     first = spy.stdout.readline()  # "Sampling process ... times a second": attached
     if "Sampling" not in first:
         spy.kill()
-        raise SystemExit(f"py-spy could not sample the gateway (ptrace rights?): {first}{spy.stdout.read()[-500:]}")
+        raise SamplerUnavailable(f"py-spy could not sample the gateway (ptrace rights?): {first}{spy.stdout.read()[-500:]}")
     try:
         result = run()
     finally:
         spy.send_signal(signal.SIGINT)
         tail = spy.communicate(timeout=60)[0]
     if not out.exists():
-        raise SystemExit(f"py-spy wrote no samples: {tail[-500:]}")
+        raise SamplerUnavailable(f"py-spy wrote no samples: {tail[-500:]}")
     return result, parse(out.read_text())
+
+
+def summary(samples: collections.Counter[str], rate: int, pairs: int, requests: int, seconds: float) -> dict[str, Any]:
+    """A workload's GIL time: in all, a request, a pair, the pairs/s it allows, and a pair's by category."""
+    gil_s = sum(samples.values()) / rate
+    return {
+        "pairs": pairs, "requests": requests, "seconds": seconds, "pairs_per_s": pairs / seconds,
+        "gil_s": gil_s, "gil_share": gil_s / seconds, "gil_ms_per_request": gil_s / requests * 1e3,
+        "gil_us_per_pair": gil_s / pairs * 1e6, "gil_bound_pairs_per_s": pairs / gil_s if gil_s else None,
+        "us_per_pair": {k: v / rate / pairs * 1e6 for k, v in samples.most_common()},
+    }
 
 
 def big_repeats(base: str, model: str, big: Any) -> dict[str, Any]:
@@ -146,18 +170,16 @@ def measure(gw: http_load.GatewayProcess, model: str, work: Path, small: list, b
     ):
         time.sleep(SEARCH_RECENT_S + 0.5)  # bench.host_path says why
         result, samples = sampled(gw.proc.pid, work, name, run, rate)
-        gil_s = sum(samples.values()) / rate
-        pairs, requests = result["pairs"], result.get("requests", len(small))
-        out[name] = {
-            "pairs": pairs, "requests": requests, "seconds": result["seconds"], "pairs_per_s": pairs / result["seconds"],
-            "gil_s": gil_s, "gil_share": gil_s / result["seconds"], "gil_ms_per_request": gil_s / requests * 1e3,
-            "gil_us_per_pair": gil_s / pairs * 1e6, "gil_bound_pairs_per_s": pairs / gil_s if gil_s else None,
-            "us_per_pair": {k: v / rate / pairs * 1e6 for k, v in samples.most_common()},
-        }
+        out[name] = summary(samples, rate, result["pairs"], result["requests"], result["seconds"])
     return out
 
 
 def run(device: str, runtime: str, requests: int, rate: int, work: Path) -> dict[str, Any]:
+    # Here, not at the top: bench.gpu_check's section c samples its own gateway with the functions above.
+    from bench import fast_device, host_path
+    from bench.simulated_device import FLOOR_ENV, LAUNCH_ENV, RATE_ENV
+    from bench.workload import big_request, small_requests, vocabulary
+    from core.host import cpu_model_name
     from tests.tiny_models import build_minilm_tiny_cross_encoder
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -4,6 +4,7 @@ and the wheel resolver refuses what the GPU machine could not import."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -153,3 +154,18 @@ def test_sigterm_to_the_run_ends_its_sections_and_still_writes_the_report(tmp_pa
     assert "# GPU check" in stdout
     time.sleep(0.5)
     assert not _alive(registry)
+
+
+def test_section_c_reports_the_gil_a_request_holds_or_why_it_was_not_sampled() -> None:
+    """Section c's GIL sample (bench.gil_budget's summary) in the report: the budget a request and a pair, the
+    pairs/s it allows and what held it; or the sampler's reason when py-spy could not run (no ptrace rights)."""
+    from bench.gil_budget import summary
+    from bench.gpu_check import report
+
+    g = summary(collections.Counter({"inference: forward": 300, "event loop: app": 100}), 250, pairs=3200, requests=160, seconds=0.8)
+    assert g["gil_s"] == 1.6 and g["gil_ms_per_request"] == 10.0 and g["gil_bound_pairs_per_s"] == 2000
+    (line,) = report._gil(g)
+    assert "**10.00 ms a request**" in line and "**2,000 pairs/s**" in line and "inference: forward 375.0; event loop: app 125.0" in line
+    (line,) = report._gil({"error": "py-spy could not sample the gateway (ptrace rights?)"})
+    assert "not sampled (py-spy could not sample the gateway (ptrace rights?))" in line
+    assert report._gil(None) == []

@@ -2,7 +2,8 @@
 of plain entries written here (no profiles: what the gateway chooses by itself is what is measured).
 
 c. http_bge: the bge shape; 1,000 / 10,000 documents, 16 and 64 closed-loop clients, small requests beside a
-   10,000-document one vs alone, /v1/models' budget, process GPU memory after load and after the workloads.
+   10,000-document one vs alone, /v1/models' budget, process GPU memory after load and after the workloads,
+   and the GIL a request holds under 16 clients (bench.gil_budget).
 e. t4_gte: GTE under a T4-like cap (torch's per-process memory fraction, bench.gpu_check.serve).
 f. qwen3_gateway: Qwen3-4B nf4, two requests of 320 documents cut to 512 tokens; memory and pairs/s.
 g. parity: the bge shape padded (padding_free off) and packed (on): scores and speed.
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from bench import http_load
+from bench import gil_budget, http_load
 from bench.gpu_check import gpu_memory, workloads
 from bench.gpu_check.checkpoints import ensure
 from bench.gpu_check.flops import flop_model, of_peak, tflops
@@ -82,7 +83,7 @@ def http_bge(rec: Recorder, plan: Plan, ctx: dict) -> None:
     words = workloads.bge_words(path)
     bigs = {n: workloads.bge_big(words, n) for n in sorted({*plan.big_docs, plan.beside_docs})}
     # Each closed loop (and the warm-up) gets requests of its own: nothing is scored twice.
-    smalls = workloads.bge_small(words, 32 + sum(r for _, r in plan.closed_loops), plan.small_docs)
+    smalls = workloads.bge_small(words, 32 + sum(r for _, r in plan.closed_loops) + plan.gil_requests, plan.small_docs)
     threes = workloads.bge_small(words, max(400, plan.alone_requests), 3)
     fm = flop_model(path)
     ceiling = _ceiling(ctx)
@@ -111,6 +112,7 @@ def http_bge(rec: Recorder, plan: Plan, ctx: dict) -> None:
                     rec.put(f"big_{n}", runs)
         for clients, part in loops[:1]:
             _closed(rec, gw, clients, smalls[part], tokens["small"][part])
+        _gil(rec, plan, gw, smalls[start : start + plan.gil_requests])
         with rec.step("beside"):
             beside = http_load.costed(gw, "bge", lambda: http_load.beside_big(gw.base, "bge", bigs[plan.beside_docs], threes))
             rec.put("beside", {"beside": beside})
@@ -134,6 +136,22 @@ def _closed(rec: Recorder, gw: http_load.GatewayProcess, clients: int, requests:
         out["real_tokens_per_s"] = sum(tokens) / out["seconds"]
         out["p99_over_p50"] = out["p99_s"] / out["p50_s"]
         rec.put(f"clients_{clients}", out)
+
+
+def _gil(rec: Recorder, plan: Plan, gw: http_load.GatewayProcess, requests: list) -> None:
+    """16 more clients, with requests of their own, while py-spy samples the GIL's holder (bench.gil_budget):
+    what a 20-document request holds the GIL for on this host, by thread and batch step. One process serves
+    at most 1 / (GIL seconds a pair) pairs a second, however many cores the host has. Sampled apart from the
+    measured loops, so the sampler does not touch their figures."""
+    with rec.step("gil_16"):
+        try:
+            result, samples = gil_budget.sampled(
+                gw.proc.pid, Path(plan.work), "gil_16", lambda: http_load.closed_loop(gw.base, "bge", requests, 16)
+            )
+        except gil_budget.SamplerUnavailable as exc:
+            rec.put("gil_16", {"error": str(exc)})
+            return
+        rec.put("gil_16", gil_budget.summary(samples, gil_budget.RATE, result["pairs"], result["requests"], result["seconds"]))
 
 
 # -- e. GTE under a T4-like memory cap -----------------------------------------------------------------------

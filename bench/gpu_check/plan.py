@@ -24,6 +24,8 @@ class Plan:
     # c: (clients, requests) closed loops of `small_docs`-document requests.
     closed_loops: tuple[tuple[int, int], ...]
     small_docs: int
+    # c: requests of 16 more clients while py-spy samples the GIL's holder (bench.gil_budget).
+    gil_requests: int
     # c: 3-document requests beside one request of `beside_docs` documents, and `alone_requests` of them alone.
     beside_docs: int
     alone_requests: int
@@ -68,7 +70,7 @@ class Plan:
 
 def gpu_plan(work: Path) -> Plan:
     return Plan(
-        smoke=False, work=str(work), big_docs=(1000, 10000), closed_loops=((16, 160), (64, 320)), small_docs=20,
+        smoke=False, work=str(work), big_docs=(1000, 10000), closed_loops=((16, 160), (64, 320)), small_docs=20, gil_requests=160,
         beside_docs=10000, alone_requests=100, peer_batches=(128, 32), loop_budget=16384,
         t4_docs=10000, t4_long_docs=20, t4_long_words=9000, t4_loop_requests=160,
         qwen_pairs=320, qwen_batch=32, qwen_max_length=512, qwen_doc_words=800, parity_docs=1000,
@@ -80,7 +82,7 @@ def gpu_plan(work: Path) -> Plan:
 def smoke_plan(work: Path) -> Plan:
     """Every section end to end on a CPU with the tests' tiny models: proves the script, measures nothing."""
     return Plan(
-        smoke=True, work=str(work), big_docs=(100, 300), closed_loops=((16, 32), (64, 64)), small_docs=20,
+        smoke=True, work=str(work), big_docs=(100, 300), closed_loops=((16, 32), (64, 64)), small_docs=20, gil_requests=32,
         beside_docs=300, alone_requests=10, peer_batches=(128, 32), loop_budget=4096,
         t4_docs=300, t4_long_docs=3, t4_long_words=1500, t4_loop_requests=32,
         qwen_pairs=48, qwen_batch=16, qwen_max_length=256, qwen_doc_words=400, parity_docs=100,

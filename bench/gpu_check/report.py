@@ -161,6 +161,7 @@ def http_bge(r: dict, plan: dict) -> list[str]:
             "\nAn inference thread's time a batch by step, wall / CPU ms (wall holds the waits: the GIL, the device sync): "
             + "; ".join(f"{label}: {cells}" for label, cells in steps if cells) + "."
         )
+    out += _gil(r.get("gil_16"))
     for mid, bt in (r.get("batch_time") or {}).items():
         if bt:
             out.append(
@@ -169,6 +170,20 @@ def http_bge(r: dict, plan: dict) -> list[str]:
             )
     out.append(f"\nProcess GPU memory: after load {describe(r.get('memory_after_load'))}, after the workloads {describe(r.get('memory_after_workloads'))}.")
     return out
+
+
+def _gil(g: dict | None) -> list[str]:
+    """Section c's GIL sample (bench.gil_budget) as one paragraph."""
+    if not g:
+        return []
+    if g.get("error"):
+        return [f"\nThe GIL's holder under 16 clients: not sampled ({g['error']})."]
+    parts = "; ".join(f"{k} {v:.1f}" for k, v in list(g["us_per_pair"].items())[:8])
+    return [
+        f"\nThe GIL under 16 more clients x 20 docs ({_n(g['pairs_per_s'])} pairs/s while py-spy sampled it; bench.gil_budget): held "
+        f"{_pct(g['gil_share'])} of the wall, **{_n(g['gil_ms_per_request'], ',.2f')} ms a request**, {_n(g['gil_us_per_pair'], ',.1f')} us a pair: "
+        f"one process serves at most **{_n(g['gil_bound_pairs_per_s'])} pairs/s** on this host. By what held it, us a pair: {parts}."
+    ]
 
 
 def qwen3(g: dict, o: dict) -> list[str]:

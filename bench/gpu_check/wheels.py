@@ -53,6 +53,7 @@ CARRIED = {
     "datasets": ("5.2.0", "FlagEmbedding imports it"),
     "dill": ("0.4.1", "datasets requires it"),
     "multiprocess": ("0.70.19", "datasets requires it"),
+    "py-spy": ("0.4.3", "section c samples the GIL's holder with it (bench.gil_budget)"),
 }
 # Requirements deliberately left behind; `verify` runs the whole smoke without them.
 NOT_CARRIED = {
