@@ -155,19 +155,10 @@ def summary(samples: collections.Counter[str], rate: int, pairs: int, requests: 
     }
 
 
-def big_repeats(base: str, model: str, big: Any) -> dict[str, Any]:
-    start = time.perf_counter()
-    for _ in range(BIG_REPEATS):
-        http_load.big(base, model, big)
-    return {"pairs": BIG_REPEATS * len(big.documents), "requests": BIG_REPEATS, "seconds": time.perf_counter() - start}
-
-
-def measure(gw: http_load.GatewayProcess, model: str, work: Path, small: list, big: Any, rate: int) -> dict[str, Any]:
+def measure(gw: http_load.GatewayProcess, work: Path, rate: int, workloads: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, Any]:
+    """Each workload (its result has pairs, requests and seconds) while py-spy samples the GIL's holder."""
     out = {}
-    for name, run in (
-        ("c16", lambda: http_load.closed_loop(gw.base, model, small, 16)),
-        ("big", lambda: big_repeats(gw.base, model, big)),
-    ):
+    for name, run in workloads.items():
         time.sleep(SEARCH_RECENT_S + 0.5)  # bench.host_path says why
         result, samples = sampled(gw.proc.pid, work, name, run, rate)
         out[name] = summary(samples, rate, result["pairs"], result["requests"], result["seconds"])
@@ -202,7 +193,10 @@ def run(device: str, runtime: str, requests: int, rate: int, work: Path) -> dict
         gw.wait_ready()
         http_load.closed_loop(gw.base, model, small[:32], 16)  # warm the HTTP path
         http_load.big(gw.base, model, big)
-        out |= measure(gw, model, work, small, big, rate)
+        out |= measure(gw, work, rate, {
+            "c16": lambda: http_load.closed_loop(gw.base, model, small, 16),
+            "big": lambda: host_path.big_repeats(gw, model, big, BIG_REPEATS),
+        })
     finally:
         gw.close()
     return out

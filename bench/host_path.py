@@ -94,9 +94,9 @@ def _gateway(model_dir: Path, work: Path, root: Path, name: str, dtype: str, run
     return http_load.GatewayProcess(registry(model_dir, dtype, runtime), work, name=name, module=http_load.serve_module(root), root=root)
 
 
-def big_repeats(gw: http_load.GatewayProcess, model: str, big: Request) -> dict[str, Any]:
-    """The big request BIG_REPEATS times in a row: pairs/s over their total time, the timing headers' medians."""
-    runs = [http_load.big(gw.base, model, big) for _ in range(BIG_REPEATS)]
+def big_repeats(gw: http_load.GatewayProcess, model: str, big: Request, repeats: int = BIG_REPEATS) -> dict[str, Any]:
+    """The big request `repeats` times in a row: pairs/s over their total time, the timing headers' medians."""
+    runs = [http_load.big(gw.base, model, big) for _ in range(repeats)]
     seconds, pairs = sum(r["seconds"] for r in runs), sum(r["pairs"] for r in runs)
     out: dict[str, Any] = {"seconds": seconds, "pairs": pairs, "pairs_per_s": pairs / seconds, "requests": len(runs)}
     out |= {k: statistics.median(r[k] for r in runs) for k in ("tokenize_ms", "queue_ms", "inference_ms")}
