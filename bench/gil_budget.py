@@ -33,10 +33,12 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +51,9 @@ RATE = 250  # samples a second
 RATE_TOKENS_PER_S = 1_150_000  # the simulated device's, as bench.fast_device's default case
 # The big request this many times in a row: one takes ~0.2 s here, too few samples alone.
 BIG_REPEATS = 8
+# py-spy prints its first line as soon as it has attached (here in well under a second). One that prints
+# nothing by then is stuck (a ptrace that never returns), and the run it belongs to must go on without it.
+ATTACH_TIMEOUT_S = 30.0
 
 # What a sample's thread is doing. py-spy's raw lines (`--threads`) are "thread (id): name" and then the
 # stack's frames, "function (file:line)", root first. The thread's name says its job (engine.streams'
@@ -119,7 +124,9 @@ def py_spy() -> str | None:
     return None
 
 
-def sampled(pid: int, work: Path, name: str, run: Callable[[], dict[str, Any]], rate: int = RATE) -> tuple[dict[str, Any], collections.Counter[str]]:
+def sampled(
+    pid: int, work: Path, name: str, run: Callable[[], dict[str, Any]], rate: int = RATE, *, attach_timeout_s: float = ATTACH_TIMEOUT_S,
+) -> tuple[dict[str, Any], collections.Counter[str]]:
     """Run a workload while py-spy samples `pid`'s GIL holder: (the workload's result, samples by category)."""
     spy_bin = py_spy()
     if spy_bin is None:
@@ -130,7 +137,11 @@ def sampled(pid: int, work: Path, name: str, run: Callable[[], dict[str, Any]], 
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     assert spy.stdout is not None
-    first = spy.stdout.readline()  # "Sampling process ... times a second": attached
+    first = _first_line(spy.stdout, attach_timeout_s)  # "Sampling process ... times a second": attached
+    if first is None:
+        spy.kill()
+        spy.wait()
+        raise SamplerUnavailable(f"py-spy printed nothing in {attach_timeout_s:g} s (stuck attaching?): not sampled")
     if "Sampling" not in first:
         spy.kill()
         raise SamplerUnavailable(f"py-spy could not sample the gateway (ptrace rights?): {first}{spy.stdout.read()[-500:]}")
@@ -142,6 +153,17 @@ def sampled(pid: int, work: Path, name: str, run: Callable[[], dict[str, Any]], 
     if not out.exists():
         raise SamplerUnavailable(f"py-spy wrote no samples: {tail[-500:]}")
     return result, parse(out.read_text())
+
+
+def _first_line(stream: Any, timeout_s: float) -> str | None:
+    """The stream's first line, or None if none came within timeout_s (the reader thread ends when the
+    stream closes: the caller kills the process that writes it)."""
+    box: queue.SimpleQueue[str] = queue.SimpleQueue()
+    threading.Thread(target=lambda: box.put(stream.readline()), name="py-spy-first-line", daemon=True).start()
+    try:
+        return box.get(timeout=timeout_s)
+    except queue.Empty:
+        return None
 
 
 def summary(samples: collections.Counter[str], rate: int, pairs: int, requests: int, seconds: float) -> dict[str, Any]:

@@ -151,3 +151,27 @@ def test_gil_budget_names_a_sample_by_its_thread_and_step() -> None:
     assert category(loop + ";RerankPipeline.rerank (serving/pipeline.py:97)") == "event loop: app"
     assert category("thread (100): MainThread;BaseEventLoop.run_forever (asyncio/base_events.py:607)") == "event loop: asyncio"
     assert category("thread (103): usage-ledger;UsageStore._serve (tenancy/usage.py:180)") == "other: usage-ledger"
+
+
+def test_gil_budget_gives_up_on_a_sampler_that_never_attaches(tmp_path: Path, monkeypatch) -> None:
+    """A py-spy that hangs before its first line (a ptrace that never returns) costs the run its GIL sample,
+    not the run: sampled() says why within its attach limit, runs no workload unsampled, and leaves no
+    sampler behind. (A real process stands in for the hung py-spy: one that sleeps and prints nothing.)"""
+    import time
+
+    import pytest
+
+    from bench.gil_budget import SamplerUnavailable, sampled
+
+    stuck = tmp_path / "bin" / "py-spy"
+    stuck.parent.mkdir()
+    stuck.write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'pid'}\nexec sleep 120\n")
+    stuck.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stuck.parent}{os.pathsep}{os.environ['PATH']}")
+    ran = []
+    start = time.monotonic()
+    with pytest.raises(SamplerUnavailable, match="printed nothing in 1 s"):
+        sampled(os.getpid(), tmp_path, "c16", lambda: ran.append(1) or {}, attach_timeout_s=1.0)
+    assert time.monotonic() - start < 10 and not ran
+    pid = int((tmp_path / "pid").read_text())
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
