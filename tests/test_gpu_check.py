@@ -169,3 +169,25 @@ def test_section_c_reports_the_gil_a_request_holds_or_why_it_was_not_sampled() -
     (line,) = report._gil({"error": "py-spy could not sample the gateway (ptrace rights?)"})
     assert "not sampled (py-spy could not sample the gateway (ptrace rights?))" in line
     assert report._gil(None) == []
+
+
+def test_the_figures_find_section_e_s_sorted_loop_by_the_name_it_records() -> None:
+    """The issue's "gateway real tok/s / the model's own" figure divides section c's big request by section
+    e's sorted loop on device-busy time. The loop is found by the name section e records it under
+    (report.LOOP_SYSTEM): on the CPU that row has no device time, so only a GPU run would show a lookup
+    that finds nothing, as a "-"."""
+    from bench.gpu_check import report
+
+    loop = f"{report.LOOP_SYSTEM} fp16 16,384 tokens"
+    doc = {
+        "plan": {"big_docs": [1000, 10000]},
+        "sections": {
+            "http_bge": {"result": {"big_1000": [{"pairs_per_s": 8000.0, "real_tokens_per_s": 800_000.0}]}},
+            "peers": {"result": {"systems": {loop: {"1000": {"pairs_per_s": 9000.0, "device_real_tokens_per_s": 1_000_000.0,
+                                                              "device_tflops": 500.0, "device_of_peak": 0.6}}}}},
+        },
+    }
+    (row,) = [line for line in report.figures(doc) if "the model's own" in line]
+    assert row.endswith("| 0.80 |"), row
+    text = "\n".join(report.peers(doc["sections"]["peers"]["result"], doc["sections"]["http_bge"]["result"], doc["plan"]))
+    assert "Sorted loop at 1,000 docs, device-busy time only: 1,000,000 real tok/s" in text

@@ -23,6 +23,7 @@ from bench.gpu_check.checkpoints import ensure
 from bench.gpu_check.flops import flop_model, of_peak, tflops
 from bench.gpu_check.plan import Plan
 from bench.gpu_check.record import Recorder
+from bench.gpu_check.report import LOOP_SYSTEM
 from bench.sorted_loop import length_runs, padded
 
 MAX_LENGTH = 512
@@ -120,7 +121,7 @@ def peers(rec: Recorder, plan: Plan, ctx: dict) -> None:
             if device_s == device_s:
                 extra["device_tflops"] = tflops(fm.total(tokens[n]), device_s)
                 extra["device_of_peak"] = of_peak(extra["device_tflops"], ceiling)
-            record(f"sorted loop {half} {plan.loop_budget:,} tokens", n, seconds, extra)
+            record(f"{LOOP_SYSTEM} {half} {plan.loop_budget:,} tokens", n, seconds, extra)
         del loop
         _free()
 

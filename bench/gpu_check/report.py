@@ -68,9 +68,13 @@ def _budget(models: Any) -> list[str]:
     return out
 
 
+# How section e names its in-process sorted loop (bench.gpu_check.in_process), followed by its dtype and budget.
+LOOP_SYSTEM = "sorted loop"
+
+
 def _loop_row(peers: dict, docs: int) -> dict:
     systems = peers.get("systems") or {}
-    name = next((k for k in systems if k.startswith("loop")), None)
+    name = next((k for k in systems if k.startswith(LOOP_SYSTEM)), None)
     return (systems.get(name) or {}).get(str(docs)) or {} if name else {}
 
 
