@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from backends import device_mask
 from backends.runtimes import may_export, start_runtime
 from backends.token_arrays import flatten, gather_index, offsets_of, padded_mask
 from core.config import Effective, LocalModelSpec
@@ -165,6 +166,8 @@ class Backend(abc.ABC):
         return torch.float32 if may_export(self) else self.dtype
 
     def start_runtime(self) -> None:
+        if self.model is not None:
+            device_mask.enable(self.model)  # no host read in a padded forward (backends.device_mask says why)
         self.runtime = start_runtime(self)
 
     def weights_bytes(self) -> int:

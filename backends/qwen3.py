@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from backends import device_mask
 from backends.base import Backend, Batch, Prepared, Rows, concat_prepared, cuda_has_native_bf16, cut_text, to_device
 from backends.prefix_cache import PrefixCache, SharedPrefix, common_prefix_length
 from backends.token_arrays import assemble, flatten, gather_index, offsets_of, padded_mask
@@ -103,6 +104,7 @@ class Qwen3Backend(Backend):
         if self.eff.quantization != "nf4":
             model = model.to(self.device)
         self.model = model.eval()
+        device_mask.enable(self.model)  # no host read in a padded forward (backends.device_mask says why)
 
         self.yes_id, self.no_id = (self._single_token(w) for w in ("yes", "no"))
         weight = model.get_output_embeddings().weight  # lm_head; kept in 16-bit by bitsandbytes
@@ -243,7 +245,9 @@ class Qwen3Backend(Backend):
         return last.float() @ self.yes_no
 
     def _prefix_kv(self, prefix: SharedPrefix) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        ids = torch.tensor([prefix.ids], dtype=torch.long, device=self.device)
+        # Pinned and without blocking, as every batch's input (to_device): a blocking copy would wait for the
+        # other inference thread's batch on the shared stream.
+        ids = to_device(torch.tensor([prefix.ids], dtype=torch.long), self.device)
         cache = self.model.model(input_ids=ids, use_cache=True, return_dict=True).past_key_values
         return [(layer.keys, layer.values) for layer in cache.layers]
 
