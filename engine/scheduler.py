@@ -107,6 +107,13 @@ def streams_slices(backend: Backend) -> bool:
     return not backend.is_padded or not forward_on_host(backend)
 
 
+def parallel_batches(backend: Backend, streams: int) -> int:
+    """How many batches run at once, each at the measured rate: on the CPU every inference thread runs its
+    own on its share of the cores; before a device the threads share one stream, whose batches run one after
+    another (the rate is measured in device time)."""
+    return streams if forward_on_host(backend) else 1
+
+
 def slice_order(documents: Sequence[str], *, by_length: bool) -> np.ndarray:
     """The order a request's documents are sliced in for tokenizing: shortest first for a padded backend's
     streamed big request (characters track tokens), else as they came.
@@ -253,7 +260,7 @@ class Scheduler:
         if queued_pairs and (queued_pairs + pairs > self.max_queue_pairs or queued_tokens + tokens > self.max_queue_tokens):
             raise TooManyRequests(
                 f"model {self.name!r} is overloaded ({queued_pairs} pairs queued); retry later",
-                retry_after_s=queued_tokens / max(self._times.tokens_per_s * self.streams, 1.0),
+                retry_after_s=queued_tokens / max(self._times.tokens_per_s * parallel_batches(self.backend, self.streams), 1.0),
             )
 
     async def rerank(

@@ -19,7 +19,7 @@ import torch
 
 from backends.embedding import EmbeddingBackend
 from core.config import effective, model_spec
-from core.errors import ClientClosedRequest, InferenceFailed, Timeout
+from core.errors import ClientClosedRequest, InferenceFailed, Timeout, TooManyRequests
 from core.host import CPU_STREAM_NICE
 from engine import Scheduler
 from engine.scheduler import SEARCH_RECENT_S, SEARCH_RUN_SHARE
@@ -487,7 +487,6 @@ def test_gpu_names_never_confuse_similar_cards():
 
 
 def test_tokenizer_lanes_are_bounded_and_a_search_has_its_own():
-    from core.errors import TooManyRequests
     from engine.lanes import MAX_PENDING_BULK_PER_THREAD, SMALL_REQUEST_DOCS, TokenizerLanes
 
     lanes = TokenizerLanes("m", bulk_threads=2)
@@ -743,3 +742,24 @@ def _hold(cm, events: list[str], name: str) -> None:
     with cm:
         events.append(name)
         time.sleep(0.05)
+
+
+def test_retry_after_counts_the_streams_that_run_at_once(backend, monkeypatch):
+    """A 429's Retry-After is the queued tokens over the rate they drain at. On the CPU each inference thread
+    runs batches of its own at the measured rate; before a device (engine.scheduler.forward_on_host false,
+    as bench's simulated device takes it) the threads share one stream, whose batches run one after another:
+    the wait is not halved there."""
+    import engine.scheduler
+
+    for on_host, parallel in ((True, 2), (False, 1)):
+        monkeypatch.setattr(engine.scheduler, "forward_on_host", lambda b, on_host=on_host: on_host)
+        s = scheduler(backend, streams=2, max_queue_pairs=10, max_queue_tokens=10**6)
+        try:
+            s._times.tokens_per_s = 1000.0
+            held = s._reserve(8, 6000)  # a request being tokenized holds its room
+            with pytest.raises(TooManyRequests) as refused:
+                s._check_room(8, 100)
+            assert refused.value.retry_after_s == pytest.approx(6000 / (1000.0 * parallel)), on_host
+            s._release(held)
+        finally:
+            s.close()
