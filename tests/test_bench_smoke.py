@@ -175,3 +175,16 @@ def test_gil_budget_gives_up_on_a_sampler_that_never_attaches(tmp_path: Path, mo
     assert time.monotonic() - start < 10 and not ran
     pid = int((tmp_path / "pid").read_text())
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_engine_host_bench_runs_closed_loop_clients(tmp_path: Path) -> None:
+    """bench.engine_host with --clients: closed-loop clients of small requests through a real Scheduler whose
+    forward is taken out, every request answered; the engine's host work a pair is printed."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ENGINE_HOST_WORK=str(tmp_path), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.engine_host", "--budgets", "16384", "--clients", "4", "--requests", "3", "--docs", "20", "--rounds", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 closed-loop clients x 3 requests of 20 documents" in proc.stdout
+    assert "budget  16384:" in proc.stdout and "CPU-us per pair" in proc.stdout
