@@ -81,14 +81,21 @@ class GatewayProcess:
         )
 
     def wait_ready(self, timeout_s: float = 600) -> None:
+        """Until /ready answers 200. A model that failed to load leaves the gateway up and unready for good
+        (/ready's `models` says `unavailable`): that ends the wait at once, with the log's reason, rather
+        than at the timeout (a GPU check's section would spend its whole time limit waiting)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
+                r = httpx.get(f"{self.base}/ready", timeout=2)
+                if r.status_code == 200:
                     return
-            except httpx.TransportError:
+                failed = [m for m, state in (r.json().get("models") or {}).items() if state == "unavailable"]
+                if failed:
+                    raise RuntimeError(f"gateway model(s) {', '.join(failed)} failed to load: {self.log_path.read_text()[-3000:]}")
+            except (httpx.TransportError, ValueError):
                 pass
             time.sleep(0.3)
         raise RuntimeError(f"gateway not ready after {timeout_s:g} s: {self.log_path.read_text()[-3000:]}")

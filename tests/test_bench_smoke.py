@@ -188,3 +188,25 @@ def test_engine_host_bench_runs_closed_loop_clients(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 closed-loop clients x 3 requests of 20 documents" in proc.stdout
     assert "budget  16384:" in proc.stdout and "CPU-us per pair" in proc.stdout
+
+
+def test_a_gateway_whose_model_fails_to_load_ends_the_wait_at_once(tmp_path: Path) -> None:
+    """bench.http_load.GatewayProcess.wait_ready: a model that cannot load leaves the gateway up and unready
+    for good; the wait ends as soon as /ready says so, with the log's reason, not at its timeout (on a GPU a
+    check's section would otherwise spend its whole time limit there)."""
+    import time
+
+    import pytest
+
+    from bench.http_load import GatewayProcess
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    registry = {"default_model": "m", "models": {"m": {"backend": "flag", "source": str(broken), "runtime": "torch", "dtype": "float32"}}}
+    with GatewayProcess(registry, tmp_path / "work") as gw:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"model\(s\) m failed to load") as failed:
+            gw.wait_ready(timeout_s=120)
+        assert time.monotonic() - start < 60 and gw.proc.poll() is None  # up, unready, and not waited out
+        assert "unavailable" in str(failed.value)
