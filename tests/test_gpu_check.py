@@ -191,3 +191,20 @@ def test_the_figures_find_section_e_s_sorted_loop_by_the_name_it_records() -> No
     assert row.endswith("| 0.80 |"), row
     text = "\n".join(report.peers(doc["sections"]["peers"]["result"], doc["sections"]["http_bge"]["result"], doc["plan"]))
     assert "Sorted loop at 1,000 docs, device-busy time only: 1,000,000 real tok/s" in text
+
+
+def test_the_report_names_the_commit_without_git(tmp_path: Path, monkeypatch) -> None:
+    """The GPU machine gets the tree without .git: the report's commit comes from the command's
+    GPU_CHECK_COMMIT, else from .whl/COMMIT that `make gpu-wheels` wrote; here, from git."""
+    from bench.gpu_check import runner, wheels
+    from bench.gpu_check.plan import smoke_plan
+
+    assert runner._meta(smoke_plan(tmp_path), 1.0)["commit"] == wheels.tree_commit() != "unknown"
+    monkeypatch.setattr(runner, "tree_commit", lambda: "unknown")  # as without .git
+    monkeypatch.setattr(runner, "COMMIT_FILE", tmp_path / "COMMIT")
+    monkeypatch.delenv("GPU_CHECK_COMMIT", raising=False)
+    assert runner._meta(smoke_plan(tmp_path), 1.0)["commit"] == "unknown"
+    (tmp_path / "COMMIT").write_text("abc1234+changes\n")
+    assert runner._meta(smoke_plan(tmp_path), 1.0)["commit"] == "abc1234+changes"
+    monkeypatch.setenv("GPU_CHECK_COMMIT", "def5678")
+    assert runner._meta(smoke_plan(tmp_path), 1.0)["commit"] == "def5678"

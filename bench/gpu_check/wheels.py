@@ -31,6 +31,9 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+# The commit of the tree when .whl/ was filled, for the report's header: the GPU machine gets the tree
+# without .git (bench.gpu_check.runner reads it there).
+COMMIT_FILE = ROOT / ".whl" / "COMMIT"
 DEST = ROOT / ".whl"
 IMAGE_LIST = Path(__file__).with_name("image_packages.txt")
 SIM_VENV = ROOT / ".venv-gpuimage"
@@ -108,6 +111,17 @@ def download(dest: Path) -> None:
         slim_bitsandbytes(wheel)
     copy_tokenizer(dest / "minilm-tokenizer")
     (dest / "MANIFEST.txt").write_text("\n".join(f"{w.name}  {w.stat().st_size:,}" for w in sorted(dest.glob("*.whl"))) + "\n")
+    (dest / COMMIT_FILE.name).write_text(tree_commit() + "\n")
+
+
+def tree_commit() -> str:
+    """HEAD's short hash, `+changes` when tracked files differ from it; "unknown" without git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (subprocess.SubprocessError, OSError):
+        return "unknown"
+    return head + ("+changes" if changed else "")
 
 
 def slim_bitsandbytes(wheel: Path) -> None:
