@@ -492,8 +492,9 @@ class Scheduler:
 
     def measure_ladder(self, rungs: list[int], length: int) -> list[dict[str, Any]]:
         """Each rung's max_batch_tokens, tokens_per_s and peak_bytes, climbing while throughput still gains
-        (core.budgets.climbing) and a batch takes under LADDER_MAX_BATCH_S, and stopping below a rung that
-        runs out of memory: what a GPU budget at the knee is chosen from."""
+        (core.budgets.climbing), and stopping below a rung that runs out of memory or whose batch takes over
+        LADDER_MAX_BATCH_S (a search would wait for such a batch in flight, so it is no budget to choose;
+        the first rung stands whatever its time): what a GPU budget at the knee is chosen from."""
         out: list[dict[str, Any]] = []
         for tokens in rungs:
             try:
@@ -502,6 +503,8 @@ class Scheduler:
                 break  # the memory model was optimistic past here: the rungs below stand
             finally:
                 free_cached(self.backend.device)
+            if out and rate["seconds"] > LADDER_MAX_BATCH_S:
+                break
             out.append({"max_batch_tokens": tokens, "tokens_per_s": round(rate["tokens_per_s"]), "peak_bytes": rate["peak_bytes"]})
             if not climbing([r["tokens_per_s"] for r in out]) or rate["seconds"] > LADDER_MAX_BATCH_S:
                 break

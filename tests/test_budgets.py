@@ -219,3 +219,28 @@ def test_pairs_per_batch_follow_a_gpu_budget_unless_the_registry_sets_them():
     assert gpu.max_batch_size == 131072 // budgets.GPU_PAIR_TOKENS and not gpu.max_batch_size_set
     assert cpu.max_batch_size == budgets.DEFAULT_BATCH_PAIRS
     assert fixed.max_batch_size == 64 and fixed.max_batch_size_set
+
+
+def test_a_rung_whose_batch_takes_too_long_is_not_on_the_ladder():
+    """A rung whose batch takes over LADDER_MAX_BATCH_S ends the climb and is not on the ladder, so the knee
+    cannot choose it, however much faster it ran: a search would wait for such a batch in flight. (Batches of
+    the third rung are slowed here on their way to the forward, through the engine's fault hook.)"""
+    import time
+
+    from backends.embedding import EmbeddingBackend
+    from core.config import model_spec
+    from engine import Scheduler
+
+    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
+    backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
+    backend.load()
+    s = Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
+    s.fault_hook = lambda pairs, tokens: time.sleep(budgets.LADDER_MAX_BATCH_S + 0.1) if tokens >= 500 else None
+    try:
+        ladder = s.measure_ladder([128, 256, 512, 1024], 64)
+        assert [r["max_batch_tokens"] for r in ladder] == [128, 256]
+        first = s.measure_ladder([512, 1024], 64)  # the first rung stands whatever its time, and ends the climb
+        assert [r["max_batch_tokens"] for r in first] == [512]
+    finally:
+        s.close()
+
