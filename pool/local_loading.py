@@ -101,7 +101,9 @@ def _size_budget(
     workspace = int(warmup.get("workspace_bytes", 0))
     cap, memory_why = gpu_budget(
         weights_bytes=weights_bytes + workspace, activation_bytes=int(warmup["activation_bytes"]) - workspace,
-        probe_tokens=probe.max_batch_tokens, budget_bytes=budget_bytes, max_length=eff.max_length,
+        # The probe's batch as run (rows x width), not its budget: a max_length that does not divide the
+        # budget leaves part of it unused, and per-token memory over the budget would read low.
+        probe_tokens=int(warmup["padded_tokens"]), budget_bytes=budget_bytes, max_length=eff.max_length,
     )
     try:
         ladder = probe.measure_ladder(ladder_rungs(eff.max_length, cap), eff.max_length)

@@ -244,3 +244,38 @@ def test_a_rung_whose_batch_takes_too_long_is_not_on_the_ladder():
     finally:
         s.close()
 
+
+def test_a_gpu_budget_counts_memory_a_token_of_the_probe_batch_as_run(monkeypatch):
+    """A profile-less GPU model's memory cap divides the probe warm-up's activations by the tokens that batch
+    had (rows x width), not by the probe's budget: at max_length 500, 16 pairs fill 8,000 of the 8,192 tokens,
+    and dividing by 8,192 would read memory a token low and allow too big a budget. The load path that runs
+    only on a GPU runs here on the CPU with the warm-up's memory read as a GPU reads it (the allocator's
+    counters, which a CPU lacks): 4 KiB a padded token and a 32 MiB workspace."""
+    import msgspec
+
+    import engine.scheduler
+    import pool.local_loading
+    from core.config import ServerSettings, model_spec
+    from observability.metrics import Metrics
+
+    per_token, workspace = 4096, 32 << 20
+    warmup = engine.scheduler.run_warmup
+
+    def as_a_gpu_reads_it(*args, **kwargs):
+        out = warmup(*args, **kwargs)
+        return out | {"memory_measured": True, "workspace_bytes": workspace, "activation_bytes": workspace + out["padded_tokens"] * per_token}
+
+    monkeypatch.setattr(engine.scheduler, "run_warmup", as_a_gpu_reads_it)
+    spec = model_spec(backend="embedding", source=MINILM, max_length=500, dtype="float32", runtime="torch")
+    eff = msgspec.structs.replace(
+        effective(spec, "cpu"), auto_budget=True, max_batch_tokens=budgets.gpu_probe_tokens(500), max_batch_size=64, memory_budget_gb=1.0,
+    )
+    runner = pool.local_loading.load_local("m", spec, eff, server=ServerSettings(), metrics=Metrics(), cuda_models=1)
+    try:
+        cap, _ = budgets.gpu_budget(
+            weights_bytes=runner.weights_bytes + workspace, activation_bytes=per_token, probe_tokens=1, budget_bytes=1.0 * pool.local_loading.GB,
+            max_length=500,
+        )
+        assert f"memory allows up to {cap} " in runner.budget_reason, runner.budget_reason
+    finally:
+        runner.scheduler.close()
