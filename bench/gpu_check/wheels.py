@@ -31,10 +31,10 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+DEST = ROOT / ".whl"
 # The commit of the tree when .whl/ was filled, for the report's header: the GPU machine gets the tree
 # without .git (bench.gpu_check.runner reads it there).
-COMMIT_FILE = ROOT / ".whl" / "COMMIT"
-DEST = ROOT / ".whl"
+COMMIT_FILE = DEST / "COMMIT"
 IMAGE_LIST = Path(__file__).with_name("image_packages.txt")
 SIM_VENV = ROOT / ".venv-gpuimage"
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"]
