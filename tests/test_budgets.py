@@ -55,7 +55,8 @@ def test_models_shows_the_ladder_a_budget_was_chosen_from():
         assert "budget_ladder" not in client.get("/v1/models").json()["data"][0]  # a CPU budget has no ladder
         runner.budget_ladder = runner.scheduler.measure_ladder([128, 256], 64)
         model = client.get("/v1/models").json()["data"][0]
-        assert model["budget_ladder"] == runner.budget_ladder and len(model["budget_ladder"]) == 2
+        # Two rungs, or one where a loaded machine kept the second's batch past LADDER_MAX_BATCH_S.
+        assert model["budget_ladder"] == runner.budget_ladder and 1 <= len(model["budget_ladder"]) <= 2
 
 
 def test_an_explicit_budget_wins_and_is_named():
@@ -107,12 +108,17 @@ def test_a_gpu_budget_is_the_knee_of_the_measured_ladder_not_the_memory_cap():
     assert not budgets.climbing(rates[:4] + [1110e3, 1115e3])
 
 
-def test_the_ladder_measures_real_batches_and_stops_where_it_flattens():
+def test_the_ladder_measures_real_batches_and_stops_where_it_flattens(monkeypatch):
     """Scheduler.measure_ladder runs one full batch of typical pairs per rung in the inference thread, and
-    stops climbing once the rate flattens (on a CPU, timed by the wall clock; peaks are not measured)."""
+    stops climbing once the rate flattens (on a CPU, timed by the wall clock; peaks are not measured). The
+    limit on a batch's time is out of the way: a loaded CI machine can starve the inference thread (nice 10)
+    past it, and the next test is about it."""
+    import engine.scheduler
     from backends.embedding import EmbeddingBackend
     from core.config import model_spec
     from engine import Scheduler
+
+    monkeypatch.setattr(engine.scheduler, "LADDER_MAX_BATCH_S", 60.0)
 
     spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
     backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
@@ -221,26 +227,28 @@ def test_pairs_per_batch_follow_a_gpu_budget_unless_the_registry_sets_them():
     assert fixed.max_batch_size == 64 and fixed.max_batch_size_set
 
 
-def test_a_rung_whose_batch_takes_too_long_is_not_on_the_ladder():
+def test_a_rung_whose_batch_takes_too_long_is_not_on_the_ladder(monkeypatch):
     """A rung whose batch takes over LADDER_MAX_BATCH_S ends the climb and is not on the ladder, so the knee
-    cannot choose it, however much faster it ran: a search would wait for such a batch in flight. (Batches of
-    the third rung are slowed here on their way to the forward, through the engine's fault hook.)"""
-    import time
-
+    cannot choose it, however much faster it ran: a search would wait for such a batch in flight. The rates
+    are given as a GPU would measure them (measure_rate: a batch's device time), here 0.77 s a batch at
+    65,536 tokens, 14% faster than 32,768 at 0.41 s, as on the first GPU run."""
     from backends.embedding import EmbeddingBackend
     from core.config import model_spec
     from engine import Scheduler
 
+    curve = {16384: (60e3, 0.27), 32768: (80e3, 0.41), 65536: (85e3, 0.77), 131072: (86e3, 1.5)}
+    monkeypatch.setattr(Scheduler, "measure_rate", lambda self, budget, length: {
+        "tokens_per_s": curve[budget][0], "seconds": curve[budget][1], "peak_bytes": 0, "tokens": budget})
     spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
     backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
     backend.load()
     s = Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
-    s.fault_hook = lambda pairs, tokens: time.sleep(budgets.LADDER_MAX_BATCH_S + 0.1) if tokens >= 500 else None
     try:
-        ladder = s.measure_ladder([128, 256, 512, 1024], 64)
-        assert [r["max_batch_tokens"] for r in ladder] == [128, 256]
-        first = s.measure_ladder([512, 1024], 64)  # the first rung stands whatever its time, and ends the climb
-        assert [r["max_batch_tokens"] for r in first] == [512]
+        ladder = s.measure_ladder(list(curve), 512)
+        assert [r["max_batch_tokens"] for r in ladder] == [16384, 32768]
+        assert budgets.knee([(r["max_batch_tokens"], r["tokens_per_s"]) for r in ladder]) == 32768
+        first = s.measure_ladder([65536, 131072], 512)  # the first rung stands whatever its time, and ends the climb
+        assert [r["max_batch_tokens"] for r in first] == [65536]
     finally:
         s.close()
 
@@ -279,3 +287,4 @@ def test_a_gpu_budget_counts_memory_a_token_of_the_probe_batch_as_run(monkeypatc
         assert f"memory allows up to {cap} " in runner.budget_reason, runner.budget_reason
     finally:
         runner.scheduler.close()
+
