@@ -18,6 +18,7 @@ from backends.base import Backend
 from core.budgets import KNEE_TOLERANCE, batch_pairs, gpu_budget, knee, ladder_rungs, usable_gb
 from core.config import Effective, LocalModelSpec, ServerSettings
 from engine import Scheduler
+from engine.warmup import BudgetDoesNotHold
 from observability.metrics import Metrics
 from pool.local_runner import LocalRunner
 
@@ -112,23 +113,35 @@ def _size_budget(
         torch.cuda.empty_cache()
     if not ladder:
         raise BudgetError(f"no budget of the ladder ran ({memory_why})")
-    tokens = knee([(r["max_batch_tokens"], r["tokens_per_s"]) for r in ladder])
+    chosen = knee([(r["max_batch_tokens"], r["tokens_per_s"]) for r in ladder])
     fastest = max(ladder, key=lambda r: r["tokens_per_s"])
-    # Pairs per batch follow the chosen budget, unless the registry set them.
-    pairs = eff.max_batch_size if eff.max_batch_size_set else batch_pairs(tokens, eff.device)
-    scheduler = _scheduler(backend, spec, eff, server, metrics, tokens, max_batch_size=pairs)
-    try:
-        warmup = scheduler.warmup(eff.max_length)
-    except BaseException:
-        scheduler.close()
-        raise
-    finally:
-        torch.cuda.empty_cache()
-    why = (
-        f"auto (no profile for this GPU): {tokens} tokens, the smallest budget of the measured ladder within "
-        f"{KNEE_TOLERANCE:.0%} of the fastest ({fastest['tokens_per_s']} tokens/s at {fastest['max_batch_tokens']}); "
-        f"memory allows up to {cap} ({memory_why})"
+    # The knee is proven at full width, the worst padding the batcher allows; should that run out of memory
+    # (the memory model was optimistic), the rungs below it are tried in turn.
+    tries = [chosen, *sorted((r["max_batch_tokens"] for r in ladder if r["max_batch_tokens"] < chosen), reverse=True)]
+    for tokens in tries:
+        # Pairs per batch follow the chosen budget, unless the registry set them.
+        pairs = eff.max_batch_size if eff.max_batch_size_set else batch_pairs(tokens, eff.device)
+        scheduler = _scheduler(backend, spec, eff, server, metrics, tokens, max_batch_size=pairs)
+        try:
+            warmup = scheduler.warmup(eff.max_length)
+            break
+        except BudgetDoesNotHold as exc:
+            scheduler.close()
+            if tokens == tries[-1]:
+                raise
+            log.warning("model %s: %s; trying the ladder's next budget down", backend.name, exc)
+        except BaseException:
+            scheduler.close()
+            raise
+        finally:
+            torch.cuda.empty_cache()
+    knee_is = (
+        f"the smallest budget of the measured ladder within {KNEE_TOLERANCE:.0%} of the fastest "
+        f"({fastest['tokens_per_s']} tokens/s at {fastest['max_batch_tokens']})"
     )
+    if tokens != chosen:
+        knee_is = f"a rung below {chosen}, {knee_is}, whose warm-up at full width ran out of memory"
+    why = f"auto (no profile for this GPU): {tokens} tokens, {knee_is}; memory allows up to {cap} ({memory_why})"
     return scheduler, warmup, why, ladder
 
 

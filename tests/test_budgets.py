@@ -288,3 +288,39 @@ def test_a_gpu_budget_counts_memory_a_token_of_the_probe_batch_as_run(monkeypatc
     finally:
         runner.scheduler.close()
 
+
+def test_a_knee_that_runs_out_of_memory_at_full_width_falls_to_the_rung_below(monkeypatch):
+    """The knee is proven by a warm-up at full width. Should that run out of memory (the memory model was
+    optimistic), the model loads at the ladder's next rung down that holds, and says so, rather than being
+    unavailable. The GPU-only load path runs here on the CPU: the ladder's rates and the knee's out-of-memory
+    are given as a GPU would report them."""
+    import msgspec
+
+    import engine.scheduler
+    import pool.local_loading
+    from core.config import ServerSettings, model_spec
+    from engine.warmup import BudgetDoesNotHold
+    from observability.metrics import Metrics
+
+    curve = {1024: 100e3, 2048: 180e3, 4096: 200e3, 8192: 202e3, 16384: 203e3}  # the knee: 4,096
+    monkeypatch.setattr(pool.local_loading, "ladder_rungs", lambda length, cap: list(curve))
+    monkeypatch.setattr(engine.scheduler.Scheduler, "measure_rate", lambda self, budget, length: {
+        "tokens_per_s": curve[budget], "seconds": 0.01, "peak_bytes": 0, "tokens": budget})
+    warmup, tried = engine.scheduler.run_warmup, []
+
+    def as_a_gpu_reads_it(*args, **kwargs):
+        tried.append(kwargs["budget"])
+        if kwargs["budget"] == 4096:
+            raise BudgetDoesNotHold("the warm-up batch ran out of memory")
+        return warmup(*args, **kwargs) | {"memory_measured": True, "workspace_bytes": 0, "activation_bytes": 1 << 20}
+
+    monkeypatch.setattr(engine.scheduler, "run_warmup", as_a_gpu_reads_it)
+    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32", runtime="torch")
+    eff = msgspec.structs.replace(effective(spec, "cpu"), auto_budget=True, max_batch_tokens=budgets.gpu_probe_tokens(64), memory_budget_gb=1.0)
+    runner = pool.local_loading.load_local("m", spec, eff, server=ServerSettings(), metrics=Metrics(), cuda_models=1)
+    try:
+        assert tried == [budgets.gpu_probe_tokens(64), 4096, 2048]  # the probe, the knee, the rung below
+        assert runner.scheduler.max_batch_tokens == 2048
+        assert "2048 tokens, a rung below 4096" in runner.budget_reason and "ran out of memory" in runner.budget_reason
+    finally:
+        runner.scheduler.close()
