@@ -50,7 +50,7 @@ def thread_cpu_ticks(pid: int | str = "self") -> dict[int, tuple[int, int]]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone before its stat was opened, or while it was read
             continue
         out[int(task.name)] = (int(fields[16]), int(fields[11]) + int(fields[12]))
     return out

@@ -210,3 +210,34 @@ def test_a_gateway_whose_model_fails_to_load_ends_the_wait_at_once(tmp_path: Pat
             gw.wait_ready(timeout_s=120)
         assert time.monotonic() - start < 60 and gw.proc.poll() is None  # up, unready, and not waited out
         assert "unavailable" in str(failed.value)
+
+
+def test_thread_cpu_ticks_reads_a_process_whose_threads_come_and_go() -> None:
+    """bench.http_load.thread_cpu_ticks (tests/test_runtimes.py reads the engine's threads with it) leaves out
+    a thread that ends while its /proc stat is read: opened before the thread ended, the read fails with
+    ESRCH, not a missing file (a slow-kind run of the suite failed so). Two threads start and end threads
+    without pause while it reads this process."""
+    import threading
+    import time
+
+    from bench.http_load import thread_cpu_ticks
+
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            t = threading.Thread(target=lambda: None)
+            t.start()
+            t.join()
+
+    churners = [threading.Thread(target=churn) for _ in range(2)]
+    for t in churners:
+        t.start()
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert threading.get_native_id() in thread_cpu_ticks()
+    finally:
+        stop.set()
+        for t in churners:
+            t.join()
