@@ -253,12 +253,11 @@ def test_a_rung_whose_batch_takes_too_long_is_not_on_the_ladder(monkeypatch):
         s.close()
 
 
-def test_a_gpu_budget_counts_memory_a_token_of_the_probe_batch_as_run(monkeypatch):
-    """A profile-less GPU model's memory cap divides the probe warm-up's activations by the tokens that batch
-    had (rows x width), not by the probe's budget: at max_length 500, 16 pairs fill 8,000 of the 8,192 tokens,
-    and dividing by 8,192 would read memory a token low and allow too big a budget. The load path that runs
-    only on a GPU runs here on the CPU with the warm-up's memory read as a GPU reads it (the allocator's
-    counters, which a CPU lacks): 4 KiB a padded token and a 32 MiB workspace."""
+
+def _load_as_on_a_gpu(monkeypatch, max_length: int, memory, **eff_fields):
+    """pool.local_loading.load_local on the path a profile-less GPU model takes (auto_budget, a 1 GB memory
+    budget), run on the CPU with the tests' MiniLM. `memory(budget, warmup)` gives each warm-up's memory as a
+    GPU's allocator counters would read it (a CPU has none), or raises as the GPU would."""
     import msgspec
 
     import engine.scheduler
@@ -266,19 +265,28 @@ def test_a_gpu_budget_counts_memory_a_token_of_the_probe_batch_as_run(monkeypatc
     from core.config import ServerSettings, model_spec
     from observability.metrics import Metrics
 
-    per_token, workspace = 4096, 32 << 20
     warmup = engine.scheduler.run_warmup
+    monkeypatch.setattr(engine.scheduler, "run_warmup", lambda *args, **kwargs: memory(kwargs["budget"], warmup(*args, **kwargs)))
+    spec = model_spec(backend="embedding", source=MINILM, max_length=max_length, dtype="float32", runtime="torch")
+    eff = msgspec.structs.replace(
+        effective(spec, "cpu"), auto_budget=True, max_batch_tokens=budgets.gpu_probe_tokens(max_length), memory_budget_gb=1.0, **eff_fields,
+    )
+    return pool.local_loading.load_local("m", spec, eff, server=ServerSettings(), metrics=Metrics(), cuda_models=1)
 
-    def as_a_gpu_reads_it(*args, **kwargs):
-        out = warmup(*args, **kwargs)
+
+def test_a_gpu_budget_counts_memory_a_token_of_the_probe_batch_as_run(monkeypatch):
+    """A profile-less GPU model's memory cap divides the probe warm-up's activations by the tokens that batch
+    had (rows x width), not by the probe's budget: at max_length 500, 16 pairs fill 8,000 of the 8,192 tokens,
+    and dividing by 8,192 would read memory a token low and allow too big a budget. The warm-up's memory is
+    read as a GPU reads it: 4 KiB a padded token and a 32 MiB workspace."""
+    import pool.local_loading
+
+    per_token, workspace = 4096, 32 << 20
+
+    def as_a_gpu_reads_it(budget, out):
         return out | {"memory_measured": True, "workspace_bytes": workspace, "activation_bytes": workspace + out["padded_tokens"] * per_token}
 
-    monkeypatch.setattr(engine.scheduler, "run_warmup", as_a_gpu_reads_it)
-    spec = model_spec(backend="embedding", source=MINILM, max_length=500, dtype="float32", runtime="torch")
-    eff = msgspec.structs.replace(
-        effective(spec, "cpu"), auto_budget=True, max_batch_tokens=budgets.gpu_probe_tokens(500), max_batch_size=64, memory_budget_gb=1.0,
-    )
-    runner = pool.local_loading.load_local("m", spec, eff, server=ServerSettings(), metrics=Metrics(), cuda_models=1)
+    runner = _load_as_on_a_gpu(monkeypatch, 500, as_a_gpu_reads_it, max_batch_size=64)
     try:
         cap, _ = budgets.gpu_budget(
             weights_bytes=runner.weights_bytes + workspace, activation_bytes=per_token, probe_tokens=1, budget_bytes=1.0 * pool.local_loading.GB,
@@ -292,32 +300,24 @@ def test_a_gpu_budget_counts_memory_a_token_of_the_probe_batch_as_run(monkeypatc
 def test_a_knee_that_runs_out_of_memory_at_full_width_falls_to_the_rung_below(monkeypatch):
     """The knee is proven by a warm-up at full width. Should that run out of memory (the memory model was
     optimistic), the model loads at the ladder's next rung down that holds, and says so, rather than being
-    unavailable. The GPU-only load path runs here on the CPU: the ladder's rates and the knee's out-of-memory
-    are given as a GPU would report them."""
-    import msgspec
-
+    unavailable. The ladder's rates and the knee's out-of-memory are given as a GPU would report them."""
     import engine.scheduler
     import pool.local_loading
-    from core.config import ServerSettings, model_spec
     from engine.warmup import BudgetDoesNotHold
-    from observability.metrics import Metrics
 
     curve = {1024: 100e3, 2048: 180e3, 4096: 200e3, 8192: 202e3, 16384: 203e3}  # the knee: 4,096
     monkeypatch.setattr(pool.local_loading, "ladder_rungs", lambda length, cap: list(curve))
     monkeypatch.setattr(engine.scheduler.Scheduler, "measure_rate", lambda self, budget, length: {
         "tokens_per_s": curve[budget], "seconds": 0.01, "peak_bytes": 0, "tokens": budget})
-    warmup, tried = engine.scheduler.run_warmup, []
+    tried = []
 
-    def as_a_gpu_reads_it(*args, **kwargs):
-        tried.append(kwargs["budget"])
-        if kwargs["budget"] == 4096:
+    def as_a_gpu_reads_it(budget, out):
+        tried.append(budget)
+        if budget == 4096:
             raise BudgetDoesNotHold("the warm-up batch ran out of memory")
-        return warmup(*args, **kwargs) | {"memory_measured": True, "workspace_bytes": 0, "activation_bytes": 1 << 20}
+        return out | {"memory_measured": True, "workspace_bytes": 0, "activation_bytes": 1 << 20}
 
-    monkeypatch.setattr(engine.scheduler, "run_warmup", as_a_gpu_reads_it)
-    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32", runtime="torch")
-    eff = msgspec.structs.replace(effective(spec, "cpu"), auto_budget=True, max_batch_tokens=budgets.gpu_probe_tokens(64), memory_budget_gb=1.0)
-    runner = pool.local_loading.load_local("m", spec, eff, server=ServerSettings(), metrics=Metrics(), cuda_models=1)
+    runner = _load_as_on_a_gpu(monkeypatch, 64, as_a_gpu_reads_it)
     try:
         assert tried == [budgets.gpu_probe_tokens(64), 4096, 2048]  # the probe, the knee, the rung below
         assert runner.scheduler.max_batch_tokens == 2048
