@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     backend = FreeForward("free", spec, effective(spec, "cpu"))
     backend.load()
     words = vocabulary(model_dir)
-    clients = max(args.clients, 1)
+    # Requests submitted at once are as many clients of one request each.
+    clients = args.clients or args.requests
     reqs = small_requests(words, clients * args.requests, args.docs) if args.clients else [big_request(words, args.docs)] * args.requests
     kwargs = dict(max_length=512, max_chunks=1, instruction=None)
     root = Path(sys.modules["engine"].__file__).resolve().parent.parent
@@ -90,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     await sched.submit(p, top_n=10)
 
             start, cpu = time.perf_counter(), time.process_time()
-            if args.clients:
-                await asyncio.gather(*(client(k) for k in range(clients)))
-            else:
-                await asyncio.gather(*(sched.submit(p, top_n=10) for p in prepared))
+            await asyncio.gather(*(client(k) for k in range(clients)))
             return time.perf_counter() - start, time.process_time() - cpu
 
         try:
