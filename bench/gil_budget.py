@@ -144,7 +144,9 @@ def sampled(
         raise SamplerUnavailable(f"py-spy printed nothing in {attach_timeout_s:g} s (stuck attaching?): not sampled")
     if "Sampling" not in first:
         spy.kill()
-        raise SamplerUnavailable(f"py-spy could not sample the gateway (ptrace rights?): {first}{spy.stdout.read()[-500:]}")
+        rest = spy.stdout.read()
+        spy.wait()
+        raise SamplerUnavailable(f"py-spy could not sample the gateway (ptrace rights?): {first}{rest[-500:]}")
     try:
         result = run()
     finally:
