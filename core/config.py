@@ -529,6 +529,15 @@ def effective(spec: LocalModelSpec, gpu_type: str, *, cpu_cores: int | None = No
     )
 
 
+def gpu_models(reg: Registry, gpu_type: str) -> int:
+    """How many of the registry's models load on the GPU of this type: a profile-less model's memory budget
+    is an even share of the card among them (pool.local_loading)."""
+    return sum(
+        1 for spec in reg.models.values()
+        if isinstance(spec, LocalModelSpec) and spec.load != "off" and effective(spec, gpu_type).device == "cuda"
+    )
+
+
 def name_index(reg: Registry) -> dict[str, str]:
     """Every name a request may use for a model (ids and aliases) -> model id."""
     out: dict[str, str] = {}

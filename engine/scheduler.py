@@ -484,21 +484,23 @@ class Scheduler:
             self._observed(result["rate_tokens"], result["rate_seconds"])
         return result
 
-    def measure_rate(self, budget: int, length: int) -> dict[str, Any]:
-        """Real tokens/s and peak memory of one full batch of typical pairs at `budget` tokens, in an
-        inference thread (engine.warmup.run_rate)."""
-        lengths = rate_shape(budget, length)
+    def measure_rate(self, budget: int, length: int, max_pairs: int | None = None) -> dict[str, Any]:
+        """Real tokens/s and peak memory of one full batch of typical pairs at `budget` tokens (at most
+        `max_pairs` of them), in an inference thread (engine.warmup.run_rate)."""
+        lengths = rate_shape(budget, length)[:max_pairs]
         return self.call_in_stream(lambda: run_rate(self.backend, self.runner.forward_rows, lengths))
 
-    def measure_ladder(self, rungs: list[int], length: int) -> list[dict[str, Any]]:
+    def measure_ladder(self, rungs: list[int], length: int, max_pairs: int | None = None) -> list[dict[str, Any]]:
         """Each rung's max_batch_tokens, tokens_per_s and peak_bytes, climbing while throughput still gains
         (core.budgets.climbing), and stopping below a rung that runs out of memory or whose batch takes over
         LADDER_MAX_BATCH_S (a search would wait for such a batch in flight, so it is no budget to choose;
-        the first rung stands whatever its time): what a GPU budget at the knee is chosen from."""
+        the first rung stands whatever its time): what a GPU budget at the knee is chosen from. A batch
+        holds at most `max_pairs` pairs (the registry's max_batch_size, which bounds every batch the model
+        runs): a rung that would need more measures the batch production would run."""
         out: list[dict[str, Any]] = []
         for tokens in rungs:
             try:
-                rate = self.measure_rate(tokens, length)
+                rate = self.measure_rate(tokens, length, max_pairs)
             except torch.OutOfMemoryError:
                 break  # the memory model was optimistic past here: the rungs below stand
             finally:

@@ -27,8 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from core.budgets import KNEE_TOLERANCE, LADDER_MAX, batch_pairs, knee, ladder_rungs
-from core.config import LocalModelSpec, Registry, effective
+from core.budgets import KNEE_TOLERANCE, batch_pairs, gpu_probe_tokens, knee
+from core.config import Effective, LocalModelSpec, Registry, effective, gpu_models
 from core.host import cpu_cores, cpu_model_name
 
 GIB = 1024**3
@@ -68,6 +68,7 @@ class TuneResult:
     # On a GPU, the ladder a plain registry entry's automatic budget is chosen from at load (pool.local_loading):
     # each rung's max_batch_tokens, tokens_per_s, peak_bytes; the knee is what such an entry runs with.
     ladder: list[dict] | None = None
+    ladder_cap: int | None = None  # the largest budget the ladder's memory model allowed
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d"))
 
     def rate(self, p: Point) -> float:
@@ -186,21 +187,34 @@ def tune(
             f"peak activations {peak / GIB:.3f} GiB")
     if not points:
         raise ValueError(f"no budget in {list(budgets)} holds a pair of {width} tokens")
-    ladder = None
+    ladder, ladder_cap = None, None
     if eff.device == "cuda":
-        probe = Scheduler(backend, max_batch_tokens=budgets[-1], max_batch_size=eff.max_batch_size, max_queue_pairs=1, max_queue_tokens=1)
-        try:
-            ladder = probe.measure_ladder(ladder_rungs(eff.max_length, LADDER_MAX), eff.max_length)
-        finally:
-            probe.close()
+        ladder_cap, ladder = _load_time_ladder(registry, gpu_type, spec, eff, backend)
         for rung in ladder:
             log(f"ladder {rung['max_batch_tokens']:>6} tokens: {rung['tokens_per_s']} tokens/s, peak {rung['peak_bytes'] / GIB:.3f} GiB")
     return TuneResult(
         model_id=model_id, profile_key=eff.profile if eff.profile != "default" else ("cpu" if eff.device == "cpu" else gpu_type),
         device=eff.device, dtype=str(backend.dtype).removeprefix("torch."), weights_bytes=backend.weights_bytes(),
         points=points, pairs=len(lengths), machine=_machine(eff.device),
-        cpu_cores=cpu_cores() if eff.device == "cpu" else None, ladder=ladder,
+        cpu_cores=cpu_cores() if eff.device == "cpu" else None, ladder=ladder, ladder_cap=ladder_cap,
     )
+
+
+def _load_time_ladder(registry: Registry, gpu_type: str, spec: LocalModelSpec, eff: Effective, backend) -> tuple[int, list[dict]]:
+    """(the memory cap, the ladder) a plain entry of this model measures at load on this GPU: the same probe
+    warm-up, memory budget and ladder as pool.local_loading, so the knee printed is the one it would run."""
+    from engine import Scheduler
+    from pool.local_loading import budget_bytes, measure_budget_ladder
+
+    probe = Scheduler(backend, max_batch_tokens=gpu_probe_tokens(eff.max_length), max_batch_size=eff.max_batch_size,
+                      max_queue_pairs=1, max_queue_tokens=1, cpu_streams=spec.cpu_streams)
+    try:
+        warmup = probe.warmup(eff.max_length)
+    except BaseException:
+        probe.close()
+        raise
+    cap, _, ladder = measure_budget_ladder(probe, warmup, backend.weights_bytes(), budget_bytes(eff, gpu_models(registry, gpu_type)), eff)
+    return cap, ladder
 
 
 def _machine(device: str) -> str:
@@ -240,7 +254,7 @@ def profile_yaml(result: TuneResult) -> str:
             + ("   <- chosen (smallest within 3% of the fastest)" if p is best else "")
             for p in result.points
         ),
-        *_ladder_lines(result.ladder),
+        *_ladder_lines(result.ladder, result.ladder_cap),
         f"# weights {result.weights_bytes / GIB:.3f} GiB on {result.device}",
         f"# measured_*: the chosen budget's wall-clock throughput on {result.machine}, {result.date} "
         "(a machine shared with other work measures low); `plan --rps` sizes pools from them",
@@ -249,13 +263,14 @@ def profile_yaml(result: TuneResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ladder_lines(ladder: list[dict] | None) -> list[str]:
+def _ladder_lines(ladder: list[dict] | None, cap: int | None) -> list[str]:
     """The load-time ladder (GPU): what a plain entry with no profile measures and chooses at load."""
     if not ladder:
         return []
     chosen = knee([(r["max_batch_tokens"], r["tokens_per_s"]) for r in ladder])
     return [
-        f"# load-time ladder (a plain entry's automatic budget: the smallest within {KNEE_TOLERANCE:.0%} of the fastest):",
+        f"# load-time ladder (a plain entry's automatic budget: the smallest within {KNEE_TOLERANCE:.0%} of the fastest; "
+        f"memory allows up to {cap} tokens):",
         *(
             f"#   {r['max_batch_tokens']:>6}: {r['tokens_per_s']:>9} tokens/s, peak {r['peak_bytes'] / GIB:6.2f} GiB"
             + ("   <- knee" if r["max_batch_tokens"] == chosen else "")

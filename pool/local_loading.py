@@ -51,7 +51,7 @@ def load_local(
         warmup = scheduler.warmup(eff.max_length)
         if eff.auto_budget:
             scheduler, warmup, budget_reason, ladder = _size_budget(
-                backend, spec, eff, server, metrics, scheduler, warmup, weights_bytes, _budget_bytes(eff, cuda_models)
+                backend, spec, eff, server, metrics, scheduler, warmup, weights_bytes, budget_bytes(eff, cuda_models)
             )
         _check_budget(model_id, eff, weights_bytes, warmup, scheduler.max_batch_tokens)
     except BaseException:
@@ -97,22 +97,7 @@ def _size_budget(
     scheduler, its warm-up, why, and the ladder."""
     import torch
 
-    # The inference thread's cuBLAS workspace (engine.warmup) is a fixed cost beside the weights, not
-    # bytes per token: left out of the per-token rate.
-    workspace = int(warmup.get("workspace_bytes", 0))
-    cap, memory_why = gpu_budget(
-        weights_bytes=weights_bytes + workspace, activation_bytes=int(warmup["activation_bytes"]) - workspace,
-        # The probe's batch as run (rows x width), not its budget: a max_length that does not divide the
-        # budget leaves part of it unused, and per-token memory over the budget would read low.
-        probe_tokens=int(warmup["padded_tokens"]), budget_bytes=budget_bytes, max_length=eff.max_length,
-    )
-    try:
-        ladder = probe.measure_ladder(ladder_rungs(eff.max_length, cap), eff.max_length)
-    finally:
-        probe.close()
-        torch.cuda.empty_cache()
-    if not ladder:
-        raise BudgetError(f"no budget of the ladder ran ({memory_why})")
+    cap, memory_why, ladder = measure_budget_ladder(probe, warmup, weights_bytes, budget_bytes, eff)
     chosen = knee([(r["max_batch_tokens"], r["tokens_per_s"]) for r in ladder])
     fastest = max(ladder, key=lambda r: r["tokens_per_s"])
     # The knee is proven at full width, the worst padding the batcher allows; should that run out of memory
@@ -145,9 +130,39 @@ def _size_budget(
     return scheduler, warmup, why, ladder
 
 
-def _budget_bytes(eff: Effective, cuda_models: int) -> float:
-    """The model's memory_budget_gb, else an even share of the card's usable memory among the models this
-    registry may load on it."""
+def measure_budget_ladder(
+    probe: Scheduler, warmup: dict[str, Any], weights_bytes: int, budget_bytes: float, eff: Effective,
+) -> tuple[int, str, list[dict[str, Any]]]:
+    """(the memory cap, why, the ladder measured under it) for a profile-less GPU model, from the probe
+    scheduler and its warm-up; closes the probe and gives the allocator's cache back. What the load chooses
+    from, and what `rerank-gateway tune` prints: one function, so the two agree."""
+    import torch
+
+    # The inference thread's cuBLAS workspace (engine.warmup) is a fixed cost beside the weights, not
+    # bytes per token: left out of the per-token rate.
+    workspace = int(warmup.get("workspace_bytes", 0))
+    cap, memory_why = gpu_budget(
+        weights_bytes=weights_bytes + workspace, activation_bytes=int(warmup["activation_bytes"]) - workspace,
+        # The probe's batch as run (rows x width), not its budget: a max_length that does not divide the
+        # budget leaves part of it unused, and per-token memory over the budget would read low.
+        probe_tokens=int(warmup["padded_tokens"]), budget_bytes=budget_bytes, max_length=eff.max_length,
+    )
+    # A registry's max_batch_size bounds every batch the model will run, the ladder's included; unset, a
+    # rung's pairs follow its budget (core.budgets.batch_pairs), as the chosen budget's will.
+    max_pairs = eff.max_batch_size if eff.max_batch_size_set else None
+    try:
+        ladder = probe.measure_ladder(ladder_rungs(eff.max_length, cap), eff.max_length, max_pairs=max_pairs)
+    finally:
+        probe.close()
+        torch.cuda.empty_cache()
+    if not ladder:
+        raise BudgetError(f"no budget of the ladder ran ({memory_why})")
+    return cap, memory_why, ladder
+
+
+def budget_bytes(eff: Effective, cuda_models: int) -> float:
+    """A GPU model's memory budget in bytes: its memory_budget_gb, else an even share of the card's usable
+    memory among the models this registry may load on it (core.config.gpu_models)."""
     if eff.memory_budget_gb is not None:
         return eff.memory_budget_gb * GB
     import torch

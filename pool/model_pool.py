@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Literal, Protocol
 
 import msgspec
 
-from core.config import Effective, LocalModelSpec, ModelSpec, Registry, RemoteModelSpec, ServerSettings, effective
+from core.config import Effective, LocalModelSpec, ModelSpec, Registry, RemoteModelSpec, ServerSettings, effective, gpu_models
 from core.errors import ModelUnavailable
 from core.rerank import RerankRequest, RerankResult
 from engine import Scheduler
@@ -275,9 +275,9 @@ class ModelPool:
             log.info("model %s ready: %s upstream, %d endpoint(s)", entry.model_id, spec.dialect, len(spec.endpoints))
             return runner
         assert entry.eff is not None
-        cuda_models = sum(1 for e in self.entries.values() if e.eff is not None and e.eff.device == "cuda" and e.spec.load != "off")
         return load_local(
-            entry.model_id, entry.spec, entry.eff, server=self.registry.server, metrics=self.metrics, cuda_models=cuda_models
+            entry.model_id, entry.spec, entry.eff, server=self.registry.server, metrics=self.metrics,
+            cuda_models=gpu_models(self.registry, self.gpu_type),
         )
 
 

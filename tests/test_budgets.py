@@ -120,7 +120,7 @@ def test_the_ladder_measures_real_batches_and_stops_where_it_flattens(monkeypatc
 
     monkeypatch.setattr(engine.scheduler, "LADDER_MAX_BATCH_S", 60.0)
 
-    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
+    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32", runtime="torch")
     backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
     backend.load()
     s = Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
@@ -237,9 +237,9 @@ def test_a_rung_whose_batch_takes_too_long_is_not_on_the_ladder(monkeypatch):
     from engine import Scheduler
 
     curve = {16384: (60e3, 0.27), 32768: (80e3, 0.41), 65536: (85e3, 0.77), 131072: (86e3, 1.5)}
-    monkeypatch.setattr(Scheduler, "measure_rate", lambda self, budget, length: {
+    monkeypatch.setattr(Scheduler, "measure_rate", lambda self, budget, length, max_pairs=None: {
         "tokens_per_s": curve[budget][0], "seconds": curve[budget][1], "peak_bytes": 0, "tokens": budget})
-    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32")
+    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32", runtime="torch")
     backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
     backend.load()
     s = Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
@@ -276,11 +276,17 @@ def _load_as_on_a_gpu(monkeypatch, max_length: int, memory, **eff_fields):
 
 def test_a_gpu_budget_counts_memory_a_token_of_the_probe_batch_as_run(monkeypatch):
     """A profile-less GPU model's memory cap divides the probe warm-up's activations by the tokens that batch
-    had (rows x width), not by the probe's budget: at max_length 500, 16 pairs fill 8,000 of the 8,192 tokens,
-    and dividing by 8,192 would read memory a token low and allow too big a budget. The warm-up's memory is
-    read as a GPU reads it: 4 KiB a padded token and a 32 MiB workspace."""
+    had (rows x width), not by the probe's budget: at max_length 500, 4 pairs fill 2,000 of a 2,048-token
+    probe, and dividing by 2,048 would read memory a token low and allow too big a budget. The warm-up's
+    memory is read as a GPU reads it: 4 KiB a padded token and a 32 MiB workspace. (The probe, and the ladder
+    with its rates given, are small: the point is the cap, and the real warm-ups stay quick.)"""
+    import engine.scheduler
     import pool.local_loading
 
+    monkeypatch.setattr(budgets, "GPU_PROBE_TOKENS", 2048)
+    monkeypatch.setattr(budgets, "LADDER_MIN", 1024)
+    monkeypatch.setattr(engine.scheduler.Scheduler, "measure_rate", lambda self, budget, length, max_pairs=None: {
+        "tokens_per_s": 1e5, "seconds": 0.01, "peak_bytes": 0, "tokens": budget})
     per_token, workspace = 4096, 32 << 20
 
     def as_a_gpu_reads_it(budget, out):
@@ -305,9 +311,10 @@ def test_a_knee_that_runs_out_of_memory_at_full_width_falls_to_the_rung_below(mo
     import pool.local_loading
     from engine.warmup import BudgetDoesNotHold
 
+    monkeypatch.setattr(budgets, "GPU_PROBE_TOKENS", 1024)  # a quick real probe warm-up
     curve = {1024: 100e3, 2048: 180e3, 4096: 200e3, 8192: 202e3, 16384: 203e3}  # the knee: 4,096
     monkeypatch.setattr(pool.local_loading, "ladder_rungs", lambda length, cap: list(curve))
-    monkeypatch.setattr(engine.scheduler.Scheduler, "measure_rate", lambda self, budget, length: {
+    monkeypatch.setattr(engine.scheduler.Scheduler, "measure_rate", lambda self, budget, length, max_pairs=None: {
         "tokens_per_s": curve[budget], "seconds": 0.01, "peak_bytes": 0, "tokens": budget})
     tried = []
 
@@ -324,3 +331,94 @@ def test_a_knee_that_runs_out_of_memory_at_full_width_falls_to_the_rung_below(mo
         assert "2048 tokens, a rung below 4096" in runner.budget_reason and "ran out of memory" in runner.budget_reason
     finally:
         runner.scheduler.close()
+
+
+def test_tune_prints_the_ladder_and_cap_the_load_chooses_from(monkeypatch):
+    """`tune` on a GPU prints the load-time ladder a plain entry would measure: the same probe warm-up, memory
+    cap and rungs as the load (pool.local_loading.measure_budget_ladder), so its knee is the one the model
+    would run. Before, tune climbed to LADDER_MAX with no memory cap, and on a small card its knee could be
+    one the load never allows. The warm-up's memory is given as a GPU reads it: 1 MiB a padded token in a
+    1 GB budget caps the ladder under 1,024 tokens; the rates as a GPU measures them, still climbing at
+    LADDER_MAX. (The probe and the ladder's first rung are made small, so the real warm-ups are quick.)"""
+    import math
+
+    import msgspec
+
+    import engine.scheduler
+    import ops.tune
+    from backends.embedding import EmbeddingBackend
+    from core.config import model_spec
+
+    monkeypatch.setattr(budgets, "GPU_PROBE_TOKENS", 1024)
+    monkeypatch.setattr(budgets, "LADDER_MIN", 256)
+    measured: list[int] = []
+
+    def rate(self, budget, length, max_pairs=None):
+        measured.append(budget)
+        return {"tokens_per_s": 1e4 * math.log2(budget), "seconds": 0.01, "peak_bytes": budget * 1000, "tokens": budget}
+
+    monkeypatch.setattr(engine.scheduler.Scheduler, "measure_rate", rate)
+
+    def as_a_gpu_reads_it(budget, out):
+        return out | {"memory_measured": True, "workspace_bytes": 0, "activation_bytes": out["padded_tokens"] << 20}
+
+    runner = _load_as_on_a_gpu(monkeypatch, 64, as_a_gpu_reads_it)
+    runner.scheduler.close()
+    loaded, measured[:] = list(measured), []
+    assert loaded == [256, 512] and [r["max_batch_tokens"] for r in runner.budget_ladder] == loaded
+
+    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32", runtime="torch", memory_budget_gb=1.0)
+    eff = msgspec.structs.replace(effective(spec, "cpu"), auto_budget=True, max_batch_tokens=budgets.gpu_probe_tokens(64))
+    backend = EmbeddingBackend("m", spec, eff)
+    backend.load()
+    registry = parse_registry({"default_model": "m", "models": {"m": {"backend": "embedding", "source": MINILM}}})
+    cap, ladder = ops.tune._load_time_ladder(registry, "cpu", spec, eff, backend)
+    assert measured == loaded and ladder == runner.budget_ladder
+    assert f"memory allows up to {cap} " in runner.budget_reason
+    lines = ops.tune._ladder_lines(ladder, cap)
+    assert f"memory allows up to {cap} tokens" in lines[0] and "<- knee" in lines[-1] and len(lines) == 3
+
+
+def test_the_ladder_runs_no_batch_bigger_than_the_registry_allows(monkeypatch):
+    """A registry's max_batch_size bounds every batch the model runs, so the ladder measures batches of at most
+    that many pairs (real batches, seen at collation); unset, a rung's pairs follow its budget. The load
+    passes the registry's number, and only when the registry sets it."""
+    import engine.scheduler
+    from backends.embedding import EmbeddingBackend
+    from core.config import model_spec
+    from engine import Scheduler
+
+    monkeypatch.setattr(engine.scheduler, "LADDER_MAX_BATCH_S", 60.0)  # a loaded machine's slow batch is not the point here
+    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32", runtime="torch")
+    backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
+    backend.load()
+    s = Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
+    seen: list[int] = []
+    s.step_hook = lambda step, info: seen.append(len(info.lengths)) if step == "collate" else None
+    try:
+        s.measure_ladder([256, 512], 64, max_pairs=3)
+        assert seen and set(seen) == {3}, seen
+        seen.clear()
+        s.measure_ladder([256, 512], 64)
+        assert set(seen) == {4, 8}, seen  # 64- and 63-token pairs filling each rung
+    finally:
+        s.close()
+
+    asked: list[int | None] = []
+
+    def rate(self, budget, length, max_pairs=None):
+        asked.append(max_pairs)
+        return {"tokens_per_s": 1e5, "seconds": 0.01, "peak_bytes": 0, "tokens": budget}
+
+    monkeypatch.setattr(engine.scheduler.Scheduler, "measure_rate", rate)
+
+    def as_a_gpu_reads_it(budget, out):
+        return out | {"memory_measured": True, "workspace_bytes": 0, "activation_bytes": out["padded_tokens"] << 20}
+
+    monkeypatch.setattr(budgets, "GPU_PROBE_TOKENS", 1024)
+    monkeypatch.setattr(budgets, "LADDER_MIN", 256)
+    _load_as_on_a_gpu(monkeypatch, 64, as_a_gpu_reads_it, max_batch_size=8, max_batch_size_set=True).scheduler.close()
+    assert asked and set(asked) == {8}
+    asked.clear()
+    _load_as_on_a_gpu(monkeypatch, 64, as_a_gpu_reads_it).scheduler.close()
+    assert asked and set(asked) == {None}
