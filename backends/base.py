@@ -127,6 +127,9 @@ class Backend(abc.ABC):
     # False when batches are packed without padding (backends.varlen): a batch then costs its real tokens
     # against the token budget, not longest x count. The engine's batch builder reads it (as TEI's queue does).
     is_padded: bool = True
+    # What one token of a shared prefix (Prepared.shared) costs each row of its group, in tokens of the
+    # budget: 0 where a backend runs no prefix once for many rows. The batch builder reads it with is_padded.
+    prefix_row_share: float = 0.0
     # How raw model outputs map to a relevance score in [0, 1].
     score_transform: Literal["sigmoid", "cosine"] = "sigmoid"
 

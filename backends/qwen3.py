@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,6 +114,7 @@ class Qwen3Backend(Backend):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.prefix_ids = self.tokenizer(PREFIX, add_special_tokens=False)["input_ids"]
         self.suffix_ids = self.tokenizer(SUFFIX, add_special_tokens=False)["input_ids"]
+        self.prefix_row_share = prefix_row_share(model.config)
 
     def _single_token(self, word: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(word)
@@ -254,6 +256,21 @@ class Qwen3Backend(Backend):
     def synthetic_rows(self, lengths: list[int]) -> Rows:
         ids, lens = flatten([(self.prefix_ids + [self.yes_id] * k)[:k] for k in lengths])
         return Rows(ids, lens, None, [None] * len(lengths))
+
+
+def prefix_row_share(config: Any) -> float:
+    """What one prefix token costs each row of a prefix group, in tokens of the budget. The group's rows run
+    only their own tokens, but each layer joins the prefix's keys and values to every row's
+    (_shared_prefix_layer) and, with a mask, transformers' SDPA repeats them to every query head: per row and
+    prefix token, 2 x (key/value heads + query heads) x head_dim values. A token of the row's own costs at
+    least its hidden state and the MLP's gate, up and their product: hidden + 3 x intermediate values (on
+    Qwen3-4B 31,744, against the 79.3 KB/token bench/memory.py measured at bf16: 40,600 values; the lower
+    figure makes the share the larger, so batches the smaller). Qwen3-4B: 10,240 / 31,744 = 0.32. Counted as
+    the prefix's tokens of every row, a group with a long query over short documents fits its memory as a
+    plain batch of the same cost does."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    joined = 2 * (config.num_key_value_heads + config.num_attention_heads) * head_dim
+    return joined / (config.hidden_size + 3 * config.intermediate_size)
 
 
 @functools.cache

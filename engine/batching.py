@@ -94,11 +94,18 @@ class BatchCost:
     """What a set of window rows (or a planned batch) costs against the token budget, as the backend's
     forward runs them."""
 
-    def __init__(self, is_padded: bool, width: Callable[[int], int] = int) -> None:
+    def __init__(self, is_padded: bool, width: Callable[[int], int] = int, prefix_row_share: float = 0.0) -> None:
         self.is_padded = is_padded
         # A padded batch's width for its longest pair (Backend.padded_width: an exported runtime's batches
         # are rounded up to a multiple of tokens), so that a batch built under the budget runs under it.
         self.width = width
+        # Rows behind a shared prefix run their own tokens against it once computed, but each row's attention
+        # holds the prefix's keys and values (Backend.prefix_row_share): its tokens count this much a row.
+        self.prefix_row_share = prefix_row_share
+
+    def prefix_per_row(self, shared: np.ndarray | int) -> np.ndarray | int:
+        """Tokens a row is charged for its group's shared prefix of `shared` tokens."""
+        return np.ceil(np.asarray(shared, dtype=np.float64) * self.prefix_row_share).astype(np.int64)
 
     def of_plan(self, plan: Plan) -> int:
         if not self.is_padded:
@@ -110,7 +117,7 @@ class BatchCost:
         for g, p in zip(plan.groups, shared):
             lengths = g.part.prepared.lengths[g.items]
             if p:
-                cost += (int(lengths.max()) - p) * len(lengths) + p
+                cost += (int(lengths.max()) - p + int(self.prefix_per_row(p))) * len(lengths) + p
             else:
                 plain.append(lengths)
         if plain:
@@ -135,7 +142,7 @@ class BatchCost:
             longest = np.zeros(len(parts), np.int64)
             np.maximum.at(longest, inverse, tails)
             counts = np.bincount(inverse, minlength=len(parts))
-            cost += int((longest * counts).sum() + shared[parts].sum())
+            cost += int(((longest + self.prefix_per_row(shared[parts])) * counts).sum() + shared[parts].sum())
         return cost
 
 

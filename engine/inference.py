@@ -120,9 +120,10 @@ class BatchRunner:
         # could complete and answer the request first (a loaded 2-core CI machine read 423 of 981 tokens).
         self._step("metrics", plan)
         real = plan.real_tokens
-        # The tokens the forward computed, as the budget counts them (engine.batching.BatchCost): padded
-        # rows, a packed batch's real tokens, a shared prefix once. The measured rate is in these units too,
-        # so a batch bounded by time at that rate (engine.scheduler.bulk_run_budget) runs that long.
+        # The tokens the batch cost, as the budget counts them (engine.batching.BatchCost): padded rows, a
+        # packed batch's real tokens, a shared prefix once and its share of each row. The measured rate is in
+        # these units too, so a batch bounded by time at that rate (engine.scheduler.bulk_run_budget) runs
+        # that long.
         computed = sum(self.cost(p.plan) for p in parts)
         self.observed(computed, seconds)
         if self.metrics:

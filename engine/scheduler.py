@@ -186,7 +186,7 @@ class Scheduler:
         self._search_at = float("-inf")  # when the last small request was queued (time.monotonic)
         self._queue = FairQueue()
         self._window = Window()
-        self._cost = BatchCost(backend.is_padded, backend.padded_width)
+        self._cost = BatchCost(backend.is_padded, backend.padded_width, backend.prefix_row_share)
         self._control: list[_Control] = []
         self._cv = threading.Condition()
         self._stopping = False

@@ -22,13 +22,13 @@ class Metrics:
         self.tokenize_seconds = Histogram("rerank_tokenize_seconds", "Tokenization time per request", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference_seconds = Histogram("rerank_inference_seconds", "Forward time per batch", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_pairs = Histogram("rerank_batch_pairs", "Pairs per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
-        self.batch_tokens = Histogram("rerank_batch_padded_tokens", "Tokens a batch's forward computed (padded rows; a shared prefix once)", ["model"], buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=r)
+        self.batch_tokens = Histogram("rerank_batch_padded_tokens", "Tokens a batch counted against its budget (padded rows; a shared prefix once, plus its share of each row's attention)", ["model"], buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=r)
         # Per step of a batch on its inference thread (engine.step_time): wall time, waits included, and CPU time.
         self.step_seconds = Counter("rerank_batch_step_seconds", "Inference threads' wall time in each step of a batch (build, wait_launch, collate, forward, sync, metrics, scatter, pool), waits included", ["model", "step"], registry=r)
         self.step_cpu_seconds = Counter("rerank_batch_step_cpu_seconds", "Inference threads' CPU time in each step of a batch", ["model", "step"], registry=r)
         self._steps: dict[tuple[str, str], tuple[Any, Any]] = {}  # labelled children, looked up once
         self.real_tokens = Counter("rerank_real_tokens", "Real (unpadded) tokens run through the model", ["model"], registry=r)
-        self.padded_tokens = Counter("rerank_padded_tokens", "Tokens the model's forward computed: padded rows, a packed batch's real tokens, a shared prefix once", ["model"], registry=r)
+        self.padded_tokens = Counter("rerank_padded_tokens", "Tokens the model's batches counted against the budget (engine.batching.BatchCost): padded rows, a packed batch's real tokens, a shared prefix once plus its share of each row's attention", ["model"], registry=r)
         self.padding_efficiency = Gauge("rerank_padding_efficiency", "Real tokens (every pair whole) / computed tokens over the model's lifetime; above 1 where shared prefixes saved more than padding cost", ["model"], registry=r)
         self.queue_pairs = Gauge("rerank_queue_pairs", "Pairs waiting", ["model"], registry=r)
         self.queue_tokens = Gauge("rerank_queue_tokens", "Tokens waiting", ["model"], registry=r)

@@ -5,6 +5,7 @@ chunked documents and pairs with nothing to share; the cache is reused across ba
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 import torch
@@ -62,7 +63,8 @@ def test_prefix_path_equals_the_whole_path_in_fp32(qwen3_dir) -> None:
     head = backend.prefix_ids + backend.tokenizer("<Instruct>: Given", add_special_tokens=False)["input_ids"]
     assert list(rows.contexts[0].ids[: len(head)]) == head
     whole = score(backend, rows, share=False)
-    assert engine_cost(requests) < int(rows.lengths.max()) * len(rows) * 0.8  # the budget can count what runs
+    # The budget can count what runs: a shared prefix once, and its keys and values in each row's attention.
+    assert engine_cost(requests, backend.prefix_row_share) < int(rows.lengths.max()) * len(rows) * 0.8
     shared = score(backend, rows, share=True)
     assert (shared - whole).abs().max() <= 1e-5
     assert whole.std() > 0.05  # the scores differ between documents: the check has teeth
@@ -116,7 +118,7 @@ def test_common_prefix_leaves_every_pair_its_last_token() -> None:
     assert common([]) == 0
 
 
-def engine_cost(requests) -> int:
+def engine_cost(requests, prefix_row_share: float = 0.0) -> int:
     """What the engine's batch builder counts against the token budget for these requests in one batch."""
     from engine.batching import BatchCost, Group, Plan
     from engine.work import new_work
@@ -127,7 +129,7 @@ def engine_cost(requests) -> int:
         part = work.add(p, np.arange(p.n_docs))
         groups.append(Group(work, part, np.arange(p.n_items)))
     plan = Plan(groups, np.concatenate([p.lengths for p in requests]), 0)
-    return BatchCost(is_padded=True).of_plan(plan)
+    return BatchCost(is_padded=True, prefix_row_share=prefix_row_share).of_plan(plan)
 
 
 def test_prefix_cache_is_bounded_in_bytes() -> None:
@@ -142,8 +144,8 @@ def test_prefix_cache_is_bounded_in_bytes() -> None:
 
 
 def test_metrics_count_the_tokens_a_prefix_batch_computes(qwen3_dir) -> None:
-    """/metrics' computed ("padded") tokens and the measured rate count a request's shared prefix once, as
-    the token budget does: not every pair run whole at the batch's width."""
+    """/metrics' computed ("padded") tokens and the measured rate count a request's shared prefix once and its
+    share of each row's attention, as the token budget does: not every pair run whole at the batch's width."""
     backend = load(qwen3_dir, "float32")
     metrics = Metrics()
     s = Scheduler(backend, max_batch_tokens=8192, max_batch_size=64, max_queue_pairs=10_000, max_queue_tokens=10**7, metrics=metrics, streams=1)
@@ -158,7 +160,7 @@ def test_metrics_count_the_tokens_a_prefix_batch_computes(qwen3_dir) -> None:
         assert sorted(done.indices) == list(range(len(docs)))
         lengths, shared = prepared.lengths, prepared.shared
         assert shared > 10 and len(set(lengths.tolist())) > 1
-        computed = shared + len(lengths) * (int(lengths.max()) - shared)
+        computed = shared + len(lengths) * (int(lengths.max()) - shared + math.ceil(shared * backend.prefix_row_share))
         line = next(x for x in metrics.render().decode().splitlines() if x.startswith('rerank_padded_tokens_total{model="q"}'))
         assert float(line.split()[-1]) == computed < len(lengths) * int(lengths.max())
     finally:
@@ -192,3 +194,55 @@ def test_a_big_request_streamed_by_length_scores_as_queued_whole(qwen3_dir) -> N
     assert sorted(a) == sorted(b) == list(range(len(docs)))
     assert max(abs(a[i] - b[i]) for i in range(len(docs))) < 1e-4
     assert (streamed.tokens, streamed.items) == (whole.tokens, whole.items) and streamed.items == len(docs)
+
+
+def test_a_prefix_group_the_budget_allows_fits_in_a_plain_batch_of_its_cost(qwen3_dir) -> None:
+    """A long query over short documents. The rows run only their own tokens, but each layer's attention
+    holds the prefix's keys and values for every row. Counted as the prefix once plus the rows' tails, a
+    group the budget allowed peaked far above a plain batch of the same cost, the batch whose memory the
+    warm-up measures and the budget is sized from. With each row charged its share of the prefix
+    (Backend.prefix_row_share), it peaks no higher than that batch (CPU allocator, torch's profiler; the
+    prefix's keys and values cached first, as a request's later batches find them)."""
+    from backends.base import Prepared
+    from ops.tune import peak_live_bytes
+
+    backend = load(qwen3_dir, "float32")
+    budget, prefix, tail = 2048, 400, 8
+    head = (np.arange(prefix, dtype=np.int32) % 500) + 5
+
+    def request(n: int) -> Prepared:
+        ids, lengths = flatten([np.concatenate([head, (np.arange(tail, dtype=np.int32) + k) % 500 + 5]) for k in range(n)])
+        return Prepared(ids=ids, lengths=lengths, doc_index=np.arange(n, dtype=np.int32), n_docs=n,
+                        context=SharedPrefix(head), tokens=int(lengths.sum()), shared=prefix)
+
+    def allowed(share: float) -> int:
+        """The most rows of the request the budget lets into one batch."""
+        n = 1
+        while engine_cost([request(n + 1)], share) <= budget:
+            n += 1
+        return n
+
+    def peak(rows: Rows) -> int:
+        with torch.inference_mode():
+            backend.forward(backend.collate(rows))
+            return peak_live_bytes(lambda: backend.forward(backend.collate(rows)))[0]
+
+    plain = peak(backend.synthetic_rows([64] * (budget // 64)))
+    charged, uncharged = allowed(backend.prefix_row_share), allowed(0.0)
+    assert charged < uncharged == (budget - prefix) // tail
+    within = peak(request(charged).rows())
+    assert within <= plain, (within, plain)
+    # The check has teeth: what the old count let in (here ~13x; 0.57x with the share, 2026-12-07).
+    assert peak(request(uncharged).rows()) > 2 * plain
+
+    # The engine builds its batches by the same count: a real Scheduler at this budget runs the request in
+    # batches of at most `charged` rows, each within the budget, and answers every document.
+    s = Scheduler(backend, max_batch_tokens=budget, max_batch_size=256, max_queue_pairs=10_000, max_queue_tokens=10**7, streams=1)
+    sizes: list[int] = []
+    s.step_hook = lambda step, info: sizes.append(len(info.lengths)) if step == "collate" else None
+    try:
+        done = asyncio.run(asyncio.wait_for(s.submit(request(60), top_n=60), 120))
+    finally:
+        s.close()
+    assert sorted(done.indices) == list(range(60))
+    assert sum(sizes) == 60 and max(sizes) == charged, sizes
