@@ -268,8 +268,10 @@ def prefix_row_share(config: Any) -> float:
     figure makes the share the larger, so batches the smaller). Qwen3-4B: 10,240 / 31,744 = 0.32. Counted as
     the prefix's tokens of every row, a group with a long query over short documents fits its memory as a
     plain batch of the same cost does."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    joined = 2 * (config.num_key_value_heads + config.num_attention_heads) * head_dim
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads  # a config without grouped-query attention
+    joined = 2 * (kv_heads + heads) * head_dim
     return joined / (config.hidden_size + 3 * config.intermediate_size)
 
 

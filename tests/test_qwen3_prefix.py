@@ -203,8 +203,16 @@ def test_a_prefix_group_the_budget_allows_fits_in_a_plain_batch_of_its_cost(qwen
     warm-up measures and the budget is sized from. With each row charged its share of the prefix
     (Backend.prefix_row_share), it peaks no higher than that batch (CPU allocator, torch's profiler; the
     prefix's keys and values cached first, as a request's later batches find them)."""
+    from types import SimpleNamespace
+
     from backends.base import Prepared
+    from backends.qwen3 import prefix_row_share
     from ops.tune import peak_live_bytes
+
+    # Qwen3-4B's config: 2 x (8 + 32) x 128 / (2,560 + 3 x 9,728); without grouped-query attention, every head.
+    qwen3_4b = dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, head_dim=128)
+    assert round(prefix_row_share(SimpleNamespace(**qwen3_4b, num_key_value_heads=8)), 3) == 0.323
+    assert prefix_row_share(SimpleNamespace(**qwen3_4b)) == 2 * 64 * 128 / (2560 + 3 * 9728)
 
     backend = load(qwen3_dir, "float32")
     budget, prefix, tail = 2048, 400, 8
