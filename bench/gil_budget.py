@@ -189,7 +189,7 @@ def measure(gw: http_load.GatewayProcess, work: Path, rate: int, workloads: dict
     return out
 
 
-def run(device: str, runtime: str, requests: int, rate: int, work: Path) -> dict[str, Any]:
+def run(device: str, runtime: str, requests: int, rate: int, work: Path, big_repeats: int = BIG_REPEATS) -> dict[str, Any]:
     # Here, not at the top: bench.gpu_check's section c samples its own gateway with the functions above.
     from bench import fast_device, host_path
     from bench.simulated_device import FLOOR_ENV, LAUNCH_ENV, RATE_ENV
@@ -219,7 +219,7 @@ def run(device: str, runtime: str, requests: int, rate: int, work: Path) -> dict
         http_load.big(gw.base, model, big)
         out |= measure(gw, work, rate, {
             "c16": lambda: http_load.closed_loop(gw.base, model, small, 16),
-            "big": lambda: host_path.big_repeats(gw, model, big, BIG_REPEATS),
+            "big": lambda: host_path.big_repeats(gw, model, big, big_repeats),
         })
     finally:
         gw.close()
@@ -251,11 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("packed", "padded", "proxy"), default="packed")
     ap.add_argument("--runtime", default="onnxruntime", help="with --device proxy: the gateway's CPU runtime")
     ap.add_argument("--requests", type=int, default=16 * 40, help="c16's requests in all")
+    ap.add_argument("--big-repeats", type=int, default=BIG_REPEATS, help="1,000-document requests in a row (default %(default)s)")
     ap.add_argument("--rate", type=int, default=RATE, help="py-spy's samples a second")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path, help="working folder (model, logs, samples); a temporary one by default")
     args = ap.parse_args(argv)
-    return run_and_report(lambda work: run(args.device, args.runtime, args.requests, args.rate, work), args.work, args.json, markdown)
+    return run_and_report(lambda work: run(args.device, args.runtime, args.requests, args.rate, work, args.big_repeats), args.work, args.json, markdown)
 
 
 if __name__ == "__main__":
