@@ -4,12 +4,15 @@ batches keep coming, once after they stop, and after a request served through th
 from __future__ import annotations
 
 import ctypes
+import json
+import subprocess
+import sys
 import time
 
 import pytest
 
-from core.heap import HEAP, IdleTrim, rss_bytes
-from tests.conftest import app_client, minilm_registry
+from core.heap import HEAP
+from tests.conftest import REPO, app_client, minilm_registry
 
 # Serial (`make test` runs these after the parallel part, alone): the idle trim waits for quiet periods
 # and RSS is read as the process's own figure while another worker allocates beside it.
@@ -40,29 +43,43 @@ def _kept_garbage() -> list[int]:
 
 
 def test_trims_once_after_work_stops_and_never_while_it_goes_on() -> None:
-    trim = IdleTrim(quiet_s=0.3)
-    pins = _kept_garbage()
-    try:
-        kept = rss_bytes()
-        # Batches every 50 ms for a second: never quiet for 0.3 s, so no trim.
-        for _ in range(20):
-            trim.worked()
-            time.sleep(0.05)
-        assert trim.trims == 0
-        assert rss_bytes() > kept - 32 * 2**20
-        # Then quiet: one trim gives the freed memory back.
-        deadline = time.monotonic() + 5
-        while trim.trims == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert trim.trims == 1
-        assert trim.released_bytes > 64 * 2**20, trim.released_bytes
-        assert rss_bytes() < kept - 64 * 2**20
-        # Quiet on: nothing more to do, no more trims.
-        time.sleep(1.0)
-        assert trim.trims == 1
-    finally:
-        for p in pins:
-            libc.free(p)
+    """In a process of its own: a fresh C heap, as a gateway's is. In the suite's serial process, after other
+    tests had run there, the trim gave back 10-13 MB of the 128 MiB freed twice in a row (2026-12-07, Intel
+    Xeon), and the full amount whenever the test ran first: what glibc can give back depends on the heap's
+    history, which is not what is tested here."""
+    script = f"""
+import json, sys, time
+sys.path.insert(0, {str(REPO)!r})
+from tests.test_heap import _kept_garbage, libc
+from core.heap import IdleTrim, rss_bytes
+trim = IdleTrim(quiet_s=0.3)
+pins = _kept_garbage()
+out = {{"kept": rss_bytes()}}
+# Batches every 50 ms for a second: never quiet for 0.3 s, so no trim.
+for _ in range(20):
+    trim.worked()
+    time.sleep(0.05)
+out |= {{"trims_while_working": trim.trims, "rss_while_working": rss_bytes()}}
+# Then quiet: one trim gives the freed memory back.
+deadline = time.monotonic() + 5
+while trim.trims == 0 and time.monotonic() < deadline:
+    time.sleep(0.05)
+out |= {{"trims": trim.trims, "released": trim.released_bytes, "rss_after": rss_bytes()}}
+# Quiet on: nothing more to do, no more trims.
+time.sleep(1.0)
+out["trims_later"] = trim.trims
+print(json.dumps(out))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    kept = out["kept"]
+    assert out["trims_while_working"] == 0
+    assert out["rss_while_working"] > kept - 32 * 2**20
+    assert out["trims"] == 1
+    assert out["released"] > 64 * 2**20, out
+    assert out["rss_after"] < kept - 64 * 2**20
+    assert out["trims_later"] == 1
 
 
 def test_a_served_request_is_followed_by_a_trim() -> None:
