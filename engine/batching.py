@@ -103,7 +103,7 @@ class BatchCost:
         # holds the prefix's keys and values (Backend.prefix_row_share): its tokens count this much a row.
         self.prefix_row_share = prefix_row_share
 
-    def prefix_per_row(self, shared: np.ndarray | int) -> np.ndarray | int:
+    def prefix_per_row(self, shared: np.ndarray | int) -> np.ndarray:
         """Tokens a row is charged for its group's shared prefix of `shared` tokens."""
         return np.ceil(np.asarray(shared, dtype=np.float64) * self.prefix_row_share).astype(np.int64)
 
