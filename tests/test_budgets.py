@@ -108,22 +108,28 @@ def test_a_gpu_budget_is_the_knee_of_the_measured_ladder_not_the_memory_cap():
     assert not budgets.climbing(rates[:4] + [1110e3, 1115e3])
 
 
+def _ladder_scheduler():
+    """A Scheduler on the tests' MiniLM (torch, one stream) to measure ladders with."""
+    from backends.embedding import EmbeddingBackend
+    from core.config import model_spec
+    from engine import Scheduler
+
+    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32", runtime="torch")
+    backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
+    backend.load()
+    return Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
+
+
 def test_the_ladder_measures_real_batches_and_stops_where_it_flattens(monkeypatch):
     """Scheduler.measure_ladder runs one full batch of typical pairs per rung in the inference thread, and
     stops climbing once the rate flattens (on a CPU, timed by the wall clock; peaks are not measured). The
     limit on a batch's time is out of the way: a loaded CI machine can starve the inference thread (nice 10)
     past it, and the next test is about it."""
     import engine.scheduler
-    from backends.embedding import EmbeddingBackend
-    from core.config import model_spec
-    from engine import Scheduler
 
     monkeypatch.setattr(engine.scheduler, "LADDER_MAX_BATCH_S", 60.0)
 
-    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32", runtime="torch")
-    backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
-    backend.load()
-    s = Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
+    s = _ladder_scheduler()
     seen: list[int] = []
     s.step_hook = lambda step, info: seen.append(int(info.lengths.sum())) if step == "collate" else None
     rungs = [128, 256, 512, 1024]
@@ -232,17 +238,12 @@ def test_a_rung_whose_batch_takes_too_long_is_not_on_the_ladder(monkeypatch):
     cannot choose it, however much faster it ran: a search would wait for such a batch in flight. The rates
     are given as a GPU would measure them (measure_rate: a batch's device time), here 0.77 s a batch at
     65,536 tokens, 14% faster than 32,768 at 0.41 s, as on the first GPU run."""
-    from backends.embedding import EmbeddingBackend
-    from core.config import model_spec
     from engine import Scheduler
 
     curve = {16384: (60e3, 0.27), 32768: (80e3, 0.41), 65536: (85e3, 0.77), 131072: (86e3, 1.5)}
     monkeypatch.setattr(Scheduler, "measure_rate", lambda self, budget, length, max_pairs=None: {
         "tokens_per_s": curve[budget][0], "seconds": curve[budget][1], "peak_bytes": 0, "tokens": budget})
-    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32", runtime="torch")
-    backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
-    backend.load()
-    s = Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
+    s = _ladder_scheduler()
     try:
         ladder = s.measure_ladder(list(curve), 512)
         assert [r["max_batch_tokens"] for r in ladder] == [16384, 32768]
@@ -384,15 +385,9 @@ def test_the_ladder_runs_no_batch_bigger_than_the_registry_allows(monkeypatch):
     that many pairs (real batches, seen at collation); unset, a rung's pairs follow its budget. The load
     passes the registry's number, and only when the registry sets it."""
     import engine.scheduler
-    from backends.embedding import EmbeddingBackend
-    from core.config import model_spec
-    from engine import Scheduler
 
     monkeypatch.setattr(engine.scheduler, "LADDER_MAX_BATCH_S", 60.0)  # a loaded machine's slow batch is not the point here
-    spec = model_spec(backend="embedding", source=MINILM, max_length=64, dtype="float32", runtime="torch")
-    backend = EmbeddingBackend("minilm", spec, effective(spec, "cpu"))
-    backend.load()
-    s = Scheduler(backend, max_batch_tokens=512, max_batch_size=64, max_queue_pairs=10, max_queue_tokens=10**6, streams=1)
+    s = _ladder_scheduler()
     seen: list[int] = []
     s.step_hook = lambda step, info: seen.append(len(info.lengths)) if step == "collate" else None
     try:
